@@ -1,0 +1,133 @@
+"""The Interaction record: one request through the proxy, as everything downstream sees it.
+
+The proxy fills one Interaction while the exchange is in flight and hands it, finished, to its
+observers (metrics now; analytics stores later). Observers read it and never see aiohttp objects.
+Times are `time.time()` epoch seconds for start/end and `time.perf_counter()` seconds for the
+in-flight marks, so durations are immune to wall-clock jumps.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class Outcome(str, Enum):
+    """How an exchange ended, as stored. Metrics fold these into success/error/cancelled."""
+
+    OK = "ok"
+    ERROR = "error"  # Ollama answered with an error (HTTP status or in-band error line)
+    UPSTREAM_ERROR = "upstream_error"  # unreachable, reset, timed out or truncated
+    CANCELLED = "cancelled"  # the client went away first
+
+
+class ErrorType(str, Enum):
+    """The bounded `error_type` label of `ollama_errors_total`."""
+
+    CONNECT = "connect"
+    RESET = "reset"
+    TIMEOUT = "timeout"
+    STREAM_ERROR = "stream_error"
+    HTTP_4XX = "http_4xx"
+    HTTP_5XX = "http_5xx"
+
+
+_counter = 0
+
+
+def new_id() -> str:
+    """A time-ordered, unique-enough id: 12 hex digits of ms since epoch + pid + counter."""
+    global _counter
+    _counter = (_counter + 1) & 0xFFFFFF
+    return f"{int(time.time() * 1000):012x}{os.getpid() & 0xFFFF:04x}{_counter:06x}"
+
+
+@dataclass(slots=True)
+class Interaction:
+    # What was asked.
+    method: str
+    path: str
+    endpoint: str
+    started_at: float  # epoch seconds
+    started: float  # perf_counter seconds
+    id: str = field(default_factory=new_id)
+    client_ip: str | None = None
+    user_agent: str | None = None
+    model: str | None = None
+    stream: bool = False
+    options: dict[str, Any] | None = None
+    prompt: str | None = None  # the text the prompt category is judged from
+    system: str | None = None
+    request_bytes: int = 0
+
+    # What came back.
+    http_status: int | None = None
+    response_bytes: int = 0
+    first_token: float | None = None  # perf_counter at the first content chunk
+    last_token: float | None = None  # perf_counter at the last content chunk
+    response_pieces: list[str] = field(default_factory=list)
+    thinking_pieces: list[str] = field(default_factory=list)
+    tool_calls: list[Any] = field(default_factory=list)
+    done: bool = False  # the stream ended as Ollama ends a complete one
+    done_reason: str | None = None
+    prompt_eval_count: int | None = None
+    eval_count: int | None = None
+    total_duration_ns: int | None = None
+    load_duration_ns: int | None = None
+    prompt_eval_duration_ns: int | None = None
+    eval_duration_ns: int | None = None
+
+    # How it ended.
+    ended_at: float | None = None
+    ended: float | None = None
+    outcome: Outcome = Outcome.OK
+    error_type: ErrorType | None = None
+    error: str | None = None
+    prompt_category: str = "other"
+
+    @property
+    def duration(self) -> float:
+        return (self.ended if self.ended is not None else time.perf_counter()) - self.started
+
+    @property
+    def ttft(self) -> float | None:
+        """Wall-clock time to first token at the proxy; only meaningful for streamed replies."""
+        return None if self.first_token is None else self.first_token - self.started
+
+    @property
+    def response_text(self) -> str:
+        return "".join(self.response_pieces)
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        if self.eval_count and self.eval_duration_ns:
+            return self.eval_count / self.eval_duration_ns * 1e9
+        return None
+
+    @property
+    def prompt_tokens_per_second(self) -> float | None:
+        if self.prompt_eval_count and self.prompt_eval_duration_ns:
+            return self.prompt_eval_count / self.prompt_eval_duration_ns * 1e9
+        return None
+
+    @property
+    def time_per_output_token(self) -> float | None:
+        """Seconds per generated token after the first.
+
+        Streamed: wall clock at the proxy, (last token - first token) / (tokens - 1), the
+        serving-engine definition. Not streamed: the proxy sees no token timing, so Ollama's
+        own eval_duration / eval_count.
+        """
+        n = self.eval_count
+        if not n:
+            return None
+        if self.stream and self.first_token is not None and self.last_token is not None:
+            if n < 2:
+                return None
+            return (self.last_token - self.first_token) / (n - 1)
+        if self.eval_duration_ns:
+            return self.eval_duration_ns / n / 1e9
+        return None

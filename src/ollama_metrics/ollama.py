@@ -1,0 +1,440 @@
+"""Ollama API knowledge: route templates, what a request asks for, what a reply says.
+
+Pure code, no I/O: the proxy forwards bytes untouched and feeds copies of them here. Every parser
+is total: bad JSON, binary data or a line split across chunks never raises; it only means less is
+learned about the exchange. The wire reference is shared/reference/ollama-api.md.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+import orjson
+
+from .interaction import Interaction
+
+
+class Kind(Enum):
+    """What a route carries, which decides how its request and reply are read."""
+
+    GENERATE = "generate"  # /api/generate, /api/chat: NDJSON stream by default, final done:true
+    EMBED = "embed"  # /api/embed, /api/embeddings
+    PROGRESS = "progress"  # /api/pull, /api/push, /api/create: NDJSON progress by default
+    MODEL_JSON = "model_json"  # small JSON requests naming a model (/api/show, /api/delete, ...)
+    OPENAI = "openai"  # /v1/chat/completions, /v1/completions: SSE when stream:true, [DONE]
+    OPENAI_EMBED = "openai_embed"  # /v1/embeddings
+    OPENAI_EVENTS = "openai_events"  # /v1/responses, /v1/messages: SSE with event: lines
+    OTHER = "other"  # bodies passed through unread (blobs, unknown routes)
+
+    @property
+    def reads_request(self) -> bool:
+        return self is not Kind.OTHER
+
+    @property
+    def streams_by_default(self) -> bool:
+        # Native routes stream unless "stream": false; OpenAI-compatible ones only on true.
+        return self in (Kind.GENERATE, Kind.PROGRESS)
+
+
+_EXACT: dict[str, tuple[str, Kind]] = {
+    p: (p, k)
+    for p, k in [
+        ("/", Kind.OTHER),
+        ("/api/version", Kind.OTHER),
+        ("/api/status", Kind.OTHER),
+        ("/api/tags", Kind.OTHER),
+        ("/api/ps", Kind.OTHER),
+        ("/api/me", Kind.OTHER),
+        ("/api/signout", Kind.OTHER),
+        ("/api/experimental/web_search", Kind.OTHER),
+        ("/api/experimental/web_fetch", Kind.OTHER),
+        ("/api/experimental/model-recommendations", Kind.OTHER),
+        ("/api/generate", Kind.GENERATE),
+        ("/api/chat", Kind.GENERATE),
+        ("/api/embed", Kind.EMBED),
+        ("/api/embeddings", Kind.EMBED),
+        ("/api/pull", Kind.PROGRESS),
+        ("/api/push", Kind.PROGRESS),
+        ("/api/create", Kind.PROGRESS),
+        ("/api/show", Kind.MODEL_JSON),
+        ("/api/delete", Kind.MODEL_JSON),
+        ("/api/copy", Kind.MODEL_JSON),
+        ("/v1/chat/completions", Kind.OPENAI),
+        ("/v1/completions", Kind.OPENAI),
+        ("/v1/embeddings", Kind.OPENAI_EMBED),
+        ("/v1/models", Kind.OTHER),
+        ("/v1/responses", Kind.OPENAI_EVENTS),
+        ("/v1/messages", Kind.OPENAI_EVENTS),
+        ("/v1/audio/transcriptions", Kind.OTHER),
+    ]
+}
+_PREFIXED: list[tuple[str, str]] = [
+    ("/api/blobs/", "/api/blobs/:digest"),
+    ("/v1/models/", "/v1/models/:model"),
+    ("/api/user/keys/", "/api/user/keys/:encodedKey"),
+]
+
+
+def route(path: str) -> tuple[str, Kind]:
+    """The route template (a bounded label value, `other` when unknown) and its kind."""
+    hit = _EXACT.get(path)
+    if hit is not None:
+        return hit
+    for prefix, template in _PREFIXED:
+        if path.startswith(prefix) and len(path) > len(prefix) and "/" not in path[len(prefix) :]:
+            return template, Kind.OTHER
+    return "other", Kind.OTHER
+
+
+# --- requests -------------------------------------------------------------------------------
+
+
+def _text(content: Any) -> str:
+    """Message content as text: a string, or OpenAI/Anthropic content parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(
+            p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
+        )
+    return ""
+
+
+def _last_user_text(messages: Any) -> str | None:
+    if not isinstance(messages, list):
+        return None
+    for message in reversed(messages):
+        if isinstance(message, dict) and message.get("role") == "user":
+            return _text(message.get("content"))
+    return ""
+
+
+def _input_text(inp: Any) -> str | None:
+    """`input` is a string, a list of strings (embeddings) or a list of messages (responses)."""
+    if isinstance(inp, str):
+        return inp
+    if isinstance(inp, list):
+        if any(isinstance(m, dict) and "role" in m for m in inp):
+            return _last_user_text(inp)
+        return " ".join(x for x in inp if isinstance(x, str))
+    return None
+
+
+def _system_text(body: dict[str, Any]) -> str | None:
+    system = body.get("system")  # /api/generate, Anthropic
+    if system is not None:
+        return _text(system) or None
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        parts = [
+            _text(m.get("content"))
+            for m in messages
+            if isinstance(m, dict) and m.get("role") in ("system", "developer")
+        ]
+        return "\n".join(parts) or None
+    return None
+
+
+def read_request(body: bytes, kind: Kind, interaction: Interaction) -> None:
+    """Fill model, stream flag, options and prompt text from a JSON request body."""
+    interaction.stream = kind.streams_by_default
+    if not body or body[:1] not in (b"{", b" ", b"\n", b"\r", b"\t"):
+        return
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return
+    if not isinstance(data, dict):
+        return
+    model = data.get("model", data.get("name"))  # "name" is /api/show's deprecated alias
+    if isinstance(model, str) and model:
+        interaction.model = model
+    stream = data.get("stream")
+    if isinstance(stream, bool):
+        interaction.stream = stream
+    options = data.get("options")
+    if isinstance(options, dict):
+        interaction.options = options
+    prompt: Any = None
+    if "messages" in data:
+        prompt = _last_user_text(data["messages"])
+    elif "prompt" in data:
+        prompt = data["prompt"]
+    elif "input" in data:  # /api/embed, /v1/embeddings, /v1/responses
+        prompt = _input_text(data["input"])
+    if isinstance(prompt, str):
+        interaction.prompt = prompt
+    interaction.system = _system_text(data)
+
+
+# --- replies --------------------------------------------------------------------------------
+
+
+class ReplyReader:
+    """Reads copies of a reply's bytes as they are forwarded and fills the Interaction.
+
+    Chosen by the reply's Content-Type, not the route: Ollama answers a streamed request with a
+    single JSON object when it fails before the first token or only loads a model.
+    """
+
+    streamed = True  # tokens arrive one chunk at a time, so their arrival times mean something
+
+    def __init__(self, interaction: Interaction) -> None:
+        self.i = interaction
+
+    def feed(self, chunk: bytes, now: float) -> None:
+        """Take one forwarded chunk that arrived at perf_counter time `now`."""
+
+    def close(self) -> None:
+        """The reply ended (cleanly or not); settle what is known."""
+
+    # Shared by every format: one decoded JSON object of Ollama's or OpenAI's.
+    def _native(self, obj: dict[str, Any], now: float) -> None:
+        i = self.i
+        error = obj.get("error")
+        if error is not None:
+            i.error = error if isinstance(error, str) else _error_message(error)
+            return
+        message = obj.get("message")
+        if isinstance(message, dict):
+            self._token(message.get("content"), message.get("thinking"), now)
+            calls = message.get("tool_calls")
+        else:
+            self._token(obj.get("response"), obj.get("thinking"), now)
+            calls = obj.get("tool_calls")
+        if calls:
+            self._calls(calls, now)
+        if obj.get("done") is True:
+            i.done = True
+            reason = obj.get("done_reason")
+            i.done_reason = reason if isinstance(reason, str) else None
+            i.prompt_eval_count = _int(obj.get("prompt_eval_count"), i.prompt_eval_count)
+            i.eval_count = _int(obj.get("eval_count"), i.eval_count)
+            i.total_duration_ns = _int(obj.get("total_duration"), i.total_duration_ns)
+            i.load_duration_ns = _int(obj.get("load_duration"), i.load_duration_ns)
+            i.prompt_eval_duration_ns = _int(
+                obj.get("prompt_eval_duration"), i.prompt_eval_duration_ns
+            )
+            i.eval_duration_ns = _int(obj.get("eval_duration"), i.eval_duration_ns)
+        elif "embeddings" in obj or "embedding" in obj:  # /api/embed(dings): no done flag
+            i.done = True
+            i.prompt_eval_count = _int(obj.get("prompt_eval_count"), None)
+            i.total_duration_ns = _int(obj.get("total_duration"), None)
+            i.load_duration_ns = _int(obj.get("load_duration"), None)
+
+    def _openai(self, obj: dict[str, Any], now: float) -> None:
+        i = self.i
+        error = obj.get("error")
+        if error is not None:
+            i.error = _error_message(error)
+            return
+        choices = obj.get("choices")
+        if isinstance(choices, list):
+            for choice in choices:
+                if not isinstance(choice, dict):
+                    continue
+                delta = choice.get("delta", choice.get("message"))
+                if isinstance(delta, dict):
+                    self._token(delta.get("content"), delta.get("reasoning"), now)
+                    if delta.get("tool_calls"):
+                        self._calls(delta["tool_calls"], now)
+                else:
+                    self._token(choice.get("text"), None, now)
+                reason = choice.get("finish_reason")
+                if isinstance(reason, str):
+                    i.done_reason = reason
+        usage = obj.get("usage")
+        # /v1/completions with include_usage puts zeros on every chunk; the real one comes last.
+        if isinstance(usage, dict) and any(usage.get(k) for k in ("prompt_tokens",
+                                                                  "completion_tokens")):
+            i.prompt_eval_count = _int(usage.get("prompt_tokens"), i.prompt_eval_count)
+            i.eval_count = _int(usage.get("completion_tokens"), i.eval_count)
+
+    def _token(self, content: Any, thinking: Any, now: float) -> None:
+        got = False
+        if isinstance(content, str) and content:
+            self.i.response_pieces.append(content)
+            got = True
+        if isinstance(thinking, str) and thinking:
+            self.i.thinking_pieces.append(thinking)
+            got = True
+        if got:
+            self._mark(now)
+
+    def _calls(self, calls: Any, now: float) -> None:
+        if isinstance(calls, list):
+            self.i.tool_calls.extend(calls)
+            self._mark(now)
+
+    def _mark(self, now: float) -> None:
+        if not self.streamed:
+            return
+        if self.i.first_token is None:
+            self.i.first_token = now
+        self.i.last_token = now
+
+
+class _LineReader(ReplyReader):
+    """Splits the byte stream into lines, carrying a partial line over to the next chunk."""
+
+    def __init__(self, interaction: Interaction) -> None:
+        super().__init__(interaction)
+        self._carry = b""
+
+    def feed(self, chunk: bytes, now: float) -> None:
+        data = self._carry + chunk if self._carry else chunk
+        start = 0
+        while True:
+            end = data.find(b"\n", start)
+            if end < 0:
+                break
+            self.line(data[start:end], now)
+            start = end + 1
+        self._carry = data[start:]
+        if len(self._carry) > MAX_LINE:  # no sane line is this long; stop buffering it
+            self._carry = b""
+
+    def close(self) -> None:
+        if self._carry:
+            self.line(self._carry, self.i.last_token or 0.0)
+            self._carry = b""
+
+    def line(self, line: bytes, now: float) -> None:
+        raise NotImplementedError
+
+
+MAX_LINE = 16 * 1024 * 1024  # Ollama's own client accepts lines up to 8 MB
+
+
+class NdjsonReader(_LineReader):
+    def line(self, line: bytes, now: float) -> None:
+        obj = _loads(line)
+        if obj is not None:
+            self._native(obj, now)
+
+
+class SseReader(_LineReader):
+    """`data:` lines of text/event-stream; `[DONE]` ends an OpenAI chat/completions stream."""
+
+    def line(self, line: bytes, now: float) -> None:
+        if line.startswith(b"data:"):
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                self.i.done = True
+                return
+            obj = _loads(payload)
+            if obj is None:
+                return
+            event = obj.get("type")
+            if isinstance(event, str):  # /v1/responses and /v1/messages name their events
+                self._event(event, obj, now)
+            else:
+                self._openai(obj, now)
+
+    def _event(self, event: str, obj: dict[str, Any], now: float) -> None:
+        i = self.i
+        if event in ("response.output_text.delta", "response.reasoning_summary_text.delta"):
+            delta = obj.get("delta")
+            if event == "response.output_text.delta":
+                self._token(delta, None, now)
+            else:
+                self._token(None, delta, now)
+        elif event == "content_block_delta":  # Anthropic
+            delta = obj.get("delta")
+            if isinstance(delta, dict):
+                self._token(delta.get("text"), delta.get("thinking"), now)
+        elif event in ("response.completed", "message_stop"):
+            i.done = True
+            response = obj.get("response")
+            usage = response.get("usage") if isinstance(response, dict) else None
+            if isinstance(usage, dict):
+                i.prompt_eval_count = _int(usage.get("input_tokens"), i.prompt_eval_count)
+                i.eval_count = _int(usage.get("output_tokens"), i.eval_count)
+        elif event == "message_delta":  # Anthropic: output token count
+            usage = obj.get("usage")
+            if isinstance(usage, dict):
+                i.eval_count = _int(usage.get("output_tokens"), i.eval_count)
+        elif event in ("response.failed", "error"):
+            i.error = _error_message(obj.get("error") or obj.get("response") or event)
+
+
+class JsonReader(ReplyReader):
+    """A whole-body JSON reply, kept up to a cap and read when it ends."""
+
+    streamed = False
+
+    def __init__(self, interaction: Interaction, cap: int) -> None:
+        super().__init__(interaction)
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._cap = cap
+        self._now = 0.0
+
+    def feed(self, chunk: bytes, now: float) -> None:
+        self._size += len(chunk)
+        self._now = now
+        if self._size <= self._cap:
+            self._parts.append(chunk)
+
+    def close(self) -> None:
+        if self._size > self._cap or not self._parts:
+            return
+        obj = _loads(b"".join(self._parts))
+        self._parts = []
+        if obj is None:
+            return
+        if "choices" in obj or "usage" in obj or obj.get("object") in ("list", "response"):
+            self._openai(obj, self._now)
+            self.i.done = True
+        elif obj.get("type") == "message":  # Anthropic, not streamed
+            self.i.done = True
+            usage = obj.get("usage")
+            if isinstance(usage, dict):
+                self.i.prompt_eval_count = _int(usage.get("input_tokens"), None)
+                self.i.eval_count = _int(usage.get("output_tokens"), None)
+        else:
+            self._native(obj, self._now)
+
+
+def reply_reader(content_type: str, interaction: Interaction, json_cap: int) -> ReplyReader:
+    ct = content_type.split(";", 1)[0].strip().lower()
+    if ct == "application/x-ndjson":
+        return NdjsonReader(interaction)
+    if ct == "text/event-stream":
+        return SseReader(interaction)
+    if ct == "application/json":
+        return JsonReader(interaction, json_cap)
+    return ReplyReader(interaction)
+
+
+def _loads(data: bytes) -> dict[str, Any] | None:
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _int(value: Any, default: int | None) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _error_message(error: Any) -> str:
+    if isinstance(error, dict):
+        message = error.get("message")
+        if isinstance(message, str):
+            return message
+    if isinstance(error, str):
+        return error
+    return orjson.dumps(error).decode(errors="replace")
+
+
+def expects_done(kind: Kind, content_type: str) -> bool:
+    """True when a reply that lacks its end marker was cut short (an error, per the reference)."""
+    ct = content_type.split(";", 1)[0].strip().lower()
+    if ct == "application/x-ndjson":
+        return kind is Kind.GENERATE
+    if ct == "text/event-stream":
+        return kind is Kind.OPENAI
+    return False

@@ -1,0 +1,266 @@
+"""The catch-all forwarder: every method and path to Ollama and back, untouched and unbuffered.
+
+Contract:
+- Request bodies stream to the upstream as they arrive. Only a JSON body on a route that names a
+  model, and no larger than `max_parse_bytes`, is read first so it can be parsed (for the model,
+  stream flag and prompt); blob uploads and everything else are never held in memory.
+- Replies stream back chunk by chunk with their status, reason, headers and bytes unchanged, less
+  hop-by-hop headers. A reply keeps its Content-Length when it had one and is chunked otherwise.
+- Host is rewritten to the upstream's authority (Ollama's loopback Host check would 403 a LAN
+  name); Origin and Authorization pass unchanged.
+- No total timeout. A client that goes away cancels the handler (the server runs with handler
+  cancellation), which closes the upstream connection, which is how Ollama learns to stop.
+- Copies of reply bytes go to a ReplyReader after each write; the finished Interaction goes to the
+  observers. Nothing observed can delay or fail the forwarded exchange.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Protocol
+
+import aiohttp
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from .categorize import categorize
+from .config import Config
+from .interaction import ErrorType, Interaction, Outcome
+from .ollama import Kind, expects_done, read_request, reply_reader, route
+
+log = logging.getLogger(__name__)
+
+# RFC 9110 §7.6.1 connection-specific fields, plus those this hop recomputes (Host, framing) and
+# Expect (the server already answered 100-continue to the client).
+_HOP_BY_HOP = frozenset((
+    "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
+    "te", "trailer", "transfer-encoding", "upgrade", "host", "content-length", "expect",
+))
+_PROMPT_KINDS = (Kind.GENERATE, Kind.OPENAI, Kind.OPENAI_EVENTS, Kind.EMBED, Kind.OPENAI_EMBED)
+
+
+class Observer(Protocol):
+    def started(self, interaction: Interaction) -> object: ...
+
+    def finished(self, interaction: Interaction, token: object) -> None: ...
+
+
+class ProxyResponse(web.StreamResponse):
+    """A relayed reply. `upstream_server` tells the prepare hook whether a Server header is ours."""
+
+    upstream_server: bool = False
+
+
+async def strip_own_server_header(request: web.Request, response: web.StreamResponse) -> None:
+    """aiohttp adds `Server: Python/… aiohttp/…`; Ollama sends none. Keep only the upstream's."""
+    if not (isinstance(response, ProxyResponse) and response.upstream_server):
+        response.headers.popall("Server", None)
+
+
+def filter_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
+    """A copy of `headers` without hop-by-hop fields or those named by Connection."""
+    drop: frozenset[str] | set[str] = _HOP_BY_HOP
+    connection = headers.get("Connection")
+    if connection:
+        drop = _HOP_BY_HOP | {t.strip().lower() for t in connection.split(",")}
+    out: CIMultiDict[str] = CIMultiDict()
+    for key, value in headers.items():
+        if key.lower() not in drop:
+            out.add(key, value)
+    return out
+
+
+class Proxy:
+    def __init__(
+        self,
+        config: Config,
+        session: Callable[[], aiohttp.ClientSession],
+        observer: Observer,
+    ) -> None:
+        self._config = config
+        self._session = session
+        self._observer = observer
+        self._base = str(config.upstream).rstrip("/")
+        self._upstream_name = str(config.upstream)
+        self._parse_cap = config.max_parse_bytes
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        endpoint, kind = route(request.path)
+        i = Interaction(
+            method=request.method,
+            path=request.path,
+            endpoint=endpoint,
+            started_at=time.time(),
+            started=time.perf_counter(),
+            client_ip=request.remote,
+            user_agent=request.headers.get("User-Agent"),
+        )
+        body = await self._request_body(request, kind, i)
+        if kind in _PROMPT_KINDS:
+            i.prompt_category = categorize(i.prompt or "")
+        token = self._observer.started(i)
+        try:
+            return await self._exchange(request, kind, body, i)
+        except asyncio.CancelledError:
+            i.outcome = Outcome.CANCELLED
+            raise
+        finally:
+            i.ended = time.perf_counter()
+            i.ended_at = time.time()
+            try:
+                self._observer.finished(i, token)
+            except Exception:  # an observer's fault must not become the client's
+                log.exception("observer failed on %s %s", i.method, i.endpoint)
+
+    async def _request_body(
+        self, request: web.Request, kind: Kind, i: Interaction
+    ) -> bytes | AsyncIterator[bytes] | aiohttp.StreamReader | None:
+        if not request.body_exists:
+            i.stream = kind.streams_by_default
+            return None
+        length = request.content_length
+        if not kind.reads_request or (length is not None and length > self._parse_cap):
+            i.stream = kind.streams_by_default
+            i.request_bytes = length or 0
+            return request.content
+        # Read up to the cap; a body that turns out larger goes on as a stream, unparsed.
+        parts: list[bytes] = []
+        size = 0
+        while size <= self._parse_cap:
+            chunk = await request.content.readany()
+            if not chunk:
+                body = b"".join(parts)
+                i.request_bytes = len(body)
+                read_request(body, kind, i)
+                return body
+            parts.append(chunk)
+            size += len(chunk)
+        i.stream = kind.streams_by_default
+        i.request_bytes = length or 0
+        return _chain(parts, request.content)
+
+    async def _exchange(
+        self,
+        request: web.Request,
+        kind: Kind,
+        body: bytes | AsyncIterator[bytes] | aiohttp.StreamReader | None,
+        i: Interaction,
+    ) -> web.StreamResponse:
+        headers = filter_headers(request.headers)
+        if request.content_length is not None and not isinstance(body, bytes) and body is not None:
+            headers["Content-Length"] = str(request.content_length)  # keep uploads un-chunked
+        url = URL(self._base + request.raw_path, encoded=True)
+        try:
+            upstream = await self._session().request(
+                request.method, url, headers=headers, data=body, allow_redirects=False
+            )
+        except aiohttp.ConnectionTimeoutError:
+            return self._fail(i, ErrorType.TIMEOUT, 504, f"timed out connecting to Ollama at "
+                              f"{self._upstream_name}")
+        except aiohttp.ClientConnectorError as exc:
+            return self._fail(i, ErrorType.CONNECT, 502, f"cannot reach Ollama at "
+                              f"{self._upstream_name}: {exc.os_error.strerror or exc}")
+        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+            return self._fail(i, ErrorType.TIMEOUT, 504, f"Ollama at {self._upstream_name} did "
+                              "not answer in time")
+        except (aiohttp.ClientError, OSError) as exc:
+            return self._fail(i, ErrorType.RESET, 502, f"connection to Ollama at "
+                              f"{self._upstream_name} failed: {exc or type(exc).__name__}")
+        try:
+            return await self._relay(request, upstream, kind, i)
+        finally:
+            upstream.close()  # no-op after a full read; otherwise drops the connection
+
+    async def _relay(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        kind: Kind,
+        i: Interaction,
+    ) -> web.StreamResponse:
+        i.http_status = status = upstream.status
+        response = ProxyResponse(status=status, reason=upstream.reason)
+        response.headers.extend(filter_headers(upstream.headers))
+        response.upstream_server = "Server" in upstream.headers
+        length = upstream.headers.get("Content-Length")
+        if length is not None and length.isdigit():
+            response.content_length = int(length)
+        content_type = upstream.headers.get("Content-Type", "")
+        reader = reply_reader(content_type, i, self._parse_cap)
+        await response.prepare(request)
+        size = 0
+        try:
+            async for chunk in upstream.content.iter_any():
+                now = time.perf_counter()
+                await response.write(chunk)
+                size += len(chunk)
+                reader.feed(chunk, now)
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
+                aiohttp.ClientOSError) as exc:
+            i.response_bytes = size
+            reader.close()
+            self._settle(i, kind, content_type, status)
+            i.outcome, i.error_type = Outcome.UPSTREAM_ERROR, ErrorType.RESET
+            i.error = f"Ollama closed the reply early: {exc or type(exc).__name__}"
+            return _abort(request, response)
+        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+            i.response_bytes = size
+            reader.close()
+            i.outcome, i.error_type = Outcome.UPSTREAM_ERROR, ErrorType.TIMEOUT
+            i.error = f"Ollama sent nothing for {self._config.idle_timeout}s mid-reply"
+            return _abort(request, response)
+        except ConnectionResetError:  # the client went away mid-write
+            i.response_bytes = size
+            i.outcome = Outcome.CANCELLED
+            return response
+        i.response_bytes = size
+        reader.close()
+        self._settle(i, kind, content_type, status)
+        await response.write_eof()
+        return response
+
+    @staticmethod
+    def _settle(i: Interaction, kind: Kind, content_type: str, status: int) -> None:
+        """Decide the outcome of a reply that was relayed to its end."""
+        if status >= 400:
+            i.outcome = Outcome.ERROR
+            i.error_type = ErrorType.HTTP_5XX if status >= 500 else ErrorType.HTTP_4XX
+            if i.error is None:
+                i.error = f"HTTP {status}"
+        elif i.error is not None:
+            i.outcome, i.error_type = Outcome.ERROR, ErrorType.STREAM_ERROR
+        elif not i.done and expects_done(kind, content_type):
+            i.outcome, i.error_type = Outcome.ERROR, ErrorType.STREAM_ERROR
+            i.error = "stream ended without its final message"
+
+    def _fail(self, i: Interaction, error_type: ErrorType, status: int, message: str
+              ) -> web.Response:
+        i.outcome, i.error_type, i.error, i.http_status = (
+            Outcome.UPSTREAM_ERROR, error_type, message, status)
+        log.warning("%s %s: %s", i.method, i.path, message)
+        return web.Response(
+            status=status,
+            body=orjson.dumps({"error": message}),
+            content_type="application/json",
+            charset="utf-8",
+        )
+
+
+def _abort(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+    """End a reply the upstream cut short so the client can tell: no final chunk, just a close."""
+    if request.transport is not None:
+        request.transport.abort()
+    response.force_close()
+    return response
+
+
+async def _chain(parts: list[bytes], rest: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    for part in parts:
+        yield part
+    async for chunk in rest.iter_any():
+        yield chunk

@@ -51,6 +51,11 @@ def bind(config: Config) -> socket.socket:
     return sock
 
 
+def make_runner(app: web.Application, config: Config) -> web.AppRunner:
+    return web.AppRunner(app, handler_cancellation=True, access_log=None,
+                         shutdown_timeout=config.shutdown_grace)
+
+
 async def serve(config: Config, sock: socket.socket, stop: asyncio.Event | None = None) -> None:
     """Serve on `sock` until SIGINT/SIGTERM (or `stop` is set), then shut down gracefully."""
     stop = stop or asyncio.Event()
@@ -60,8 +65,7 @@ async def serve(config: Config, sock: socket.socket, stop: asyncio.Event | None 
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     app = create_app(config)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
-                           shutdown_timeout=config.shutdown_grace)
+    runner = make_runner(app, config)
     await runner.setup()
     await web.SockSite(runner, sock).start()
     host, port = sock.getsockname()[:2]

@@ -1,0 +1,67 @@
+"""Shared fixtures: a fake Ollama and the proxy, both on real sockets in the test's loop.
+
+`start_proxy` runs the real app (create_app, with the AppRunner settings `serve` uses) on a free
+port with its own registry, so metric values can be read exactly. Tests that need separate
+processes (memory, signals, the CLI) use `fake_process` / `proxy_process` from helpers.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from fake_ollama import FakeOllama
+from helpers import RunningProxy
+
+from ollama_metrics.app import create_app
+from ollama_metrics.config import Config
+from ollama_metrics.metrics import new_registry
+from ollama_metrics.server import make_runner
+
+StartProxy = Callable[..., Awaitable[RunningProxy]]
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeOllama]:
+    server = FakeOllama()
+    await server.start()
+    yield server
+    await server.close()
+
+
+@pytest.fixture
+async def start_proxy() -> AsyncIterator[StartProxy]:
+    runners: list[web.AppRunner] = []
+
+    async def start(upstream: str, **settings: Any) -> RunningProxy:
+        config = Config.build(listen="127.0.0.1:0", upstream=upstream, **settings)
+        registry = new_registry()
+        app = create_app(config, registry)
+        runner = make_runner(app, config)
+        await runner.setup()
+        runners.append(runner)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        await web.SockSite(runner, sock).start()
+        port = sock.getsockname()[1]
+        return RunningProxy(f"http://127.0.0.1:{port}", port, registry, config, app)
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def proxy(fake: FakeOllama, start_proxy: StartProxy) -> RunningProxy:
+    return await start_proxy(fake.url)
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A plain client that changes nothing: no decompression, no invented headers."""
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield session

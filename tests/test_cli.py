@@ -1,0 +1,84 @@
+"""The `ollama-metrics` command as a user runs it: real processes, real ports, real signals."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+from helpers import fake_process, proxy_process
+
+
+def _run(*args: str, timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ollama_metrics", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_version_and_help() -> None:
+    assert _run("--version").stdout.startswith("ollama-metrics, version ")
+    text = _run("serve", "--help").stdout
+    for var in ("OLLAMA_METRICS_LISTEN", "OLLAMA_METRICS_UPSTREAM", "127.0.0.1:11434",
+                "http://127.0.0.1:11435"):
+        assert var in text
+
+
+def test_port_in_use_names_the_port() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _run("serve", "--listen", f"127.0.0.1:{port}")
+    assert result.returncode == 3
+    assert f"port {port}" in result.stderr
+    assert "--listen" in result.stderr and "OLLAMA_HOST=127.0.0.1:11435" in result.stderr
+
+
+@pytest.mark.parametrize(("args", "env", "named"), [
+    (["--listen", "nonsense"], {}, "--listen (OLLAMA_METRICS_LISTEN)"),
+    (["--upstream", "ftp://x"], {}, "--upstream (OLLAMA_METRICS_UPSTREAM)"),
+    ([], {"OLLAMA_METRICS_CONNECT_TIMEOUT": "-1"}, "OLLAMA_METRICS_CONNECT_TIMEOUT"),
+    ([], {"OLLAMA_METRICS_MAX_EXTRA_MODELS": "many"}, "OLLAMA_METRICS_MAX_EXTRA_MODELS"),
+    (["--listen", "127.0.0.1:4000", "--upstream", "http://127.0.0.1:4000"], {},
+     "the proxy's own address"),
+])
+def test_bad_config_fails_at_start_naming_the_setting(
+    args: list[str], env: dict[str, str], named: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    result = _run("serve", *args)
+    assert result.returncode == 2
+    assert named in result.stderr
+
+
+def test_env_vars_configure_serve(monkeypatch: pytest.MonkeyPatch) -> None:
+    with fake_process() as fake:
+        monkeypatch.setenv("OLLAMA_METRICS_UPSTREAM", fake.url)
+        monkeypatch.setenv("OLLAMA_METRICS_PATH", "/prom")
+        with proxy_process(fake.url) as proxy:
+            with urllib.request.urlopen(proxy.url + "/prom") as resp:
+                assert b"ollama_active_requests" in resp.read()
+
+
+def test_says_clearly_when_ollama_is_not_running() -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        with proxy_process(f"http://127.0.0.1:{port}") as proxy:
+            assert proxy.proc.stderr is not None
+            warning = proxy.proc.stderr.readline()
+            assert f"Ollama is not answering at http://127.0.0.1:{port}" in warning
+            assert "ollama serve" in warning
+
+
+def test_sigterm_exits_cleanly() -> None:
+    with fake_process() as fake, proxy_process(fake.url) as proxy:
+        with urllib.request.urlopen(proxy.url + "/api/version") as resp:
+            assert resp.status == 200
+        proxy.proc.send_signal(signal.SIGTERM)
+        assert proxy.proc.wait(15) == 0
+        assert proxy.proc.stderr is not None
+        assert "Traceback" not in proxy.proc.stderr.read()

@@ -1,0 +1,138 @@
+"""Streams go out chunk by chunk; a client that leaves makes the proxy close Ollama's request."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import pytest
+from conftest import StartProxy
+from fake_ollama import FakeOllama, Scenario
+from helpers import RunningProxy, settle
+
+GENERATE = b'{"model":"slow","prompt":"Tell me a story"}'
+
+
+async def _arrivals(http: aiohttp.ClientSession, url: str, body: bytes) -> list[tuple[float, bytes]]:
+    """Each line of a streamed reply with the time it arrived, from sending the request."""
+    start = time.perf_counter()
+    out: list[tuple[float, bytes]] = []
+    async with http.post(url, data=body) as resp:
+        assert resp.status == 200
+        async for line in resp.content:
+            out.append((time.perf_counter() - start, line))
+    return out
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/api/generate", GENERATE),
+    ("/api/generate", b'{"model":"slow","prompt":"Tell me a story", "stream" : true}'),
+    ("/api/chat", b'{"model":"slow","messages":[{"role":"user","content":"hi"}]}'),
+    ("/v1/chat/completions",
+     b'{"model":"slow","stream":true,"messages":[{"role":"user","content":"hi"}]}'),
+])
+async def test_first_token_arrives_before_last_is_produced(
+    fake: FakeOllama, proxy: RunningProxy, http: aiohttp.ClientSession, path: str, body: bytes,
+) -> None:
+    fake.scenarios["slow:latest"] = Scenario(tokens=["a", "b", "c", "d", "e"], token_delay=0.2)
+    lines = await _arrivals(http, proxy.url + path, body)
+    first = next(t for t, line in lines if line.strip())
+    last = lines[-1][0]
+    # Five tokens 0.2 s apart: buffering would deliver everything at ~0.8 s or later.
+    assert first < 0.15, lines
+    assert last > 0.75
+    gaps = [b[0] - a[0] for a, b in zip(lines, lines[1:]) if a[1].strip() and b[1].strip()]
+    assert max(gaps) > 0.15  # frames kept their pacing
+
+
+async def test_split_lines_relayed_intact_and_counted_once(
+    fake: FakeOllama, proxy: RunningProxy, http: aiohttp.ClientSession,
+) -> None:
+    fake.scenarios["split:latest"] = Scenario(split_lines=True, eval_count=7,
+                                              prompt_eval_count=11)
+    body = b'{"model":"split","prompt":"hi"}'
+    async with http.post(fake.url + "/api/generate", data=body) as resp:
+        direct = await resp.read()
+    async with http.post(proxy.url + "/api/generate", data=body) as resp:
+        proxied = await resp.read()
+    assert proxied.count(b"\n") == direct.count(b"\n") == 5
+    await settle(lambda: proxy.sample("ollama_output_tokens_total", model="split") > 0)
+    assert proxy.sample("ollama_output_tokens_total", model="split") == 7
+    assert proxy.sample("ollama_input_tokens_total", model="split") == 11
+
+
+async def _wait_for_first_byte_then_leave(url: str, body: bytes, leave_after: float) -> None:
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(asyncio.TimeoutError):
+            async with session.post(url, data=body,
+                                    timeout=aiohttp.ClientTimeout(total=leave_after)):
+                pass
+
+
+@pytest.mark.parametrize("body", [
+    b'{"model":"thinker","prompt":"hi"}',
+    b'{"model":"thinker","prompt":"hi","stream":false}',
+    b'{"model":"thinker","stream":true,"messages":[{"role":"user","content":"hi"}]}',
+], ids=["streamed", "stream-false", "v1-streamed"])
+async def test_disconnect_before_first_byte_closes_upstream(
+    fake: FakeOllama, proxy: RunningProxy, body: bytes,
+) -> None:
+    fake.scenarios["thinker:latest"] = Scenario(first_delay=10.0)
+    path = "/v1/chat/completions" if b"messages" in body else "/api/generate"
+    left = time.monotonic()
+    await _wait_for_first_byte_then_leave(proxy.url + path, body, 0.5)
+    record = await fake.wait_disconnected(timeout=2.0)
+    assert record.disconnected_at is not None
+    assert record.disconnected_at - left < 1.5  # Ollama hears within a second of the client
+    endpoint = path
+    await settle(lambda: proxy.sample("ollama_client_disconnects_total", model="thinker",
+                                      endpoint=endpoint) == 1)
+    assert proxy.sample("ollama_requests_total", model="thinker", endpoint=endpoint,
+                        status="cancelled", prompt_category="other") == 1
+    assert proxy.sample("ollama_active_requests", model="thinker") == 0
+
+
+async def test_disconnect_mid_stream_closes_upstream(
+    fake: FakeOllama, proxy: RunningProxy,
+) -> None:
+    fake.scenarios["long:latest"] = Scenario(tokens=["x"] * 100, token_delay=0.05)
+    async with aiohttp.ClientSession() as session:
+        resp = await session.post(proxy.url + "/api/generate",
+                                  data=b'{"model":"long","prompt":"hi"}')
+        await resp.content.readline()
+        await resp.content.readline()
+        left = time.monotonic()
+        resp.close()  # drops the connection
+    record = await fake.wait_disconnected(timeout=2.0)
+    assert record.disconnected_at is not None and record.disconnected_at - left < 1.0
+    await settle(lambda: proxy.sample("ollama_client_disconnects_total", model="long",
+                                      endpoint="/api/generate") == 1)
+    assert proxy.sample("ollama_active_requests", model="long") == 0
+    assert proxy.sample("ollama_errors_total", error_type="reset") == 0  # not Ollama's fault
+
+
+async def test_no_total_timeout_on_slow_first_byte(
+    fake: FakeOllama, start_proxy: StartProxy, http: aiohttp.ClientSession,
+) -> None:
+    """A model load longer than every timeout the proxy has still completes (time-scaled)."""
+    fake.scenarios["cold:latest"] = Scenario(first_delay=2.5, token_delay=0.3)
+    proxy = await start_proxy(fake.url, connect_timeout=0.5)
+    for body in (b'{"model":"cold","prompt":"hi"}', b'{"model":"cold","prompt":"hi","stream":false}'):
+        async with http.post(proxy.url + "/api/generate", data=body) as resp:
+            assert resp.status == 200
+            assert b'"done":true' in await resp.read()
+    assert proxy.sample("ollama_requests_total", model="cold", endpoint="/api/generate",
+                        status="success", prompt_category="other") == 2
+
+
+async def test_idle_timeout_when_configured_cuts_a_silent_upstream(
+    fake: FakeOllama, start_proxy: StartProxy, http: aiohttp.ClientSession,
+) -> None:
+    fake.scenarios["stuck:latest"] = Scenario(first_delay=5.0)
+    proxy = await start_proxy(fake.url, idle_timeout=0.3)
+    async with http.post(proxy.url + "/api/generate",
+                         data=b'{"model":"stuck","prompt":"hi"}') as resp:
+        assert resp.status == 504
+        assert "did not answer" in (await resp.json())["error"]
+    assert proxy.sample("ollama_errors_total", error_type="timeout") == 1

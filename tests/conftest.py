@@ -14,9 +14,9 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+
 from fake_ollama import FakeOllama
 from helpers import RunningProxy
-
 from ollama_metrics.app import create_app
 from ollama_metrics.config import Config
 from ollama_metrics.metrics import new_registry

@@ -61,24 +61,27 @@ SSE = "text/event-stream"
 
 @dataclass
 class Scenario:
-    """Behaviour of one fake model; field meanings are in the module docstring."""
+    """Behaviour of one fake model.  Counts and durations (ns) land in the final chunk;
+    like Go's omitempty, a zero value is left out rather than sent as 0."""
 
     tokens: list[str] = field(default_factory=lambda: ["Hello", ",", " world", "!"])
+    # streamed before the tokens: .thinking / message.thinking / delta.reasoning
     thinking: list[str] = field(default_factory=list)
+    # native shape {"function": {"name", "arguments": {...}}}; one chunk after the tokens
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
-    first_delay: float = 0.0
-    token_delay: float = 0.0
-    error_before: tuple[int, str] | None = None
-    error_after: int | None = None
-    drop_after: int | None = None
-    split_lines: bool = False
-    gzip: bool = False
+    first_delay: float = 0.0  # before any byte, status line included (load + prompt eval)
+    token_delay: float = 0.0  # between chunks; also paces pull/push/create progress lines
+    error_before: tuple[int, str] | None = None  # (status, message) instead of a reply
+    error_after: int | None = None  # after N chunks: in-band error, stream ends unfinished
+    drop_after: int | None = None  # after N chunks: abort the TCP connection
+    split_lines: bool = False  # each line/event in two writes, SPLIT_PAUSE apart
+    gzip: bool = False  # Content-Encoding: gzip on successful model replies
     prompt_eval_count: int = 26
-    eval_count: int | None = None
+    eval_count: int | None = None  # None: len(tokens)
     load_duration: int = 1_334_875
     prompt_eval_duration: int = 342_546_000
     eval_duration: int = 4_535_599_000
-    total_duration: int | None = None
+    total_duration: int | None = None  # None: the three durations plus a little
     embedding_dims: int = 4
     done_reason: str = "stop"
 
@@ -132,15 +135,14 @@ class RequestRecord:
 class _Ctx:
     request: web.Request
     rec: RequestRecord
-    param: str = ""
+    param: str = ""  # the :digest / :model path segment
     body: bytes = b""
+    cors_origin: str | None = None  # set when CORS headers must go on the reply
 
 
 _Handler = Callable[[_Ctx], Awaitable[web.StreamResponse]]
 _Frames = Callable[[], list[bytes]]  # one upstream chunk, built when it is due
 
-_REC = web.RequestKey("fake_ollama_record", RequestRecord)
-_CORS_ORIGIN = web.RequestKey("fake_ollama_cors_origin", str)
 
 _DEFAULT_ORIGINS = [
     f"{scheme}://{host}{port}"
@@ -239,8 +241,9 @@ def _sse(obj: Any) -> bytes:
     return b"data: " + _dumps(obj) + b"\n\n"
 
 
-def _ndjson_frame(make: Callable[[], dict[str, Any]]) -> _Frames:
-    return lambda: [_dumps(make()) + b"\n"]
+def _ndjson_frame(obj: dict[str, Any] | Callable[[], dict[str, Any]]) -> _Frames:
+    """One NDJSON line, built (and timestamped) only when it is due."""
+    return lambda: [_dumps(obj() if callable(obj) else obj) + b"\n"]
 
 
 def _decode(body: bytes, go_type: str) -> dict[str, Any] | str:
@@ -450,16 +453,20 @@ class FakeOllama:
 
     # --- plumbing ---
 
-    async def _on_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
+    @staticmethod
+    async def _on_prepare(request: web.Request, response: web.StreamResponse) -> None:
         # aiohttp adds "Server: Python/x aiohttp/y" in _prepare_headers, which runs
         # before this signal; Go's net/http sends no Server header at all.
         response.headers.popall("Server", None)
-        origin = request.get(_CORS_ORIGIN)
-        if origin is not None and "Access-Control-Allow-Origin" not in response.headers:
-            response.headers["Access-Control-Allow-Origin"] = origin
+
+    @staticmethod
+    def _finish_headers(ctx: _Ctx, response: web.StreamResponse) -> None:
+        """Last touches before a reply is sent: CORS headers, and the status for the record."""
+        if ctx.cors_origin and "Access-Control-Allow-Origin" not in response.headers:
+            response.headers["Access-Control-Allow-Origin"] = ctx.cors_origin
             response.headers.add("Vary", "Origin")
-        rec = request.get(_REC)
-        if rec is not None and rec.status is None and not rec.aborted and not rec.disconnected:
+        rec = ctx.rec
+        if rec.status is None and not (rec.aborted or rec.disconnected):
             rec.status = response.status
 
     def _gone(self, rec: RequestRecord) -> None:
@@ -474,9 +481,12 @@ class FakeOllama:
         rec = RequestRecord(request.method, request.raw_path, _header_dict(request),
                             time.monotonic())
         self.requests.append(rec)
-        request[_REC] = rec
+        ctx = _Ctx(request, rec)
         try:
-            return await self._dispatch(request, rec)
+            resp = await self._dispatch(ctx)
+            if not resp.prepared:
+                self._finish_headers(ctx, resp)
+            return resp
         except asyncio.CancelledError:
             self._gone(rec)
             raise
@@ -498,11 +508,12 @@ class FakeOllama:
                 return methods, rest
         return None
 
-    async def _dispatch(self, request: web.Request, rec: RequestRecord) -> web.StreamResponse:
-        refusal = self._precheck(request)
+    async def _dispatch(self, ctx: _Ctx) -> web.StreamResponse:
+        request = ctx.request
+        refusal = self._precheck(ctx)
         route = self._route(request.path)
         handler = route[0].get(request.method) if route else None
-        ctx = _Ctx(request, rec, route[1] if route else "")
+        ctx.param = route[1] if route else ""
         if refusal is not None or handler is None or handler != self._blob_upload:
             # Blob uploads stream their body themselves; everything else is read up
             # front so the record holds its length and hash even when refused.
@@ -528,14 +539,15 @@ class FakeOllama:
             return _reply(307, None, None, {"Location": location})
         return _reply(404, b"404 page not found", "text/plain")
 
-    def _precheck(self, request: web.Request) -> web.StreamResponse | None:
+    def _precheck(self, ctx: _Ctx) -> web.StreamResponse | None:
         """gin-contrib/cors, then allowedHostsMiddleware, as Ollama chains them."""
+        request = ctx.request
         host = request.headers.get("Host", "")
         origin = request.headers.get("Origin", "")
         if origin and origin not in (f"http://{host}", f"https://{host}"):
             if not _origin_matches(origin, self.origins):
                 return _reply(403)
-            request[_CORS_ORIGIN] = origin
+            ctx.cors_origin = origin
             if request.method == "OPTIONS":
                 resp = _reply(204, headers={
                     "Access-Control-Allow-Methods": "GET,POST,PUT,PATCH,DELETE,HEAD",
@@ -641,6 +653,7 @@ class FakeOllama:
                 if comp is not None:
                     headers["Content-Encoding"] = "gzip"
                 resp = web.StreamResponse(status=200, headers=headers)
+                self._finish_headers(ctx, resp)
                 await resp.prepare(ctx.request)
             for frame in frames:
                 await self._write(resp, frame, sc, comp)
@@ -820,7 +833,7 @@ class FakeOllama:
                 return failed
             on_success()
             return _json(lines[-1], ctype=JSON_PLAIN)
-        items = [_ndjson_frame(functools.partial(dict, line)) for line in lines]
+        items = [_ndjson_frame(line) for line in lines]
         resp, completed = await self._stream(
             ctx, sc, NDJSON, items, lambda: _dumps({"error": message}) + b"\n",
             lambda: _err(500, message, JSON_PLAIN))

@@ -8,11 +8,13 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -46,11 +48,50 @@ async def settle(check: Callable[[], bool], timeout: float = 2.0) -> None:
         await asyncio.sleep(0.01)
 
 
-@dataclass
 class Process:
-    proc: subprocess.Popen[str]
-    port: int
-    lines: list[str]
+    """A child process whose stdout and stderr are drained into `lines` by background threads
+    (an undrained pipe would eventually block the child's writes)."""
+
+    def __init__(self, args: list[str]) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=env)
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._drains = [threading.Thread(target=self._drain, args=(s,), daemon=True)
+                        for s in (self.proc.stdout, self.proc.stderr)]
+        for t in self._drains:
+            t.start()
+        self.port = 0
+
+    def _drain(self, stream: IO[str] | None) -> None:
+        assert stream is not None
+        for line in stream:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+        stream.close()
+
+    def wait_for(self, pattern: str, timeout: float = 20.0) -> re.Match[str]:
+        """The first output line matching `pattern`, waiting for it to be printed."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._changed:
+            while True:
+                for line in self.lines[seen:]:
+                    if m := regex.search(line):
+                        return m
+                seen = len(self.lines)
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and
+                                 not any(t.is_alive() for t in self._drains)):
+                    raise AssertionError(f"no line matching {pattern!r} in: {self.output}")
+                self._changed.wait(min(left, 0.1))
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
 
     @property
     def url(self) -> str:
@@ -64,34 +105,26 @@ class Process:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             raise
+        finally:
+            for t in self._drains:
+                t.join(5)
 
 
-def _start(args: list[str], pattern: str, stream: str, timeout: float = 20.0) -> Process:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    out = proc.stdout if stream == "stdout" else proc.stderr
-    assert out is not None
-    lines: list[str] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = out.readline()
-        if not line:
-            break
-        lines.append(line)
-        m = re.search(pattern, line)
-        if m:
-            return Process(proc, int(m.group(1)), lines)
-    proc.kill()
-    rest = proc.communicate()
-    raise RuntimeError(f"{args} did not start: {''.join(lines)}{rest}")
+def _start(args: list[str], pattern: str) -> Process:
+    p = Process(args)
+    try:
+        p.port = int(p.wait_for(pattern).group(1))
+    except BaseException:
+        p.stop()
+        raise
+    return p
 
 
 @contextmanager
 def fake_process(*args: str) -> Iterator[Process]:
     """tests/fake_ollama.py as a separate process on a free port."""
     p = _start([sys.executable, str(TESTS / "fake_ollama.py"), "--port", "0", *args],
-               r"LISTENING (\d+)", "stdout")
+               r"LISTENING (\d+)")
     try:
         yield p
     finally:
@@ -102,8 +135,7 @@ def fake_process(*args: str) -> Iterator[Process]:
 def proxy_process(upstream: str, *args: str) -> Iterator[Process]:
     """`python -m ollama_metrics serve` as a separate process on a free port."""
     p = _start([sys.executable, "-m", "ollama_metrics", "serve", "--listen", "127.0.0.1:0",
-                "--upstream", upstream, *args], r"listening on http://127\.0\.0\.1:(\d+)",
-               "stderr")
+                "--upstream", upstream, *args], r"listening on http://127\.0\.0\.1:(\d+)")
     try:
         yield p
     finally:

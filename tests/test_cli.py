@@ -9,6 +9,7 @@ import sys
 import urllib.request
 
 import pytest
+
 from helpers import fake_process, proxy_process
 
 
@@ -33,7 +34,8 @@ def test_port_in_use_names_the_port() -> None:
         result = _run("serve", "--listen", f"127.0.0.1:{port}")
     assert result.returncode == 3
     assert f"port {port}" in result.stderr
-    assert "--listen" in result.stderr and "OLLAMA_HOST=127.0.0.1:11435" in result.stderr
+    assert "--listen" in result.stderr
+    assert "OLLAMA_HOST=127.0.0.1:11435" in result.stderr
 
 
 @pytest.mark.parametrize(("args", "env", "named"), [
@@ -58,9 +60,8 @@ def test_env_vars_configure_serve(monkeypatch: pytest.MonkeyPatch) -> None:
     with fake_process() as fake:
         monkeypatch.setenv("OLLAMA_METRICS_UPSTREAM", fake.url)
         monkeypatch.setenv("OLLAMA_METRICS_PATH", "/prom")
-        with proxy_process(fake.url) as proxy:
-            with urllib.request.urlopen(proxy.url + "/prom") as resp:
-                assert b"ollama_active_requests" in resp.read()
+        with proxy_process(fake.url) as proxy, urllib.request.urlopen(proxy.url + "/prom") as r:
+            assert b"ollama_active_requests" in r.read()
 
 
 def test_says_clearly_when_ollama_is_not_running() -> None:
@@ -68,9 +69,8 @@ def test_says_clearly_when_ollama_is_not_running() -> None:
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
         with proxy_process(f"http://127.0.0.1:{port}") as proxy:
-            assert proxy.proc.stderr is not None
-            warning = proxy.proc.stderr.readline()
-            assert f"Ollama is not answering at http://127.0.0.1:{port}" in warning
+            warning = proxy.wait_for("Ollama is not answering").string
+            assert f"at http://127.0.0.1:{port}" in warning
             assert "ollama serve" in warning
 
 
@@ -79,6 +79,5 @@ def test_sigterm_exits_cleanly() -> None:
         with urllib.request.urlopen(proxy.url + "/api/version") as resp:
             assert resp.status == 200
         proxy.proc.send_signal(signal.SIGTERM)
-        assert proxy.proc.wait(15) == 0
-        assert proxy.proc.stderr is not None
-        assert "Traceback" not in proxy.proc.stderr.read()
+        assert proxy.stop() == 0
+        assert "Traceback" not in proxy.output

@@ -9,6 +9,7 @@ import time
 import aiohttp
 import psutil
 import pytest
+
 from helpers import fake_process, proxy_process
 
 CHUNK = bytes(range(256)) * 4096  # 1 MiB

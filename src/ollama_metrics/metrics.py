@@ -39,7 +39,7 @@ LOAD_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 32
                 1280.0)
 
 # `*_created` series double the exposition for no use in PromQL; the original proxy had none.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # Ollama reports a few ms of load_duration even when the model is already in memory; only a real
 # (re)load is worth a sample.

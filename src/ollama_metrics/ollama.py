@@ -136,9 +136,8 @@ def _system_text(body: dict[str, Any]) -> str | None:
     return None
 
 
-def read_request(body: bytes, kind: Kind, interaction: Interaction) -> None:
+def read_request(body: bytes, interaction: Interaction) -> None:
     """Fill model, stream flag, options and prompt text from a JSON request body."""
-    interaction.stream = kind.streams_by_default
     if not body or body[:1] not in (b"{", b" ", b"\n", b"\r", b"\t"):
         return
     try:

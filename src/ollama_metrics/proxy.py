@@ -99,10 +99,9 @@ class Proxy:
             started=time.perf_counter(),
             client_ip=request.remote,
             user_agent=request.headers.get("User-Agent"),
+            stream=kind.streams_by_default,
         )
         body = await self._request_body(request, kind, i)
-        if kind in _PROMPT_KINDS:
-            i.prompt_category = categorize(i.prompt or "")
         token = self._observer.started(i)
         try:
             return await self._exchange(request, kind, body, i)
@@ -112,6 +111,8 @@ class Proxy:
         finally:
             i.ended = time.perf_counter()
             i.ended_at = time.time()
+            if kind in _PROMPT_KINDS:
+                i.prompt_category = categorize(i.prompt or "")
             try:
                 self._observer.finished(i, token)
             except Exception:  # an observer's fault must not become the client's
@@ -121,11 +122,9 @@ class Proxy:
         self, request: web.Request, kind: Kind, i: Interaction
     ) -> bytes | AsyncIterator[bytes] | aiohttp.StreamReader | None:
         if not request.body_exists:
-            i.stream = kind.streams_by_default
             return None
         length = request.content_length
         if not kind.reads_request or (length is not None and length > self._parse_cap):
-            i.stream = kind.streams_by_default
             i.request_bytes = length or 0
             return request.content
         # Read up to the cap; a body that turns out larger goes on as a stream, unparsed.
@@ -136,11 +135,10 @@ class Proxy:
             if not chunk:
                 body = b"".join(parts)
                 i.request_bytes = len(body)
-                read_request(body, kind, i)
+                read_request(body, i)
                 return body
             parts.append(chunk)
             size += len(chunk)
-        i.stream = kind.streams_by_default
         i.request_bytes = length or 0
         return _chain(parts, request.content)
 
@@ -168,7 +166,7 @@ class Proxy:
         except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
             return self._fail(i, ErrorType.TIMEOUT, 504, f"Ollama at {self._upstream_name} did "
                               "not answer in time")
-        except (aiohttp.ClientError, OSError) as exc:
+        except (aiohttp.ClientError, OSError, ValueError) as exc:  # ValueError: unsendable URL
             return self._fail(i, ErrorType.RESET, 502, f"connection to Ollama at "
                               f"{self._upstream_name} failed: {exc or type(exc).__name__}")
         try:
@@ -252,9 +250,12 @@ class Proxy:
 
 
 def _abort(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
-    """End a reply the upstream cut short so the client can tell: no final chunk, just a close."""
+    """End a reply the upstream cut short so the client can tell: no final chunk, just a close.
+
+    close(), not abort(): what was already written is still flushed to the client first.
+    """
     if request.transport is not None:
-        request.transport.abort()
+        request.transport.close()
     response.force_close()
     return response
 

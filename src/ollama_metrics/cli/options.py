@@ -1,19 +1,17 @@
-"""The command line: parse options (each with an environment variable), build a Config, call in.
+"""Options shared by every command that runs a proxy, each with its environment variable.
 
-No logic lives here. Every option's variable is named in config.ENV and shown in --help.
+The variables are named in config.ENV and shown in --help; `build_config` turns a bad value into a
+usage error that names the option.
 """
 
 from __future__ import annotations
 
-import logging
-import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
 
-from . import __version__
-from .config import DEFAULT_LISTEN, DEFAULT_UPSTREAM, ENV, Config, ConfigError
+from ..config import DEFAULT_LISTEN, DEFAULT_UPSTREAM, ENV, Config, ConfigError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -59,28 +57,3 @@ def build_config(**options: Any) -> Config:
         return Config.build(**options)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="ollama-metrics")
-def main() -> None:
-    """A transparent proxy for Ollama that adds Prometheus metrics."""
-
-
-@main.command()
-@proxy_options
-def serve(**options: Any) -> None:
-    """Run the proxy in front of an Ollama that is already running."""
-    config = build_config(**options)
-    logging.basicConfig(
-        level=config.log_level, stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from .server import PortInUse, run  # aiohttp is imported only when serving
-
-    try:
-        run(config)
-    except PortInUse as exc:
-        click.echo(f"ollama-metrics: {exc.strerror}", err=True)
-        sys.exit(3)
-    except KeyboardInterrupt:
-        pass

@@ -7,8 +7,9 @@ processes (memory, signals, the CLI) use `fake_process` / `proxy_process` from h
 
 from __future__ import annotations
 
+import logging
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import aiohttp
@@ -23,6 +24,14 @@ from ollama_metrics.metrics import new_registry
 from ollama_metrics.server import make_runner
 
 StartProxy = Callable[..., Awaitable[RunningProxy]]
+
+
+@pytest.fixture(autouse=True)
+def no_error_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Expected faults (disconnects, upstream failures) must never log errors or tracebacks."""
+    yield
+    errors = [r for r in caplog.get_records("call") if r.levelno >= logging.ERROR]
+    assert not errors, [f"{r.name}: {r.getMessage()}" for r in errors]
 
 
 @pytest.fixture

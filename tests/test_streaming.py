@@ -142,3 +142,27 @@ async def test_idle_timeout_when_configured_cuts_a_silent_upstream(
         assert resp.status == 504
         assert "did not answer" in (await resp.json())["error"]
     assert proxy.sample("ollama_errors_total", error_type="timeout") == 1
+
+
+async def test_clients_vanishing_at_any_moment_log_no_errors(
+    fake: FakeOllama, proxy: RunningProxy, http: aiohttp.ClientSession,
+) -> None:
+    """Like wrk stopping with requests in flight: each client closes at a different instant."""
+    fake.scenarios["quick:latest"] = Scenario(first_delay=0.01, token_delay=0.002)
+    body = b'{"model":"quick","prompt":"hi"}'
+    request = (b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    async def vanish(after: float, half_close: bool) -> None:
+        _, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(request)
+        await asyncio.sleep(after)
+        if half_close:  # the server sees EOF while the reply is on its way
+            writer.write_eof()
+            await asyncio.sleep(0.05)
+        writer.transport.abort()
+
+    await asyncio.gather(*(vanish(n * 0.0005, n % 2 == 0) for n in range(80)))
+    await settle(lambda: proxy.sample("ollama_active_requests", model="quick") == 0, 5.0)
+    async with http.get(proxy.url + "/api/version") as resp:
+        assert resp.status == 200

@@ -14,6 +14,7 @@ from yarl import URL
 
 DEFAULT_LISTEN = "127.0.0.1:11434"
 DEFAULT_UPSTREAM = "http://127.0.0.1:11435"
+DEFAULT_OLLAMA_HOST = "127.0.0.1:11435"
 
 # Setting name -> environment variable, shown in errors and the README.
 ENV = {
@@ -27,6 +28,14 @@ ENV = {
     "shutdown_grace": "OLLAMA_METRICS_SHUTDOWN_GRACE",
     "metrics_path": "OLLAMA_METRICS_PATH",
     "log_level": "OLLAMA_METRICS_LOG_LEVEL",
+    # --- Ollama wrapper ---
+    "ollama_host": "OLLAMA_METRICS_OLLAMA_HOST",
+    "ollama_bin": "OLLAMA_METRICS_OLLAMA_BIN",
+    "ollama_start_timeout": "OLLAMA_METRICS_OLLAMA_START_TIMEOUT",
+    "ollama_stop_grace": "OLLAMA_METRICS_OLLAMA_STOP_GRACE",
+    "restart_backoff": "OLLAMA_METRICS_RESTART_BACKOFF",
+    "restart_backoff_max": "OLLAMA_METRICS_RESTART_BACKOFF_MAX",
+    "ps_interval": "OLLAMA_METRICS_PS_INTERVAL",
 }
 
 
@@ -57,6 +66,18 @@ class Config:
     shutdown_grace: float = 10.0
     metrics_path: str = "/metrics"
     log_level: str = "INFO"
+    # --- Ollama wrapper ---
+    # True when no upstream was given: `serve` starts `ollama serve` listening at `ollama_host`,
+    # supervises it, and `upstream` is that address.
+    supervise: bool = False
+    ollama_host: str = DEFAULT_OLLAMA_HOST
+    ollama_bin: str = "ollama"
+    ollama_start_timeout: float = 60.0
+    ollama_stop_grace: float = 10.0
+    restart_backoff: float = 1.0
+    restart_backoff_max: float = 30.0
+    # Seconds between /api/ps polls for the model gauges; None turns them off.
+    ps_interval: float | None = 10.0
 
     @property
     def listen(self) -> str:
@@ -77,7 +98,7 @@ class Config:
         cls,
         *,
         listen: str = DEFAULT_LISTEN,
-        upstream: str = DEFAULT_UPSTREAM,
+        upstream: str | None = None,
         connect_timeout: float = 10.0,
         idle_timeout: float = 0.0,
         max_extra_models: int = 20,
@@ -86,10 +107,23 @@ class Config:
         shutdown_grace: float = 10.0,
         metrics_path: str = "/metrics",
         log_level: str = "INFO",
+        # --- Ollama wrapper ---
+        ollama_host: str = DEFAULT_OLLAMA_HOST,
+        ollama_bin: str = "ollama",
+        ollama_start_timeout: float = 60.0,
+        ollama_stop_grace: float = 10.0,
+        restart_backoff: float = 1.0,
+        restart_backoff_max: float = 30.0,
+        ps_interval: float = 10.0,
     ) -> Config:
-        """Validate raw settings (as typed by a user) into a Config."""
+        """Validate raw settings (as typed by a user) into a Config.
+
+        Without `upstream`, the proxy is to start and supervise `ollama serve` at `ollama_host`.
+        """
         host, port = parse_listen(listen)
-        upstream_url = parse_upstream(upstream)
+        child_host, child_port = parse_listen(ollama_host, "ollama_host")
+        upstream_url = (parse_upstream(upstream) if upstream is not None
+                        else connect_url(child_host, child_port))
         for name, value in [("connect_timeout", connect_timeout), ("idle_timeout", idle_timeout),
                             ("model_refresh", model_refresh), ("shutdown_grace", shutdown_grace)]:
             if value < 0:
@@ -109,8 +143,29 @@ class Config:
         if (upstream_url.host in (host, "localhost") and upstream_url.port == port
                 and host in ("127.0.0.1", "localhost", "::1", "0.0.0.0", "::")):
             raise ConfigError(
-                "upstream", f"{upstream_url} is the proxy's own address; the proxy would call "
+                "upstream" if upstream is not None else "ollama_host",
+                f"{upstream_url} is the proxy's own address; the proxy would call "
                 "itself. Point it at Ollama (by default http://127.0.0.1:11435)")
+        # --- Ollama wrapper ---
+        if upstream is None and child_port == 0:
+            raise ConfigError("ollama_host", f"must name a port, got {ollama_host!r}")
+        if upstream is None and child_port == port and (
+                child_host == host or {child_host, host} & {"0.0.0.0", "::"}):
+            raise ConfigError("ollama_host", f"{ollama_host} is where the proxy listens; "
+                              "Ollama needs a port of its own (by default 127.0.0.1:11435)")
+        if not ollama_bin.strip():
+            raise ConfigError("ollama_bin", "must name the ollama program")
+        for name, value in [("ollama_start_timeout", ollama_start_timeout),
+                            ("ollama_stop_grace", ollama_stop_grace),
+                            ("restart_backoff", restart_backoff), ("ps_interval", ps_interval)]:
+            if value < 0:
+                raise ConfigError(name, f"must be zero or more seconds, got {value}")
+        if ollama_start_timeout == 0:
+            raise ConfigError("ollama_start_timeout", "must be more than zero seconds")
+        if restart_backoff_max < restart_backoff:
+            raise ConfigError("restart_backoff_max",
+                              f"must be at least --restart-backoff ({restart_backoff}), "
+                              f"got {restart_backoff_max}")
         return cls(
             listen_host=host,
             listen_port=port,
@@ -123,25 +178,34 @@ class Config:
             shutdown_grace=shutdown_grace,
             metrics_path=metrics_path,
             log_level=level,
+            # --- Ollama wrapper ---
+            supervise=upstream is None,
+            ollama_host=_host_port(child_host, child_port),
+            ollama_bin=ollama_bin.strip(),
+            ollama_start_timeout=ollama_start_timeout,
+            ollama_stop_grace=ollama_stop_grace,
+            restart_backoff=restart_backoff,
+            restart_backoff_max=restart_backoff_max,
+            ps_interval=ps_interval or None,
         )
 
 
-def parse_listen(value: str) -> tuple[str, int]:
+def parse_listen(value: str, setting: str = "listen") -> tuple[str, int]:
     """`HOST:PORT`, `[IPv6]:PORT` or `:PORT` (all interfaces) → (host, port)."""
     text = value.strip()
     host, sep, port_text = text.rpartition(":")
     if not sep:
-        raise ConfigError("listen", f"expected HOST:PORT, got {value!r}")
+        raise ConfigError(setting, f"expected HOST:PORT, got {value!r}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     elif ":" in host:
-        raise ConfigError("listen", f"write IPv6 addresses in brackets, as [::1]:11434: {value!r}")
+        raise ConfigError(setting, f"write IPv6 addresses in brackets, as [::1]:11434: {value!r}")
     try:
         port = int(port_text)
     except ValueError:
-        raise ConfigError("listen", f"port must be a number, got {port_text!r}") from None
+        raise ConfigError(setting, f"port must be a number, got {port_text!r}") from None
     if not 0 <= port <= 65535:
-        raise ConfigError("listen", f"port must be 0-65535, got {port}")
+        raise ConfigError(setting, f"port must be 0-65535, got {port}")
     return host or "0.0.0.0", port
 
 
@@ -159,3 +223,20 @@ def parse_upstream(value: str) -> URL:
     if url.query_string or url.fragment:
         raise ConfigError("upstream", f"must not carry a query or fragment: {value!r}")
     return url
+
+
+# --- Ollama wrapper ---
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def connectable(host: str) -> str:
+    """The address to connect to for a server listening on `host` (all interfaces → loopback)."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+
+
+def connect_url(host: str, port: int) -> URL:
+    """How a client on this machine reaches a server listening on host:port (an `ollama serve`
+    started with OLLAMA_HOST=host:port, or the proxy itself)."""
+    return URL(f"http://{_host_port(connectable(host), port)}")

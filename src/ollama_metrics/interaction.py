@@ -8,6 +8,7 @@ in-flight marks, so durations are immune to wall-clock jumps.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from dataclasses import dataclass, field
@@ -35,14 +36,13 @@ class ErrorType(str, Enum):
     HTTP_5XX = "http_5xx"
 
 
-_counter = 0
+_counter = itertools.count()
+_PID = os.getpid() & 0xFFFF
 
 
 def new_id() -> str:
     """A time-ordered, unique-enough id: 12 hex digits of ms since epoch + pid + counter."""
-    global _counter
-    _counter = (_counter + 1) & 0xFFFFFF
-    return f"{int(time.time() * 1000):012x}{os.getpid() & 0xFFFF:04x}{_counter:06x}"
+    return f"{int(time.time() * 1000):012x}{_PID:04x}{next(_counter) & 0xFFFFFF:06x}"
 
 
 @dataclass(slots=True)

@@ -10,6 +10,8 @@ cold loads, durations reach two hours.
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
 from prometheus_client import (
     GC_COLLECTOR,
     PLATFORM_COLLECTOR,
@@ -23,6 +25,8 @@ from prometheus_client import (
 
 from .interaction import Interaction, Outcome
 from .labels import ModelLabels
+
+M = TypeVar("M", Counter, Gauge, Histogram)
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0, 1280.0)
@@ -65,6 +69,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry, model_labels: ModelLabels) -> None:
         self.registry = registry
         self.model_label = model_labels
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = registry
         self.requests = Counter(
             "ollama_requests_total", "Requests through the proxy",
@@ -113,40 +118,48 @@ class Metrics:
         self.errors = Counter(
             "ollama_errors_total", "Failed requests by cause", ["error_type"], registry=r)
 
+    def _child(self, metric: M, *values: str) -> M:
+        """metric.labels(*values), cached: label values are bounded, and this is per request."""
+        key = (id(metric), values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
+
     def started(self, i: Interaction) -> str:
         """Count a request in flight; returns the label to hand back to `finished`."""
         label = self.model_label(i.model)
-        self.active.labels(label).inc()
+        self._child(self.active, label).inc()
         return label
 
     def finished(self, i: Interaction, active_label: str) -> None:
-        self.active.labels(active_label).dec()
+        self._child(self.active, active_label).dec()
         model = self.model_label(i.model)
         category = i.prompt_category
         endpoint = i.endpoint
-        self.requests.labels(model, endpoint, STATUS[i.outcome], category).inc()
-        self.request_duration.labels(model, endpoint, category).observe(i.duration)
+        self._child(self.requests, model, endpoint, STATUS[i.outcome], category).inc()
+        self._child(self.request_duration, model, endpoint, category).observe(i.duration)
         if i.outcome is Outcome.CANCELLED:
-            self.disconnects.labels(model, endpoint).inc()
+            self._child(self.disconnects, model, endpoint).inc()
         if i.error_type is not None:
-            self.errors.labels(i.error_type.value).inc()
+            self._child(self.errors, i.error_type.value).inc()
         if i.first_token is not None:
-            self.ttft.labels(model, endpoint).observe(i.first_token - i.started)
+            self._child(self.ttft, model, endpoint).observe(i.first_token - i.started)
             if i.last_token is not None:
-                self.streaming_duration.labels(model).observe(i.last_token - i.first_token)
+                self._child(self.streaming_duration, model).observe(i.last_token - i.first_token)
         if i.prompt_eval_count is not None:
-            self.input_tokens.labels(model).inc(i.prompt_eval_count)
+            self._child(self.input_tokens, model).inc(i.prompt_eval_count)
         if i.eval_count is not None:
-            self.output_tokens.labels(model).inc(i.eval_count)
-            self.tokens_generated.labels(model, category).observe(i.eval_count)
+            self._child(self.output_tokens, model).inc(i.eval_count)
+            self._child(self.tokens_generated, model, category).observe(i.eval_count)
         tps = i.tokens_per_second
         if tps is not None:
-            self.tokens_per_second.labels(model, category).observe(tps)
+            self._child(self.tokens_per_second, model, category).observe(tps)
         tpot = i.time_per_output_token
         if tpot is not None:
-            self.tpot.labels(model).observe(tpot)
+            self._child(self.tpot, model).observe(tpot)
         pps = i.prompt_tokens_per_second
         if pps is not None:
-            self.prefill_speed.labels(model).observe(pps)
+            self._child(self.prefill_speed, model).observe(pps)
         if i.load_duration_ns is not None and i.load_duration_ns >= MIN_LOAD_SECONDS * 1e9:
-            self.load_duration.labels(model).observe(i.load_duration_ns / 1e9)
+            self._child(self.load_duration, model).observe(i.load_duration_ns / 1e9)

@@ -17,6 +17,7 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -51,8 +52,14 @@ class Observer(Protocol):
 
 
 class ProxyResponse(web.StreamResponse):
-    """A relayed reply. `upstream_server` tells the prepare hook whether a Server header is ours."""
+    """A relayed reply. `upstream_server` tells the prepare hook whether a Server header is ours.
 
+    Headers are held back until the first body bytes so both leave in one write, as they left
+    Ollama (it writes nothing until the first token); `_relay` flushes them at once when the
+    upstream sent headers alone.
+    """
+
+    _send_headers_immediately = False
     upstream_server: bool = False
 
 
@@ -190,36 +197,36 @@ class Proxy:
             response.content_length = int(length)
         content_type = upstream.headers.get("Content-Type", "")
         reader = reply_reader(content_type, i, self._parse_cap)
-        await response.prepare(request)
         size = 0
         try:
-            async for chunk in upstream.content.iter_any():
+            await response.prepare(request)
+            body = upstream.content
+            if not body.total_bytes and not body.is_eof():
+                await response.write(b"")  # nothing to coalesce with: headers go now
+            async for chunk in body.iter_any():
                 now = time.perf_counter()
                 await response.write(chunk)
                 size += len(chunk)
                 reader.feed(chunk, now)
-        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
-                aiohttp.ClientOSError) as exc:
             i.response_bytes = size
             reader.close()
             self._settle(i, kind, content_type, status)
-            i.outcome, i.error_type = Outcome.UPSTREAM_ERROR, ErrorType.RESET
-            i.error = f"Ollama closed the reply early: {exc or type(exc).__name__}"
-            return _abort(request, response)
-        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+            await response.write_eof()
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
+                aiohttp.ClientOSError, asyncio.TimeoutError) as exc:
             i.response_bytes = size
             reader.close()
-            i.outcome, i.error_type = Outcome.UPSTREAM_ERROR, ErrorType.TIMEOUT
-            i.error = f"Ollama sent nothing for {self._config.idle_timeout}s mid-reply"
-            return _abort(request, response)
-        except ConnectionResetError:  # the client went away mid-write
+            i.outcome = Outcome.UPSTREAM_ERROR
+            if isinstance(exc, asyncio.TimeoutError):
+                i.error_type = ErrorType.TIMEOUT
+                i.error = f"Ollama sent nothing for {self._config.idle_timeout}s mid-reply"
+            else:
+                i.error_type = ErrorType.RESET
+                i.error = f"Ollama closed the reply early: {exc or type(exc).__name__}"
+            await _abort(request, response)
+        except ConnectionResetError:  # the client went away
             i.response_bytes = size
             i.outcome = Outcome.CANCELLED
-            return response
-        i.response_bytes = size
-        reader.close()
-        self._settle(i, kind, content_type, status)
-        await response.write_eof()
         return response
 
     @staticmethod
@@ -249,15 +256,16 @@ class Proxy:
         )
 
 
-def _abort(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+async def _abort(request: web.Request, response: web.StreamResponse) -> None:
     """End a reply the upstream cut short so the client can tell: no final chunk, just a close.
 
-    close(), not abort(): what was already written is still flushed to the client first.
+    close(), not abort(): what was already written, headers included, is flushed first.
     """
+    with contextlib.suppress(ConnectionResetError):
+        await response.write(b"")
     if request.transport is not None:
         request.transport.close()
     response.force_close()
-    return response
 
 
 async def _chain(parts: list[bytes], rest: aiohttp.StreamReader) -> AsyncIterator[bytes]:

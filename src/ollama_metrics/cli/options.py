@@ -11,7 +11,14 @@ from typing import Any, TypeVar
 
 import click
 
-from ..config import DEFAULT_LISTEN, DEFAULT_UPSTREAM, ENV, Config, ConfigError
+from ..config import (
+    DEFAULT_LISTEN,
+    DEFAULT_OLLAMA_HOST,
+    DEFAULT_UPSTREAM,
+    ENV,
+    Config,
+    ConfigError,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -26,8 +33,10 @@ def proxy_options(f: F) -> F:
     for decorator in reversed([
         _option("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
                 help="Where clients connect (Ollama's usual address)."),
-        _option("--upstream", default=DEFAULT_UPSTREAM, metavar="URL",
-                help="The Ollama server to forward to."),
+        _option("--upstream", default=None, metavar="URL",
+                help="Forward to the Ollama already running at this URL (e.g. "
+                     f"{DEFAULT_UPSTREAM}). Without it, `ollama serve` is started at "
+                     "--ollama-host and supervised."),
         _option("--connect-timeout", type=float, default=10.0, metavar="SECONDS",
                 help="Give up connecting to Ollama after this long (504)."),
         _option("--idle-timeout", type=float, default=0.0, metavar="SECONDS",
@@ -50,6 +59,50 @@ def proxy_options(f: F) -> F:
     ]):
         f = decorator(f)
     return f
+
+
+# --- Ollama wrapper ---
+def ollama_options(f: F) -> F:
+    """How the proxy starts and watches `ollama serve` (when no --upstream is given)."""
+    for decorator in reversed([
+        _option("--ollama-host", default=DEFAULT_OLLAMA_HOST, metavar="HOST:PORT",
+                help="Where the Ollama started by the proxy listens (its OLLAMA_HOST)."),
+        _option("--ollama-bin", default="ollama", metavar="PATH",
+                help="The ollama program: a name looked up on PATH, or a path."),
+        _option("--ollama-start-timeout", type=float, default=60.0, metavar="SECONDS",
+                help="How long `ollama serve` may take to answer after it starts."),
+        _option("--ollama-stop-grace", type=float, default=10.0, metavar="SECONDS",
+                help="On shutdown, how long Ollama may take to stop before it is killed."),
+        _option("--restart-backoff", type=float, default=1.0, metavar="SECONDS",
+                help="Wait before restarting an Ollama that exited; doubles with each "
+                     "failure in a row."),
+        _option("--restart-backoff-max", type=float, default=30.0, metavar="SECONDS",
+                help="The longest wait between restarts."),
+        _option("--ps-interval", type=float, default=10.0, metavar="SECONDS",
+                help="How often /api/ps is read for the loaded-model gauges; 0 turns them "
+                     "off."),
+    ]):
+        f = decorator(f)
+    return f
+
+
+def given_args(ctx: click.Context) -> list[str]:
+    """The options of `ctx` that were set on the command line or by environment variable, as
+    arguments for another `serve` (one started in the background, or by a service manager)."""
+    args: list[str] = []
+    for param in ctx.command.params:
+        if not isinstance(param, click.Option) or param.name is None:
+            continue
+        source = ctx.get_parameter_source(param.name)
+        if source not in (click.core.ParameterSource.COMMANDLINE,
+                          click.core.ParameterSource.ENVIRONMENT):
+            continue
+        value = ctx.params[param.name]
+        if param.is_flag:
+            args.append(param.opts[0] if value else param.secondary_opts[0])
+        elif value is not None:
+            args += [param.opts[0], str(value)]
+    return args
 
 
 def build_config(**options: Any) -> Config:

@@ -1,0 +1,118 @@
+"""The three things the benchmark talks to, and how each is started.
+
+Contract: ``start_upstream``, ``start_nginx`` and ``start_proxy`` each spawn one process group via
+``Children`` and return only once it accepts connections (or raise ``StartupError`` with its log
+tail). ``Target.port`` is where the benchmark clients connect; every target ends at the same fake
+upstream, so "direct" is the no-proxy baseline.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from processes import Child, Children, free_port, wait_for_listening_line, wait_for_port
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+NGINX_CANDIDATES = ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx")
+
+DIRECT = "direct"
+NGINX = "nginx"
+PROXY = "ollama-metrics"
+ALL_TARGETS = (DIRECT, NGINX, PROXY)
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    port: int
+    child: Child
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+def start_upstream(children: Children) -> Target:
+    argv = [sys.executable, str(BENCH_DIR / "upstream.py"), "--port", "0"]
+    child = children.spawn("upstream", argv)
+    port = wait_for_listening_line(child, timeout_s=15)
+    return Target(DIRECT, port, child)
+
+
+def nginx_config(work_dir: Path, listen_port: int, upstream_port: int, as_root: bool) -> str:
+    # As root, nginx drops workers to "nobody", who cannot enter the 0700 temp dir. With buffering
+    # off this workload never touches it, but anything spilling to a temp file would fail.
+    user_line = "user root;\n" if as_root else ""
+    return f"""{user_line}daemon off;
+master_process on;
+worker_processes 1;
+pid {work_dir}/nginx.pid;
+error_log {work_dir}/nginx-error.log warn;
+
+events {{
+    worker_connections 4096;
+}}
+
+http {{
+    access_log off;
+    client_body_temp_path {work_dir}/client_body;
+    proxy_temp_path {work_dir}/proxy_temp;
+    fastcgi_temp_path {work_dir}/fastcgi_temp;
+    uwsgi_temp_path {work_dir}/uwsgi_temp;
+    scgi_temp_path {work_dir}/scgi_temp;
+    # Keep wrk's connections open for the whole run, as the Python servers do.
+    keepalive_requests 1000000;
+
+    upstream ollama {{
+        server 127.0.0.1:{upstream_port};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+
+    server {{
+        listen 127.0.0.1:{listen_port};
+        location / {{
+            proxy_pass http://ollama;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_request_buffering off;
+            proxy_read_timeout 3600s;
+        }}
+    }}
+}}
+"""
+
+
+def start_nginx(children: Children, nginx: str, work_dir: Path, upstream_port: int) -> Target:
+    port = free_port()
+    nginx_dir = work_dir / "nginx"
+    nginx_dir.mkdir()
+    conf = nginx_dir / "nginx.conf"
+    conf.write_text(nginx_config(nginx_dir, port, upstream_port, as_root=os.geteuid() == 0))
+    error_log = nginx_dir / "nginx-error.log"
+    argv = [nginx, "-p", str(nginx_dir), "-c", str(conf), "-e", str(error_log)]
+    child = children.spawn("nginx", argv)
+    wait_for_port(child, port, timeout_s=10)
+    return Target(NGINX, port, child)
+
+
+def start_proxy(children: Children, work_dir: Path, upstream_port: int) -> Target:
+    port = free_port()
+    env = dict(os.environ)
+    src = str(REPO_DIR / "src")
+    env["PYTHONPATH"] = src + os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else src
+    proxy_dir = work_dir / "proxy"
+    proxy_dir.mkdir()
+    argv = [
+        sys.executable, "-m", "ollama_metrics", "serve",
+        "--listen", f"127.0.0.1:{port}",
+        "--upstream", f"http://127.0.0.1:{upstream_port}",
+    ]
+    # cwd in the temp dir so anything the proxy writes relative to it is cleaned up with it.
+    child = children.spawn("ollama-metrics", argv, env=env, cwd=proxy_dir)
+    wait_for_port(child, port, timeout_s=20)
+    return Target(PROXY, port, child)

@@ -18,10 +18,12 @@ from aiohttp import web
 
 from fake_ollama import FakeOllama
 from helpers import RunningProxy
+from ollama_metrics.analytics.settings import AnalyticsConfig
 from ollama_metrics.app import create_app
 from ollama_metrics.config import Config
 from ollama_metrics.metrics import new_registry
 from ollama_metrics.server import make_runner
+from services import loki, postgres_dsn  # noqa: F401  (fixtures)
 
 StartProxy = Callable[..., Awaitable[RunningProxy]]
 
@@ -46,10 +48,11 @@ async def fake() -> AsyncIterator[FakeOllama]:
 async def start_proxy() -> AsyncIterator[StartProxy]:
     runners: list[web.AppRunner] = []
 
-    async def start(upstream: str, **settings: Any) -> RunningProxy:
+    async def start(upstream: str, analytics: AnalyticsConfig | None = None,
+                    **settings: Any) -> RunningProxy:
         config = Config.build(listen="127.0.0.1:0", upstream=upstream, **settings)
         registry = new_registry()
-        app = create_app(config, registry)
+        app = create_app(config, registry, analytics)
         runner = make_runner(app, config)
         await runner.setup()
         runners.append(runner)

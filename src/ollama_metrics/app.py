@@ -9,41 +9,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from . import __version__, upstream
+from . import __version__, ps, upstream
+from .analytics.api import AnalyticsApi, require_token
+from .analytics.recorder import Recorder
+from .analytics.settings import AnalyticsConfig
+from .analytics.stores import open_stores, queryable
 from .config import Config
-from .interaction import Interaction
 from .labels import ModelLabels
 from .metrics import Metrics, new_registry
-from .proxy import Proxy, strip_own_server_header
+from .proxy import Observer, Proxy, strip_own_server_header
 
 CONFIG = web.AppKey("config", Config)
+RECORDER = web.AppKey("recorder", Recorder)
 METRICS = web.AppKey("metrics", Metrics)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 
 
-class MetricsObserver:
-    """Bridges the proxy's observer protocol to Metrics (more observers join in later issues)."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
-
-    def started(self, interaction: Interaction) -> object:
-        return self._metrics.started(interaction)
-
-    def finished(self, interaction: Interaction, token: object) -> None:
-        assert isinstance(token, str)
-        self._metrics.finished(interaction, token)
-
-
-def create_app(config: Config, registry: CollectorRegistry | None = None) -> web.Application:
+def create_app(config: Config, registry: CollectorRegistry | None = None,
+               analytics: AnalyticsConfig | None = None) -> web.Application:
     registry = registry if registry is not None else new_registry()
+    analytics = analytics if analytics is not None else AnalyticsConfig(backends=())
     labels = ModelLabels(config.max_extra_models)
     metrics = Metrics(registry, labels)
     # Bodies the proxy reads whole are capped by max_parse_bytes; larger ones stream unread.
@@ -63,12 +55,36 @@ def create_app(config: Config, registry: CollectorRegistry | None = None) -> web
         await session.close()
 
     app.cleanup_ctx.append(resources)
+    if config.ps_interval is not None:  # after `resources`: it polls with the upstream session
+        app.cleanup_ctx.append(ps.poller(config, registry, lambda: app[SESSION]))
+    observers: list[Observer] = [metrics]
+    stores = open_stores(analytics)
+    if stores:
+        recorder = Recorder(stores, analytics, registry)
+        app[RECORDER] = recorder
+        observers.append(recorder)
+        app.cleanup_ctx.append(_recording(recorder))
     app.on_response_prepare.append(strip_own_server_header)
-    proxy = Proxy(config, lambda: app[SESSION], MetricsObserver(metrics))
-    app.router.add_get(config.metrics_path, make_aiohttp_handler(registry))
+    proxy = Proxy(config, lambda: app[SESSION], observers)
+    scrape = make_aiohttp_handler(registry)
+    app.router.add_get(config.metrics_path, require_token(analytics.token, scrape)
+                       if analytics.protect_metrics else scrape)
     app.router.add_get("/test", _test)
+    app.router.add_routes(AnalyticsApi(lambda: queryable(stores), analytics.backends)
+                          .routes(analytics.token))
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
     return app
+
+
+def _recording(recorder: Recorder) -> Callable[[web.Application], AsyncIterator[None]]:
+    """Writers start with the app and drain on shutdown, after requests in flight ended."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        await recorder.start()
+        yield
+        await recorder.close()
+
+    return ctx
 
 
 async def _test(request: web.Request) -> web.Response:

@@ -45,9 +45,9 @@ _DEFAULT_UPSTREAM_URL = URL(DEFAULT_UPSTREAM)
 class ConfigError(ValueError):
     """A setting has a value the proxy cannot run with."""
 
-    def __init__(self, setting: str, message: str) -> None:
+    def __init__(self, setting: str, message: str, env: str | None = None) -> None:
         flag = "--" + setting.replace("_", "-")
-        super().__init__(f"{flag} ({ENV.get(setting, setting)}): {message}")
+        super().__init__(f"{flag} ({env or ENV.get(setting, setting)}): {message}")
         self.setting = setting
 
 

@@ -62,6 +62,8 @@ class Interaction:
     prompt: str | None = None  # the text the prompt category is judged from
     system: str | None = None
     request_bytes: int = 0
+    # The parsed JSON request, kept only until analytics has taken what it stores from it.
+    request_json: dict[str, Any] | None = None
 
     # What came back.
     http_status: int | None = None
@@ -79,6 +81,7 @@ class Interaction:
     load_duration_ns: int | None = None
     prompt_eval_duration_ns: int | None = None
     eval_duration_ns: int | None = None
+    embedding_dims: int | None = None
 
     # How it ended.
     ended_at: float | None = None

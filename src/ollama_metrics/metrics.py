@@ -126,13 +126,14 @@ class Metrics:
             child = self._children[key] = metric.labels(*values)
         return child
 
-    def started(self, i: Interaction) -> str:
+    def started(self, i: Interaction) -> object:
         """Count a request in flight; returns the label to hand back to `finished`."""
         label = self.model_label(i.model)
         self._child(self.active, label).inc()
         return label
 
-    def finished(self, i: Interaction, active_label: str) -> None:
+    def finished(self, i: Interaction, active_label: object) -> None:
+        assert isinstance(active_label, str)
         self._child(self.active, active_label).dec()
         model = self.model_label(i.model)
         category = i.prompt_category

@@ -146,6 +146,7 @@ def read_request(body: bytes, interaction: Interaction) -> None:
         return
     if not isinstance(data, dict):
         return
+    interaction.request_json = data
     model = data.get("model", data.get("name"))  # "name" is /api/show's deprecated alias
     if isinstance(model, str) and model:
         interaction.model = model
@@ -218,6 +219,9 @@ class ReplyReader:
             i.eval_duration_ns = _int(obj.get("eval_duration"), i.eval_duration_ns)
         elif "embeddings" in obj or "embedding" in obj:  # /api/embed(dings): no done flag
             i.done = True
+            vectors = obj.get("embeddings") or [obj.get("embedding")]
+            if isinstance(vectors, list) and vectors and isinstance(vectors[0], list):
+                i.embedding_dims = len(vectors[0])
             i.prompt_eval_count = _int(obj.get("prompt_eval_count"), None)
             i.total_duration_ns = _int(obj.get("total_duration"), None)
             i.load_duration_ns = _int(obj.get("load_duration"), None)
@@ -243,6 +247,11 @@ class ReplyReader:
                 reason = choice.get("finish_reason")
                 if isinstance(reason, str):
                     i.done_reason = reason
+        data = obj.get("data")  # /v1/embeddings
+        if isinstance(data, list) and data and isinstance(data[0], dict):
+            vector = data[0].get("embedding")
+            if isinstance(vector, list):
+                i.embedding_dims = len(vector)
         usage = obj.get("usage")
         # /v1/completions with include_usage puts zeros on every chunk; the real one comes last.
         if isinstance(usage, dict) and any(usage.get(k) for k in ("prompt_tokens",

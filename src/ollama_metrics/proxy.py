@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Protocol
 
 import aiohttp
@@ -46,6 +46,10 @@ _PROMPT_KINDS = (Kind.GENERATE, Kind.OPENAI, Kind.OPENAI_EVENTS, Kind.EMBED, Kin
 
 
 class Observer(Protocol):
+    """Sees each exchange: `started` once the request is read (its return value comes back as
+    `token`), `finished` once the reply is over. Both run on the request path: keep them cheap,
+    never block, never raise."""
+
     def started(self, interaction: Interaction) -> object: ...
 
     def finished(self, interaction: Interaction, token: object) -> None: ...
@@ -87,11 +91,11 @@ class Proxy:
         self,
         config: Config,
         session: Callable[[], aiohttp.ClientSession],
-        observer: Observer,
+        observers: Sequence[Observer],
     ) -> None:
         self._config = config
         self._session = session
-        self._observer = observer
+        self._observers = tuple(observers)
         self._base = str(config.upstream).rstrip("/")
         self._upstream_name = str(config.upstream)
         self._parse_cap = config.max_parse_bytes
@@ -109,7 +113,7 @@ class Proxy:
             stream=kind.streams_by_default,
         )
         body = await self._request_body(request, kind, i)
-        token = self._observer.started(i)
+        tokens = [o.started(i) for o in self._observers]
         try:
             return await self._exchange(request, kind, body, i)
         except asyncio.CancelledError:
@@ -120,10 +124,12 @@ class Proxy:
             i.ended_at = time.time()
             if kind in _PROMPT_KINDS:
                 i.prompt_category = categorize(i.prompt or "")
-            try:
-                self._observer.finished(i, token)
-            except Exception:  # an observer's fault must not become the client's
-                log.exception("observer failed on %s %s", i.method, i.endpoint)
+            for observer, token in zip(self._observers, tokens, strict=True):
+                try:
+                    observer.finished(i, token)
+                except Exception:  # an observer's fault must not become the client's
+                    log.exception("observer %s failed on %s %s", type(observer).__name__,
+                                  i.method, i.endpoint)
 
     async def _request_body(
         self, request: web.Request, kind: Kind, i: Interaction

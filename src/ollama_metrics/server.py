@@ -14,12 +14,17 @@ import logging
 import signal
 import socket
 import sys
+from collections.abc import Awaitable, Mapping
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
-from . import upstream
+from . import probe, upstream
+from .analytics.settings import AnalyticsConfig
 from .app import SESSION, create_app
-from .config import Config
+from .config import Config, connect_url
+from .metrics import new_registry
+from .supervisor import Supervisor
 
 log = logging.getLogger("ollama_metrics")
 
@@ -56,21 +61,66 @@ def make_runner(app: web.Application, config: Config) -> web.AppRunner:
                          shutdown_timeout=config.shutdown_grace)
 
 
-async def serve(config: Config, sock: socket.socket, stop: asyncio.Event | None = None) -> None:
-    """Serve on `sock` until SIGINT/SIGTERM (or `stop` is set), then shut down gracefully."""
+async def serve(config: Config, sock: socket.socket, stop: asyncio.Event | None = None,
+                environ: Mapping[str, str] | None = None,
+                analytics: AnalyticsConfig | None = None) -> None:
+    """Serve on `sock` until SIGINT/SIGTERM (or `stop` is set), then shut down gracefully.
+
+    With `config.supervise`, `ollama serve` is started first (with `environ`, less OLLAMA_HOST)
+    and stopped after the proxy has drained.
+    """
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         # Windows has no add_signal_handler; KeyboardInterrupt still stops the process there.
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    app = create_app(config)
+    registry = new_registry()
+    supervisor = None
+    if config.supervise:
+        assert environ is not None, "the child's environment is needed to start Ollama"
+        supervisor = Supervisor(config, registry, environ)
+        try:
+            started = await _unless_stopped(supervisor.start(), stop)
+        except BaseException:
+            sock.close()
+            raise
+        if not started:
+            sock.close()
+            await supervisor.stop()
+            return
+    try:
+        await _serve_app(config, sock, stop, registry, analytics)
+    finally:
+        if supervisor is not None:
+            await supervisor.stop()
+
+
+async def _unless_stopped(work: Awaitable[None], stop: asyncio.Event) -> bool:
+    """Run `work` unless `stop` is set first (then cancel it and return False)."""
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return False
+    task.result()
+    return True
+
+
+async def _serve_app(config: Config, sock: socket.socket, stop: asyncio.Event,
+                     registry: CollectorRegistry, analytics: AnalyticsConfig | None) -> None:
+    app = create_app(config, registry, analytics)
     runner = make_runner(app, config)
     await runner.setup()
     await web.SockSite(runner, sock).start()
     host, port = sock.getsockname()[:2]
     log.info("ollama-metrics listening on http://%s:%s, forwarding to %s",
              f"[{host}]" if ":" in host else host, port, config.upstream)
+    _announce_analytics(config, analytics)
     health = await upstream.check(app[SESSION], config)
     if health.ok:
         log.info("Ollama %s answers at %s", health.version or "(unknown version)", config.upstream)
@@ -86,12 +136,40 @@ async def serve(config: Config, sock: socket.socket, stop: asyncio.Event | None 
         await runner.cleanup()
 
 
-def run(config: Config) -> None:
-    """Bind, then serve on uvloop where available. Raises PortInUse before serving anything."""
-    sock = bind(config)
+def _announce_analytics(config: Config, analytics: AnalyticsConfig | None) -> None:
+    if analytics is None or not analytics.enabled:
+        log.info("analytics off: nothing is recorded")
+        return
+    where = ", ".join(f"{b} ({analytics.dir})" if b in ("sqlite", "jsonl") else b
+                      for b in analytics.backends)
+    log.info("recording interactions to %s (capture: %s, retention: %s days)", where,
+             analytics.capture, analytics.retention_days or "unlimited")
+    if not config.listens_on_loopback and analytics.token is None:
+        log.warning(
+            "listening on %s, beyond this machine, with no ANALYTICS_TOKEN: anyone who can reach "
+            "it can read stored prompts at /analytics. Set --analytics-token (ANALYTICS_TOKEN), "
+            "or listen on 127.0.0.1.", config.listen)
+
+
+def run(config: Config, environ: Mapping[str, str],
+        analytics: AnalyticsConfig | None = None) -> None:
+    """Bind, then serve on uvloop where available.
+
+    Raises before serving anything: probe.OllamaInTheWay when an Ollama holds the listen address,
+    PortInUse when anything else does, and the Supervisor's errors when Ollama cannot be started.
+    """
+    try:
+        sock = bind(config)
+    except PortInUse:
+        answer = probe.identify(connect_url(config.listen_host, config.listen_port))
+        if answer.who is probe.Who.OLLAMA:
+            raise probe.OllamaInTheWay(
+                probe.explain_ollama_in_the_way(config, answer.version)) from None
+        raise
+    main = serve(config, sock, environ=environ, analytics=analytics)
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(config, sock))
+        asyncio.run(main)
     else:
-        uvloop.run(serve(config, sock))
+        uvloop.run(main)

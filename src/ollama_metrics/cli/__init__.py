@@ -1,6 +1,8 @@
 """The command line: click commands that parse options, build a Config and call in.
 
-No logic lives here. Commands are grouped by what they drive: `proxy` (serve). Each module defines
+No logic lives here. Commands are grouped by what they drive: `proxy` (serve), `wrapper` (run,
+status, any Ollama command passed through), `service` (the service manager), `analytics` (search,
+stats, export of recorded interactions). Each module defines
 its commands; this one gathers them under `main`.
 """
 
@@ -9,14 +11,27 @@ from __future__ import annotations
 import click
 
 from .. import __version__
-from . import proxy
+from . import analytics, proxy, service, wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OllamaGroup(click.Group):
+    """Hands any command it does not know to `ollama`, as `ollama-metrics list` → `ollama list`."""
+
+    def resolve_command(self, ctx: click.Context, args: list[str]
+                        ) -> tuple[str | None, click.Command | None, list[str]]:
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            return args[0], wrapper.passthrough, args
+        return super().resolve_command(ctx, args)
+
+
+@click.group(cls=OllamaGroup, context_settings={"help_option_names": ["-h", "--help"]},
+             epilog="Any other command (list, ps, pull, show, rm, cp, create, stop, …) is run by "
+                    "the real `ollama` with OLLAMA_HOST pointing at the proxy.")
 @click.version_option(__version__, prog_name="ollama-metrics")
 def main() -> None:
     """A transparent proxy for Ollama that adds Prometheus metrics."""
 
 
-for command in (proxy.serve,):
+for command in (proxy.serve, wrapper.run, wrapper.status, service.service, analytics.search,
+                analytics.stats, analytics.export):
     main.add_command(command)

@@ -89,17 +89,20 @@ def ollama_options(f: F) -> F:
 def given_args(ctx: click.Context) -> list[str]:
     """The options of `ctx` that were set on the command line or by environment variable, as
     arguments for another `serve` (one started in the background, or by a service manager)."""
+    given = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
     args: list[str] = []
     for param in ctx.command.params:
-        if not isinstance(param, click.Option) or param.name is None:
+        name = param.name
+        # Settings are the options with an environment variable; the rest belong to the command.
+        if (not isinstance(param, click.Option) or not param.envvar or name is None
+                or ctx.get_parameter_source(name) not in given):
             continue
-        source = ctx.get_parameter_source(param.name)
-        if source not in (click.core.ParameterSource.COMMANDLINE,
-                          click.core.ParameterSource.ENVIRONMENT):
-            continue
-        value = ctx.params[param.name]
+        value = ctx.params[name]
         if param.is_flag:
-            args.append(param.opts[0] if value else param.secondary_opts[0])
+            args += param.opts[:1] if value else param.secondary_opts[:1]
+        elif param.multiple:
+            for item in value:
+                args += [param.opts[0], str(item)]
         elif value is not None:
             args += [param.opts[0], str(value)]
     return args

@@ -1,30 +1,77 @@
-"""`ollama-metrics serve`: run the proxy."""
+"""`ollama-metrics serve`: the proxy, with Ollama started and supervised unless told where it is."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, NoReturn
 
 import click
 
-from .options import build_config, proxy_options
+from ..analytics.settings import AnalyticsConfig
+from ..config import Config
+from .analytics_options import analytics_options, build_analytics, split_analytics
+from .options import build_config, ollama_options, proxy_options
+
+# Exit statuses of `serve` (and of `run`, which may start it); the README lists them.
+EXIT_FAILED = 1
+EXIT_PORT_IN_USE = 3
+EXIT_OLLAMA_IN_THE_WAY = 4
+EXIT_OLLAMA_PORT_TAKEN = 5
+EXIT_NO_OLLAMA = 127
+
+
+def fail(message: str, code: int) -> NoReturn:
+    click.echo(f"ollama-metrics: {message}", err=True)
+    sys.exit(code)
+
+
+@contextlib.contextmanager
+def start_errors() -> Iterator[None]:
+    """Expected failures to start, as a message and an exit status (no traceback)."""
+    from ..passthrough import OllamaNotFound, ProxyNotStarted
+    from ..probe import OllamaInTheWay
+    from ..server import PortInUse
+    from ..supervisor import OllamaFailedToStart, OllamaPortTaken
+
+    try:
+        yield
+    except OllamaInTheWay as exc:
+        fail(str(exc), EXIT_OLLAMA_IN_THE_WAY)
+    except PortInUse as exc:
+        fail(exc.strerror or str(exc), EXIT_PORT_IN_USE)
+    except OllamaPortTaken as exc:
+        fail(str(exc), EXIT_OLLAMA_PORT_TAKEN)
+    except OllamaNotFound as exc:
+        fail(str(exc), EXIT_NO_OLLAMA)
+    except (OllamaFailedToStart, ProxyNotStarted) as exc:
+        fail(str(exc), EXIT_FAILED)
 
 
 @click.command()
 @proxy_options
+@ollama_options
+@analytics_options
 def serve(**options: Any) -> None:
-    """Run the proxy in front of an Ollama that is already running."""
+    """Run the proxy, with Ollama started behind it (or the one at --upstream)."""
+    analytics = build_analytics(**split_analytics(options))
     config = build_config(**options)
     logging.basicConfig(
         level=config.log_level, stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from ..server import PortInUse, run  # aiohttp is imported only when serving
+    from ..server import run  # aiohttp is imported only when serving
 
-    try:
-        run(config)
-    except PortInUse as exc:
-        click.echo(f"ollama-metrics: {exc.strerror}", err=True)
-        sys.exit(3)
-    except KeyboardInterrupt:
-        pass
+    with start_errors(), contextlib.suppress(KeyboardInterrupt):
+        run(config, os.environ, analytics)
+
+
+def config_from_args(serve_args: Sequence[str]) -> tuple[Config, AnalyticsConfig]:
+    """The settings `ollama-metrics serve ARGS` would run with (click.UsageError if invalid), for
+    a service that stored its `serve` options."""
+    with serve.make_context("serve", list(serve_args)) as ctx:
+        options = dict(ctx.params)
+    analytics = build_analytics(**split_analytics(options))
+    return build_config(**options), analytics

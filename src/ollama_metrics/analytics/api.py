@@ -1,0 +1,146 @@
+"""The /analytics/* HTTP routes: search, one record, models, stats, export.
+
+The original proxy's routes and parameters are kept (/analytics/search with start_time,
+end_time, model, prompt_search, prompt_category; /analytics/messages/{id}; /analytics/stats).
+Every route here shows prompts, so each requires the bearer token when one is configured.
+Bad parameters or bad full-text syntax answer 400 with the reason.
+"""
+
+from __future__ import annotations
+
+import csv
+import hmac
+import io
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .query import BadQuery, parse
+from .stores import FIELD_NAMES, JSON_FIELDS, QueryableStore, StoreError
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def require_token(token: str | None, handler: Handler) -> Handler:
+    """`handler`, answering 401 unless the request carries `Authorization: Bearer <token>`."""
+    if token is None:
+        return handler
+    expected = f"Bearer {token}".encode()
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        given = request.headers.get("Authorization", "").encode()
+        if not hmac.compare_digest(given, expected):
+            return web.Response(
+                status=401, body=orjson.dumps({"error": "analytics routes need "
+                                               "'Authorization: Bearer <ANALYTICS_TOKEN>'"}),
+                content_type="application/json", headers={"WWW-Authenticate": "Bearer"})
+        return await handler(request)
+
+    return guarded
+
+
+class AnalyticsApi:
+    def __init__(self, store: Callable[[], QueryableStore | None], backends: tuple[str, ...]
+                 ) -> None:
+        self._store = store
+        self._backends = backends
+
+    def routes(self, token: str | None) -> list[web.RouteDef]:
+        def get(path: str, handler: Handler) -> web.RouteDef:
+            return web.get(path, require_token(token, self._guard(handler)))
+
+        return [
+            get("/analytics/search", self.search),
+            get("/analytics/messages", self.search),
+            get("/analytics/messages/{id}", self.message),
+            get("/analytics/models", self.models),
+            get("/analytics/stats", self.stats),
+            get("/analytics/export", self.export),
+        ]
+
+    def _guard(self, handler: Handler) -> Handler:
+        async def run(request: web.Request) -> web.StreamResponse:
+            if self._store() is None:
+                backends = ",".join(self._backends) or "none"
+                return _json({"error": "searching analytics needs the sqlite or postgres "
+                              f"backend; ANALYTICS_BACKEND is {backends}"}, status=503)
+            try:
+                return await handler(request)
+            except BadQuery as exc:
+                return _json({"error": str(exc)}, status=400)
+            except StoreError as exc:
+                return _json({"error": str(exc)}, status=503)
+
+        return run
+
+    def _q(self) -> QueryableStore:
+        store = self._store()
+        assert store is not None
+        return store
+
+    async def search(self, request: web.Request) -> web.StreamResponse:
+        query = parse(request.query)
+        page = await self._q().search(query)
+        return _json({"results": page.records, "count": len(page.records),
+                      "next_cursor": page.next_cursor})
+
+    async def message(self, request: web.Request) -> web.StreamResponse:
+        record = await self._q().get(request.match_info["id"])
+        if record is None:
+            return _json({"error": "no such interaction"}, status=404)
+        return _json(record)
+
+    async def models(self, request: web.Request) -> web.StreamResponse:
+        return _json({"models": await self._q().models(parse(request.query))})
+
+    async def stats(self, request: web.Request) -> web.StreamResponse:
+        query = parse(request.query)
+        stats = await self._q().stats(query)
+        stats["range"] = {"start_time": query.start_time, "end_time": query.end_time}
+        return _json(stats)
+
+    async def export(self, request: web.Request) -> web.StreamResponse:
+        fmt = request.query.get("format", "jsonl")
+        if fmt not in ("jsonl", "csv"):
+            raise BadQuery(f"format: jsonl or csv, got {fmt!r}")
+        query = parse(request.query)
+        records = self._q().export(query)
+        first = await anext(records, None)  # a bad query fails here, before anything is sent
+        response = web.StreamResponse(headers={
+            "Content-Type": "application/x-ndjson" if fmt == "jsonl" else "text/csv; charset=utf-8",
+            "Content-Disposition": f'attachment; filename="interactions.{fmt}"',
+        })
+        await response.prepare(request)
+        line = jsonl_line if fmt == "jsonl" else csv_row
+        if fmt == "csv":
+            await response.write(csv_line(FIELD_NAMES))
+        if first is not None:
+            await response.write(line(first))
+            async for record in records:
+                await response.write(line(record))
+        await response.write_eof()
+        return response
+
+
+def jsonl_line(record: dict[str, Any]) -> bytes:
+    return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+
+
+def csv_line(values: list[Any]) -> bytes:
+    out = io.StringIO()
+    csv.writer(out).writerow(values)
+    return out.getvalue().encode()
+
+
+def csv_row(record: dict[str, Any]) -> bytes:
+    return csv_line([
+        orjson.dumps(record[name]).decode() if name in JSON_FIELDS and record[name] is not None
+        else record[name]
+        for name in FIELD_NAMES
+    ])

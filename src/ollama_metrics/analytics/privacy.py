@@ -1,0 +1,94 @@
+"""What of a prompt may be stored: capture levels, size caps and redaction.
+
+Applied to every text of a record before it is queued, so nothing unredacted ever reaches a
+queue, a store or a log. Order: cap (bounds the work), capture level, then redaction.
+
+Built-in redactions replace, with a bracketed tag: e-mail addresses, API keys and tokens (OpenAI-,
+GitHub-, Slack-, AWS-, Google-style keys, JWTs, bearer tokens, `key=value` secrets) and payment
+card numbers (13-19 digits that pass the Luhn check). User patterns replace their whole match.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .settings import AnalyticsConfig
+
+_SECRET = "[REDACTED_SECRET]"
+_MARGIN = 256  # longer than any built-in secret pattern matches
+_BUILTIN: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"),
+     "[REDACTED_EMAIL]"),
+    (re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"), _SECRET),
+    (re.compile(r"\b(?:sk|pk|rk)-(?:[A-Za-z0-9]+-)*[A-Za-z0-9_]{16,}"), _SECRET),
+    (re.compile(r"\bgh[pousr]_[A-Za-z0-9]{30,}\b|\bgithub_pat_[A-Za-z0-9_]{40,}"), _SECRET),
+    (re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}"), _SECRET),
+    (re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), _SECRET),
+    (re.compile(r"\bAIza[0-9A-Za-z_-]{35}"), _SECRET),
+    (re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/-]{16,}=*"), "Bearer " + _SECRET),
+    (re.compile(r"(?i)\b(api[_-]?key|secret|token|passw(?:or)?d)(\s*[:=]\s*)[\"']?[^\s\"',;]{6,}"),
+     r"\1\2" + _SECRET),
+]
+_CARD = re.compile(r"(?<!\d)(?:\d[ -]?){12,18}\d(?!\d)")
+
+
+def _luhn(digits: str) -> bool:
+    total = 0
+    for n, ch in enumerate(reversed(digits)):
+        d = ord(ch) - 48
+        if n % 2:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def _card(match: re.Match[str]) -> str:
+    digits = re.sub(r"[ -]", "", match.group(0))
+    return "[REDACTED_CARD]" if 13 <= len(digits) <= 19 and _luhn(digits) else match.group(0)
+
+
+@dataclass
+class Privacy:
+    """Applies one configuration's capture level, caps and redaction to texts."""
+
+    capture: str = "full"
+    truncate_chars: int = 200
+    max_text: int = 65_536
+    redact: bool = True
+    patterns: tuple[re.Pattern[str], ...] = ()
+    _rules: list[tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]]] = field(
+        default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        if self.redact:
+            self._rules.extend(_BUILTIN)
+            self._rules.append((_CARD, _card))
+        self._rules.extend((p, "[REDACTED]") for p in self.patterns)
+
+    @classmethod
+    def from_settings(cls, settings: AnalyticsConfig) -> Privacy:
+        return cls(settings.capture, settings.truncate_chars, settings.max_text,
+                   settings.redact, settings.redact_patterns)
+
+    @property
+    def keeps_text(self) -> bool:
+        return self.capture != "metadata"
+
+    def text(self, value: str | None) -> tuple[str | None, bool]:
+        """The storable form of one text, and whether it was cut."""
+        if value is None or not self.keeps_text:
+            return None, False
+        limit = self.truncate_chars if self.capture == "truncated" else self.max_text
+        # Redact a little past the cut first, so a secret straddling it is not half kept.
+        scrubbed = self.scrub(value[: limit + _MARGIN])
+        if len(scrubbed) <= limit and len(value) <= limit + _MARGIN:
+            return scrubbed, False
+        return scrubbed[:limit] + " …[truncated]", True
+
+    def scrub(self, value: str) -> str:
+        """Redaction alone (used for error messages, which are kept at every level)."""
+        for pattern, replacement in self._rules:
+            value = pattern.sub(replacement, value)
+        return value

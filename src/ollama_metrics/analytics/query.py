@@ -1,0 +1,143 @@
+"""What a search asks for: one validated Query, parsed from HTTP parameters or CLI options.
+
+Every store answers the same Query. Bad input raises BadQuery with a reason a user can act on;
+the API turns it into a 400 and the CLI into a usage error. Values are never interpolated into
+SQL: stores bind them as parameters.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+from ..categorize import CATEGORIES
+
+MAX_LIMIT = 1000
+DEFAULT_LIMIT = 100
+
+# Filter values for `status`: the stored outcomes, plus the metric names the original used.
+STATUSES: dict[str, tuple[str, ...]] = {
+    "ok": ("ok",),
+    "success": ("ok",),
+    "error": ("error", "upstream_error"),
+    "upstream_error": ("upstream_error",),
+    "cancelled": ("cancelled",),
+}
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)?\s*$")
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+class BadQuery(ValueError):
+    """A query parameter has a value that cannot be searched for; the message says why."""
+
+
+@dataclass(frozen=True)
+class Query:
+    start_time: float | None = None
+    end_time: float | None = None
+    model: str | None = None
+    text: str | None = None  # full-text search over prompt and response
+    category: str | None = None
+    status: str | None = None  # a key of STATUSES
+    endpoint: str | None = None
+    limit: int = DEFAULT_LIMIT
+    offset: int = 0
+    cursor: int | None = None  # continue after this position (from a previous page)
+    order: str = "time"  # "time": newest first; "rank": best full-text match first
+
+    @property
+    def outcomes(self) -> tuple[str, ...] | None:
+        return STATUSES[self.status] if self.status else None
+
+    def next_page(self, cursor: int) -> Query:
+        return replace(self, cursor=cursor, offset=0)
+
+
+@dataclass(frozen=True)
+class Page:
+    records: list[dict[str, object]]
+    next_cursor: int | None  # pass back as `cursor` for the next page; None at the end
+
+
+def parse_since(value: str, now: float | None = None) -> float:
+    """`90s`, `15m`, `1h`, `7d`, `2w` (or plain seconds) ago, as epoch seconds."""
+    m = _DURATION.match(value)
+    if not m:
+        raise BadQuery(f"since: expected a duration like 15m, 1h or 7d, got {value!r}")
+    seconds = float(m.group(1)) * _UNIT[m.group(2) or "s"]
+    return (time.time() if now is None else now) - seconds
+
+
+def _number(params: Mapping[str, str], name: str) -> float | None:
+    raw = params.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise BadQuery(f"{name}: expected unix seconds, got {raw!r}") from None
+    if value != value or value in (float("inf"), float("-inf")) or value < 0:
+        raise BadQuery(f"{name}: expected unix seconds, got {raw!r}")
+    return value
+
+
+def _int(params: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadQuery(f"{name}: expected a whole number, got {raw!r}") from None
+    if not low <= value <= high:
+        raise BadQuery(f"{name}: must be between {low} and {high}, got {value}")
+    return value
+
+
+def parse(params: Mapping[str, str]) -> Query:
+    """A Query from the search parameters (the original proxy's names, plus the new ones)."""
+    known = {"start_time", "end_time", "since", "model", "prompt_search", "q", "prompt_category",
+             "category", "status", "endpoint", "limit", "offset", "cursor", "order", "format"}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise BadQuery(f"unknown parameter {unknown[0]!r}; known: {', '.join(sorted(known))}")
+    start = _number(params, "start_time")
+    if params.get("since"):
+        if start is not None:
+            raise BadQuery("give start_time or since, not both")
+        start = parse_since(params["since"])
+    end = _number(params, "end_time")
+    if start is not None and end is not None and end < start:
+        raise BadQuery("end_time is before start_time")
+    category = params.get("prompt_category") or params.get("category") or None
+    if category is not None and category not in CATEGORIES:
+        raise BadQuery(f"prompt_category: one of {', '.join(CATEGORIES)}, got {category!r}")
+    status = params.get("status") or None
+    if status is not None and status not in STATUSES:
+        raise BadQuery(f"status: one of {', '.join(STATUSES)}, got {status!r}")
+    order = params.get("order") or "time"
+    if order not in ("time", "rank"):
+        raise BadQuery(f"order: time or rank, got {order!r}")
+    text = (params.get("prompt_search") or params.get("q") or "").strip() or None
+    if text is not None and text.startswith("*"):  # FTS5 reads these as debugging commands
+        raise BadQuery("prompt_search: cannot start with '*'; search for words or \"phrases\"")
+    if order == "rank" and text is None:
+        raise BadQuery("order=rank needs prompt_search")
+    cursor_raw = params.get("cursor")
+    cursor = _int(params, "cursor", 0, 0, 2**62) if cursor_raw else None
+    return Query(
+        start_time=start,
+        end_time=end,
+        model=params.get("model") or None,
+        text=text,
+        category=category,
+        status=status,
+        endpoint=params.get("endpoint") or None,
+        limit=_int(params, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT),
+        offset=_int(params, "offset", 0, 0, 10**9),
+        cursor=cursor,
+        order=order,
+    )

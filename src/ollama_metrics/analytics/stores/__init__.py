@@ -1,0 +1,128 @@
+"""Stores behind one small protocol, chosen by one factory from the settings.
+
+A store receives finished records (dicts of FIELDS, as analytics.record builds them) in batches
+from its writer task. Every store can `write_batch`, `purge` and `close`; the queryable ones
+(SQLite, PostgreSQL) also `search`, `get`, `stats`, `models` and `export`. Optional backends
+import their libraries lazily, so a plain install needs none of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, Protocol, runtime_checkable
+
+from ..query import Page, Query
+from ..settings import AnalyticsConfig
+
+Record = dict[str, Any]
+
+# The stored fields, in order, with their kind. Stores derive their schemas from this list.
+FIELDS: list[tuple[str, str]] = [
+    ("id", "text"),
+    ("started_at", "real"),
+    ("ended_at", "real"),
+    ("client_ip", "text"),
+    ("user_agent", "text"),
+    ("method", "text"),
+    ("path", "text"),
+    ("endpoint", "text"),
+    ("model", "text"),
+    ("stream", "bool"),
+    ("options", "json"),
+    ("http_status", "int"),
+    ("outcome", "text"),
+    ("error", "text"),
+    ("prompt", "text"),
+    ("messages", "json"),
+    ("system", "text"),
+    ("response", "text"),
+    ("thinking", "text"),
+    ("tool_calls", "json"),
+    ("images", "json"),
+    ("image_count", "int"),
+    ("prompt_category", "text"),
+    ("ttft", "real"),
+    ("duration", "real"),
+    ("total_duration", "real"),
+    ("load_duration", "real"),
+    ("prompt_eval_duration", "real"),
+    ("eval_duration", "real"),
+    ("prompt_tokens", "int"),
+    ("completion_tokens", "int"),
+    ("tokens_per_second", "real"),
+    ("request_bytes", "int"),
+    ("response_bytes", "int"),
+    ("done_reason", "text"),
+    ("embedding_dims", "int"),
+    ("truncated", "bool"),
+    ("capture", "text"),
+]
+FIELD_NAMES = [name for name, _ in FIELDS]
+JSON_FIELDS = frozenset(name for name, kind in FIELDS if kind == "json")
+BOOL_FIELDS = frozenset(name for name, kind in FIELDS if kind == "bool")
+
+
+class StoreError(RuntimeError):
+    """A store cannot do what was asked (unreachable, misconfigured); the message says why."""
+
+
+@runtime_checkable
+class Store(Protocol):
+    name: str
+
+    async def open(self) -> None: ...
+
+    async def write_batch(self, records: list[Record]) -> None:
+        """Write all of `records` or raise; writing the same record twice must be harmless."""
+
+    async def purge(self, older_than: float | None, max_bytes: int | None) -> int:
+        """Delete records that started before `older_than`, then the oldest until the store
+        fits `max_bytes`; returns how many were deleted (or -1 when it cannot tell)."""
+
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class QueryableStore(Store, Protocol):
+    async def search(self, query: Query) -> Page: ...
+
+    async def get(self, record_id: str) -> Record | None: ...
+
+    async def stats(self, query: Query) -> dict[str, Any]: ...
+
+    async def models(self, query: Query) -> list[dict[str, Any]]: ...
+
+    def export(self, query: Query) -> AsyncIterator[Record]: ...
+
+
+def open_stores(settings: AnalyticsConfig) -> list[Store]:
+    """The configured stores, not yet opened, in the order given."""
+    stores: list[Store] = []
+    for backend in settings.backends:
+        if backend == "sqlite":
+            from .sqlite import SqliteStore
+
+            stores.append(SqliteStore(settings.dir / "interactions.db"))
+        elif backend == "jsonl":
+            from .jsonl import JsonlStore
+
+            stores.append(JsonlStore(settings.dir, int(settings.jsonl_max_file_mb * 2**20)))
+        elif backend == "postgres":
+            from .postgres import PostgresStore
+
+            assert settings.postgres_dsn is not None
+            stores.append(PostgresStore(settings.postgres_dsn))
+        elif backend == "loki":
+            from .loki import LokiStore
+
+            assert settings.loki_url is not None
+            stores.append(LokiStore(settings.loki_url, tenant=settings.loki_tenant))
+    return stores
+
+
+def queryable(stores: list[Store]) -> QueryableStore | None:
+    """The store that answers queries: the first one that can."""
+    for store in stores:
+        if isinstance(store, QueryableStore):
+            return store
+    return None

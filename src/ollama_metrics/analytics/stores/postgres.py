@@ -1,0 +1,323 @@
+"""PostgreSQL store: one database shared by several proxies (psycopg 3, async, pooled).
+
+Same records, queries and answers as the SQLite store. Writes are idempotent on `id`, so a
+batch retried after a lost reply is harmless, and proxies writing at once never collide. `seq`
+orders records by when the server numbered them: a record whose transaction commits after a
+newer one's can be missed by a reader already paging past it, but is never listed twice.
+
+Full-text search is PostgreSQL's own: `websearch_to_tsquery('simple', …)` over a generated
+tsvector (prompt weight A, response weight B). Its syntax is forgiving like a web search box:
+words (all must match), "quoted phrases", `or`, `-word`. A query with nothing searchable in it
+(only punctuation) is a BadQuery. PostgreSQL text cannot hold NUL characters, so NUL in any
+stored or searched string becomes U+FFFD. Values are always bound parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from ..query import STATUSES, BadQuery, Page, Query
+from . import FIELD_NAMES, FIELDS, Record, StoreError
+from .postgres_migrations import migrate
+
+try:
+    from psycopg import AsyncConnection
+    from psycopg.conninfo import conninfo_to_dict
+    from psycopg.types.json import set_json_loads
+    from psycopg_pool import AsyncConnectionPool
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise StoreError("the postgres backend needs psycopg: "
+                     "pip install 'ollama-metrics[postgres]'") from exc
+
+if TYPE_CHECKING:
+    from psycopg.rows import TupleRow
+
+    Connection = AsyncConnection[TupleRow]
+
+_POOL_SIZE = 4
+_TIMEOUT = 10.0  # seconds to connect, or to wait for a pooled connection
+_EXPORT_PAGE = 1000
+_PURGE_BATCH = 10_000  # rows per delete: short transactions, little lock time on a shared server
+
+_INSERT = (
+    f"INSERT INTO interactions ({', '.join(FIELD_NAMES)}) VALUES ("
+    + ", ".join("%s::jsonb" if kind == "json" else "%s" for _, kind in FIELDS)
+    + ") ON CONFLICT (id) DO NOTHING")
+_COLUMNS = ", ".join(f"i.{name}" for name in FIELD_NAMES)
+_TSQUERY = "websearch_to_tsquery('simple', %s)"
+
+
+def _text(value: str) -> str:
+    return value.replace("\x00", "\ufffd") if "\x00" in value else value
+
+
+def _json_clean(value: Any) -> Any:
+    if isinstance(value, str):
+        return _text(value)
+    if isinstance(value, list):
+        return [_json_clean(v) for v in value]
+    if isinstance(value, dict):
+        return {_json_clean(k): _json_clean(v) for k, v in value.items()}
+    return value
+
+
+def _json(value: Any) -> str:
+    # orjson, as the SQLite store: the same values serialize the same way (NaN becomes null).
+    data = orjson.dumps(value)
+    if b"\\u0000" in data:  # jsonb rejects the escape; walk only when it is there
+        data = orjson.dumps(_json_clean(value))
+    return data.decode()
+
+
+def _params(record: Record) -> tuple[Any, ...]:
+    values: list[Any] = []
+    for name, kind in FIELDS:
+        value = record.get(name)
+        if value is None:
+            pass
+        elif kind == "json":
+            value = _json(value)
+        elif kind == "bool":
+            value = bool(value)
+        elif isinstance(value, str):
+            value = _text(value)
+        values.append(value)
+    return tuple(values)
+
+
+def _row(values: tuple[Any, ...]) -> Record:
+    return dict(zip(FIELD_NAMES, values, strict=True))
+
+
+def _from(q: Query, params: list[Any]) -> str:
+    if q.text is None:
+        return "interactions i"
+    params.append(_text(q.text))
+    return f"interactions i, {_TSQUERY} AS tsq"
+
+
+def _where(q: Query, params: list[Any]) -> str:
+    """The WHERE clause for a query's filters; values go to `params`, never into the SQL."""
+    clauses = []
+    if q.start_time is not None:
+        clauses.append("i.started_at >= %s")
+        params.append(q.start_time)
+    if q.end_time is not None:
+        clauses.append("i.started_at < %s")
+        params.append(q.end_time)
+    for column, value in (("model", q.model), ("prompt_category", q.category),
+                          ("endpoint", q.endpoint)):
+        if value is not None:
+            clauses.append(f"i.{column} = %s")
+            params.append(_text(value))
+    if q.outcomes:
+        clauses.append("i.outcome = ANY(%s)")
+        params.append(list(q.outcomes))
+    if q.text is not None:
+        clauses.append("i.search @@ tsq")
+    return " AND ".join(clauses) or "true"
+
+
+def _base(q: Query, params: list[Any]) -> str:
+    """`FROM … WHERE …` for a query; `params` receives its values in SQL order."""
+    source = _from(q, params)
+    return f"FROM {source} WHERE {_where(q, params)}"
+
+
+async def _check_text(conn: Connection, q: Query) -> None:
+    """websearch_to_tsquery never fails: it drops what it cannot parse. A query that leaves
+    nothing to search for would match nothing, silently; say so instead."""
+    if q.text is None:
+        return
+    cur = await conn.execute(f"SELECT numnode({_TSQUERY})", (_text(q.text),))
+    row = await cur.fetchone()
+    if row is None or not row[0]:
+        raise BadQuery(f"prompt_search: nothing to search for in {q.text!r}; use words or "
+                       '"quoted phrases" (all must match), `or` between alternatives, '
+                       "-word to exclude")
+
+
+async def _configure(conn: Connection) -> None:
+    set_json_loads(orjson.loads, conn)
+
+
+class PostgresStore:
+    name = "postgres"
+
+    def __init__(self, dsn: str) -> None:
+        try:
+            given = conninfo_to_dict(dsn)
+        except Exception as exc:
+            raise StoreError(f"not a valid PostgreSQL DSN: {exc}") from None
+        self._dsn = dsn
+        # Defaults the DSN may override: a name to spot our sessions on a shared server, and
+        # a bound on connecting (libpq would otherwise wait on an unanswering host forever).
+        self._connect_args: dict[str, Any] = {}
+        if "application_name" not in given:
+            self._connect_args["application_name"] = "ollama-metrics"
+        if "connect_timeout" not in given:
+            self._connect_args["connect_timeout"] = int(_TIMEOUT)
+        self._pool_: AsyncConnectionPool[Connection] | None = None
+
+    # --- writing ---------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Migrate on a connection of its own, then open the pool. Raises when the server is
+        unreachable; the recorder retries."""
+        if self._pool_ is not None:
+            return
+        conn = await AsyncConnection.connect(self._dsn, autocommit=True, **self._connect_args)
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+        pool: AsyncConnectionPool[Connection] = AsyncConnectionPool(
+            self._dsn, kwargs={"autocommit": True, **self._connect_args}, min_size=1,
+            max_size=_POOL_SIZE, open=False, configure=_configure,
+            check=AsyncConnectionPool.check_connection, timeout=_TIMEOUT,
+            name="ollama-metrics")
+        try:
+            await pool.open(wait=True, timeout=_TIMEOUT)
+        except BaseException:
+            await pool.close()
+            raise
+        self._pool_ = pool
+
+    def _pool(self) -> AsyncConnectionPool[Connection]:
+        if self._pool_ is None:
+            raise RuntimeError("store not open")
+        return self._pool_
+
+    async def write_batch(self, records: list[Record]) -> None:
+        if not records:
+            return
+        rows = [_params(r) for r in records]
+        async with self._pool().connection() as conn, conn.transaction(), \
+                conn.cursor() as cur:
+            await cur.executemany(_INSERT, rows)
+
+    async def purge(self, older_than: float | None, max_bytes: int | None) -> int:
+        """Delete records that started before `older_than`; returns how many.
+
+        `max_bytes` is ignored. In PostgreSQL a DELETE does not make a table smaller (the space
+        is reused by later inserts; only VACUUM FULL, which locks out every proxy, gives it
+        back), so deleting "until the table is under N bytes" would delete everything. The
+        size of a shared server is its administrator's; retention by age is ours.
+        """
+        if older_than is None:
+            return 0
+        deleted = 0
+        async with self._pool().connection() as conn:
+            while True:
+                cur = await conn.execute(
+                    "DELETE FROM interactions WHERE seq IN (SELECT seq FROM interactions "
+                    "WHERE started_at < %s LIMIT %s)", (older_than, _PURGE_BATCH))
+                deleted += cur.rowcount
+                if cur.rowcount < _PURGE_BATCH:
+                    return deleted
+
+    async def close(self) -> None:
+        pool, self._pool_ = self._pool_, None
+        if pool is not None:
+            await pool.close()
+
+    # --- reading ---------------------------------------------------------------------------
+
+    async def search(self, query: Query) -> Page:
+        params: list[Any] = []
+        base = _base(query, params)
+        if query.cursor is not None:
+            base += " AND i.seq < %s"
+            params.append(query.cursor)
+        # Newest first is write order. Ranked: ts_rank_cd (cover density) with its default
+        # weights, so a prompt match (A, 1.0) counts 2.5 times a response match (B, 0.4):
+        # people search for what they asked. Newest first among equals.
+        order = "ts_rank_cd(i.search, tsq) DESC, i.seq DESC" if query.order == "rank" \
+            else "i.seq DESC"
+        sql = f"SELECT i.seq, {_COLUMNS} {base} ORDER BY {order} LIMIT %s OFFSET %s"
+        params += [query.limit + 1, query.offset]
+        async with self._pool().connection() as conn:
+            await _check_text(conn, query)
+            cur = await conn.execute(sql, params)
+            rows = await cur.fetchall()
+        more = len(rows) > query.limit
+        rows = rows[: query.limit]
+        cursor = rows[-1][0] if more and rows and query.order == "time" else None
+        return Page([_row(r[1:]) for r in rows], cursor)
+
+    async def get(self, record_id: str) -> Record | None:
+        async with self._pool().connection() as conn:
+            cur = await conn.execute(f"SELECT {_COLUMNS} FROM interactions i WHERE i.id = %s",
+                                     (_text(record_id),))
+            row = await cur.fetchone()
+        return None if row is None else _row(row)
+
+    async def export(self, query: Query) -> AsyncIterator[Record]:
+        """Every matching record, newest first, a page at a time: no connection or snapshot is
+        held while a slow client reads."""
+        q = replace(query, limit=_EXPORT_PAGE, offset=0, order="time")
+        while True:
+            page = await self.search(q)
+            for record in page.records:
+                yield record
+            if page.next_cursor is None:
+                return
+            q = q.next_page(page.next_cursor)
+
+    async def models(self, query: Query) -> list[dict[str, Any]]:
+        params: list[Any] = []
+        sql = (f"SELECT i.model, count(*), max(i.started_at), sum(i.prompt_tokens)::bigint, "
+               f"sum(i.completion_tokens)::bigint {_base(query, params)} "
+               "GROUP BY i.model ORDER BY count(*) DESC")
+        async with self._pool().connection() as conn:
+            await _check_text(conn, query)
+            cur = await conn.execute(sql, params)
+            rows = await cur.fetchall()
+        return [{"model": m, "requests": n, "last_used": last, "prompt_tokens": pt or 0,
+                 "completion_tokens": ct or 0} for m, n, last, pt, ct in rows]
+
+    async def stats(self, query: Query) -> dict[str, Any]:
+        """Counts, tokens, error rate and nearest-rank p50/p95 of latency and TTFT, overall,
+        per model and per category, in one scan (grouping sets)."""
+        params: list[Any] = [list(STATUSES["error"]), list(STATUSES["cancelled"])]
+        sql = (
+            "SELECT GROUPING(i.model, i.prompt_category), i.model, i.prompt_category, count(*), "
+            "count(*) FILTER (WHERE i.outcome = ANY(%s)), "
+            "count(*) FILTER (WHERE i.outcome = ANY(%s)), "
+            "coalesce(sum(i.prompt_tokens), 0)::bigint, "
+            "coalesce(sum(i.completion_tokens), 0)::bigint, "
+            # percentile_disc is nearest-rank: the first value whose rank reaches p * n.
+            "percentile_disc(0.5) WITHIN GROUP (ORDER BY i.duration), "
+            "percentile_disc(0.95) WITHIN GROUP (ORDER BY i.duration), "
+            "percentile_disc(0.5) WITHIN GROUP (ORDER BY i.ttft), "
+            "percentile_disc(0.95) WITHIN GROUP (ORDER BY i.ttft) "
+            f"{_base(query, params)} "
+            "GROUP BY GROUPING SETS ((), (i.model), (i.prompt_category)) ORDER BY 1, 4 DESC")
+        async with self._pool().connection() as conn:
+            await _check_text(conn, query)
+            cur = await conn.execute(sql, params)
+            rows = await cur.fetchall()
+        out: dict[str, Any] = {"totals": None, "models": [], "categories": []}
+        for grouping, model, category, n, errors, cancelled, pt, ct, *quantiles in rows:
+            row: dict[str, Any] = {}
+            if grouping == 1:  # grouped by model
+                row["model"] = model
+            elif grouping == 2:  # grouped by category
+                row["prompt_category"] = category
+            row.update(requests=n, errors=errors, cancelled=cancelled,
+                       error_rate=errors / n if n else 0.0, prompt_tokens=pt,
+                       completion_tokens=ct)
+            row.update(zip(("latency_p50", "latency_p95", "ttft_p50", "ttft_p95"), quantiles,
+                           strict=True))
+            if grouping == 1:
+                out["models"].append(row)
+            elif grouping == 2:
+                out["categories"].append(row)
+            else:
+                out["totals"] = row
+        return out
+

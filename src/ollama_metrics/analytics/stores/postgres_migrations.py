@@ -1,0 +1,88 @@
+"""PostgreSQL schema migrations: plain numbered functions, each applied once, in order.
+
+Each step runs in one transaction together with its bookkeeping row in
+`ollama_metrics_migrations`, under a transaction-level advisory lock, so several proxies opening
+the same database at once apply every step exactly once and never see a half-built schema. Add
+new steps at the end; never edit an applied one. Tables are created unqualified, so they land in
+the first schema of the connection's `search_path` (set it with the DSN's `options`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from . import FIELDS
+
+if TYPE_CHECKING:
+    from psycopg import AsyncConnection
+    from psycopg.rows import TupleRow
+
+    Connection = AsyncConnection[TupleRow]
+
+# Any fixed 64-bit number: ours alone among the advisory locks taken on a shared server.
+_LOCK_KEY = 0x6F6C6C616D61_0001  # "ollama", 1
+
+_SQL_TYPE = {"text": "text", "real": "double precision", "int": "bigint", "bool": "boolean",
+             "json": "jsonb"}
+
+# Only this many characters of each text are indexed: a tsvector must stay under 1 MB, and an
+# insert that overflows it would fail and be retried forever. Search covers the start of very
+# long texts; the texts themselves are stored whole.
+_INDEXED_CHARS = 100_000
+
+
+async def m001_interactions(db: Connection) -> None:
+    # `seq` grows in write order, so "newest first" is `seq DESC` and a page cursor is a seq.
+    columns = ",\n  ".join(
+        f"{name} {_SQL_TYPE[kind]}{' NOT NULL UNIQUE' if name == 'id' else ''}"
+        for name, kind in FIELDS)
+    await db.execute(f"CREATE TABLE interactions (\n  seq bigserial PRIMARY KEY,\n  {columns}\n)")
+    await db.execute("CREATE INDEX interactions_started ON interactions (started_at)")
+    await db.execute("CREATE INDEX interactions_model ON interactions (model, seq)")
+    await db.execute("CREATE INDEX interactions_category ON interactions (prompt_category, seq)")
+    await db.execute("CREATE INDEX interactions_outcome ON interactions (outcome, seq)")
+
+
+async def m002_full_text(db: Connection) -> None:
+    # A stored generated column keeps the index in step with inserts without triggers. The
+    # 'simple' configuration lowercases and does not stem or drop stop words: prompts mix
+    # languages and code, and any word a user typed should be findable. Prompt words carry
+    # weight A and response words weight B, which ranking uses.
+    await db.execute(
+        "ALTER TABLE interactions ADD COLUMN search tsvector GENERATED ALWAYS AS ("
+        f"setweight(to_tsvector('simple', left(coalesce(prompt, ''), {_INDEXED_CHARS})), 'A')"
+        f" || setweight(to_tsvector('simple', left(coalesce(response, ''), {_INDEXED_CHARS})),"
+        " 'B')) STORED")
+    await db.execute("CREATE INDEX interactions_search ON interactions USING gin (search)")
+
+
+MIGRATIONS: list[Callable[[Connection], Awaitable[None]]] = [m001_interactions, m002_full_text]
+
+
+async def migrate(db: Connection) -> list[str]:
+    """Apply the migrations this database lacks; returns the names applied.
+
+    `db` must be in autocommit mode: every step opens its own transaction.
+    """
+    applied = []
+    for step in MIGRATIONS:
+        async with db.transaction():
+            await db.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+            # Checked with to_regclass rather than IF NOT EXISTS, which would send a notice
+            # on every start.
+            cur = await db.execute("SELECT to_regclass('ollama_metrics_migrations')")
+            row = await cur.fetchone()
+            if row is None or row[0] is None:
+                await db.execute("CREATE TABLE ollama_metrics_migrations "
+                                 "(name text PRIMARY KEY, applied_at double precision NOT NULL)")
+            cur = await db.execute("SELECT 1 FROM ollama_metrics_migrations WHERE name = %s",
+                                   (step.__name__,))
+            if await cur.fetchone() is not None:
+                continue
+            await step(db)
+            await db.execute("INSERT INTO ollama_metrics_migrations VALUES (%s, %s)",
+                             (step.__name__, time.time()))
+        applied.append(step.__name__)
+    return applied

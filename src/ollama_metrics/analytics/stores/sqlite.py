@@ -1,0 +1,329 @@
+"""SQLite store: the default. One writer thread, concurrent readers, FTS5 search.
+
+WAL mode lets searches read while the writer writes; the writer owns one connection on one
+thread, readers get a connection per reader thread. `busy_timeout` covers the rare checkpoint
+overlap, so neither side sees "database is locked". Values are always bound parameters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+
+from ..query import BadQuery, Page, Query
+from . import BOOL_FIELDS, FIELD_NAMES, JSON_FIELDS, Record, StoreError
+from .sqlite_migrations import migrate
+
+T = TypeVar("T")
+
+_INSERT = (f"INSERT OR IGNORE INTO interactions ({', '.join(FIELD_NAMES)}) "
+           f"VALUES ({', '.join('?' for _ in FIELD_NAMES)})")
+_COLUMNS = ", ".join(f"i.{name}" for name in FIELD_NAMES)
+_EXPORT_PAGE = 1000
+
+
+def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
+    uri = f"{path.resolve().as_uri()}{'?mode=ro' if readonly else ''}"
+    db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False,
+                         timeout=30.0)
+    db.execute("PRAGMA busy_timeout = 30000")
+    if not readonly:
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = NORMAL")
+    return db
+
+
+def _row(values: tuple[Any, ...]) -> Record:
+    record: Record = {}
+    for name, value in zip(FIELD_NAMES, values, strict=True):
+        if value is not None and name in JSON_FIELDS:
+            value = orjson.loads(value)
+        elif value is not None and name in BOOL_FIELDS:
+            value = bool(value)
+        record[name] = value
+    return record
+
+
+def _params(record: Record) -> tuple[Any, ...]:
+    return tuple(
+        orjson.dumps(record[name]).decode() if name in JSON_FIELDS and record.get(name) is not None
+        else record.get(name)
+        for name in FIELD_NAMES
+    )
+
+
+def _where(q: Query, params: list[Any]) -> str:
+    """The WHERE clause for a query's filters; values go to `params`, never into the SQL."""
+    clauses = []
+    if q.start_time is not None:
+        clauses.append("i.started_at >= ?")
+        params.append(q.start_time)
+    if q.end_time is not None:
+        clauses.append("i.started_at < ?")
+        params.append(q.end_time)
+    for column, value in (("model", q.model), ("prompt_category", q.category),
+                          ("endpoint", q.endpoint)):
+        if value is not None:
+            clauses.append(f"i.{column} = ?")
+            params.append(value)
+    if q.outcomes:
+        clauses.append(f"i.outcome IN ({', '.join('?' for _ in q.outcomes)})")
+        params.extend(q.outcomes)
+    if q.text is not None:
+        clauses.append("interactions_fts MATCH ?")
+        params.append(q.text)
+    return " AND ".join(clauses) or "1"
+
+
+def _from(q: Query) -> str:
+    if q.text is None:
+        return "interactions i"
+    return "interactions_fts JOIN interactions i ON i.seq = interactions_fts.rowid"
+
+
+def _bad_search(exc: sqlite3.OperationalError) -> BadQuery:
+    message = str(exc)
+    if any(m in message for m in ("fts5", "no such column", "unterminated",
+                                  "unknown special query")):
+        return BadQuery(f"prompt_search: not a valid full-text query ({message}); quote words "
+                        'with special characters, e.g. "foo-bar"')
+    raise exc
+
+
+class SqliteStore:
+    name = "sqlite"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
+        self._readers = ThreadPoolExecutor(4, thread_name_prefix="sqlite-reader")
+        self._write_db: sqlite3.Connection | None = None
+        self._local = threading.local()
+        self._reader_dbs: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+
+    async def _on_writer(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._writer, fn)
+
+    async def _on_reader(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._write_db is None:  # the schema may not exist yet
+            raise StoreError(f"the SQLite store at {self.path} is not open (yet)")
+
+        def run() -> T:
+            db = getattr(self._local, "db", None)
+            if db is None:
+                db = self._local.db = _connect(self.path, readonly=True)
+                with self._lock:
+                    self._reader_dbs.append(db)
+            return fn(db)
+
+        return await asyncio.get_running_loop().run_in_executor(self._readers, run)
+
+    # --- writing ---------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        def setup() -> None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = _connect(self.path)
+            # Deleted pages can only be given back to the OS with incremental vacuum, which must
+            # be chosen before the first table exists.
+            if not db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone():
+                db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            migrate(db)
+            self._write_db = db
+
+        await self._on_writer(setup)
+
+    def _db(self) -> sqlite3.Connection:
+        if self._write_db is None:
+            raise RuntimeError("store not open")
+        return self._write_db
+
+    async def write_batch(self, records: list[Record]) -> None:
+        rows = [_params(r) for r in records]
+
+        def write() -> None:
+            db = self._db()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany(_INSERT, rows)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+        await self._on_writer(write)
+
+    async def purge(self, older_than: float | None, max_bytes: int | None) -> int:
+        def purge() -> int:
+            db = self._db()
+            deleted = 0
+            if older_than is not None:
+                deleted += db.execute("DELETE FROM interactions WHERE started_at < ?",
+                                      (older_than,)).rowcount
+            while max_bytes is not None and self._used_bytes(db) > max_bytes:
+                # Oldest tenth at a time: few passes, and never the whole store at once.
+                n = db.execute(
+                    "DELETE FROM interactions WHERE seq IN (SELECT seq FROM interactions "
+                    "ORDER BY seq LIMIT MAX(1, (SELECT COUNT(*) FROM interactions) / 10))"
+                ).rowcount
+                if not n:
+                    break
+                deleted += n
+                db.execute("PRAGMA incremental_vacuum")
+            if deleted:
+                db.execute("PRAGMA incremental_vacuum")
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            return deleted
+
+        return await self._on_writer(purge)
+
+    @staticmethod
+    def _used_bytes(db: sqlite3.Connection) -> int:
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        free = db.execute("PRAGMA freelist_count").fetchone()[0]
+        size = db.execute("PRAGMA page_size").fetchone()[0]
+        return int((pages - free) * size)
+
+    async def close(self) -> None:
+        def close_writer() -> None:
+            if self._write_db is not None:
+                self._write_db.execute("PRAGMA optimize")
+                self._write_db.close()
+                self._write_db = None
+
+        await self._on_writer(close_writer)
+        self._writer.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
+        with self._lock:
+            for db in self._reader_dbs:
+                db.close()
+            self._reader_dbs.clear()
+
+    # --- reading ---------------------------------------------------------------------------
+
+    async def search(self, query: Query) -> Page:
+        params: list[Any] = []
+        where = _where(query, params)
+        if query.cursor is not None:
+            where += " AND i.seq < ?"
+            params.append(query.cursor)
+        # Newest first is write order. Ranked: bm25 with prompt matches weighted twice response
+        # matches (people search for what they asked), newest first among equals.
+        order = ("bm25(interactions_fts, 2.0, 1.0), i.seq DESC" if query.order == "rank"
+                 else "i.seq DESC")
+        sql = (f"SELECT i.seq, {_COLUMNS} FROM {_from(query)} WHERE {where} "
+               f"ORDER BY {order} LIMIT ? OFFSET ?")
+        params += [query.limit + 1, query.offset]
+
+        def run(db: sqlite3.Connection) -> Page:
+            try:
+                rows = db.execute(sql, params).fetchall()
+            except sqlite3.OperationalError as exc:
+                raise _bad_search(exc) from None
+            more = len(rows) > query.limit
+            rows = rows[: query.limit]
+            cursor = rows[-1][0] if more and rows and query.order == "time" else None
+            return Page([_row(r[1:]) for r in rows], cursor)
+
+        return await self._on_reader(run)
+
+    async def get(self, record_id: str) -> Record | None:
+        sql = f"SELECT {_COLUMNS} FROM interactions i WHERE i.id = ?"
+
+        def run(db: sqlite3.Connection) -> Record | None:
+            row = db.execute(sql, (record_id,)).fetchone()
+            return None if row is None else _row(row)
+
+        return await self._on_reader(run)
+
+    async def export(self, query: Query) -> AsyncIterator[Record]:
+        """Every matching record, newest first, fetched a page at a time."""
+        q = replace(query, limit=_EXPORT_PAGE, offset=0, order="time")
+        while True:
+            page = await self.search(q)
+            for record in page.records:
+                yield record
+            if page.next_cursor is None:
+                return
+            q = q.next_page(page.next_cursor)
+
+    async def models(self, query: Query) -> list[dict[str, Any]]:
+        params: list[Any] = []
+        where = _where(query, params)
+        sql = (f"SELECT i.model, COUNT(*), MAX(i.started_at), SUM(i.prompt_tokens), "
+               f"SUM(i.completion_tokens) FROM {_from(query)} WHERE {where} "
+               f"GROUP BY i.model ORDER BY COUNT(*) DESC")
+
+        def run(db: sqlite3.Connection) -> list[dict[str, Any]]:
+            try:
+                rows = db.execute(sql, params).fetchall()
+            except sqlite3.OperationalError as exc:
+                raise _bad_search(exc) from None
+            return [{"model": m, "requests": n, "last_used": last, "prompt_tokens": pt or 0,
+                     "completion_tokens": ct or 0} for m, n, last, pt, ct in rows]
+
+        return await self._on_reader(run)
+
+    async def stats(self, query: Query) -> dict[str, Any]:
+        def run(db: sqlite3.Connection) -> dict[str, Any]:
+            try:
+                return {
+                    "totals": _group_stats(db, query, None)[0],
+                    "models": _group_stats(db, query, "model"),
+                    "categories": _group_stats(db, query, "prompt_category"),
+                }
+            except sqlite3.OperationalError as exc:
+                raise _bad_search(exc) from None
+
+        return await self._on_reader(run)
+
+
+def _group_stats(db: sqlite3.Connection, query: Query, column: str | None
+                 ) -> list[dict[str, Any]]:
+    """Counts, tokens, error rate and p50/p95 of latency and TTFT, per value of `column`."""
+    key = f"i.{column}" if column else "'all'"
+    params: list[Any] = []
+    where = _where(query, params)
+    base = f"FROM {_from(query)} WHERE {where}"
+    totals = db.execute(
+        f"SELECT {key}, COUNT(*), "
+        "SUM(i.outcome IN ('error', 'upstream_error')), SUM(i.outcome = 'cancelled'), "
+        "COALESCE(SUM(i.prompt_tokens), 0), COALESCE(SUM(i.completion_tokens), 0) "
+        f"{base} GROUP BY 1 ORDER BY 2 DESC", params).fetchall()
+    quantiles = {name: _quantiles(db, key, name, base, params) for name in ("duration", "ttft")}
+    out = []
+    for group, n, errors, cancelled, pt, ct in totals:
+        row: dict[str, Any] = {} if column is None else {column: group}
+        row.update(requests=n, errors=errors or 0, cancelled=cancelled or 0,
+                   error_rate=(errors or 0) / n if n else 0.0, prompt_tokens=pt,
+                   completion_tokens=ct)
+        for name, label in (("duration", "latency"), ("ttft", "ttft")):
+            p50, p95 = quantiles[name].get(group, (None, None))
+            row[f"{label}_p50"], row[f"{label}_p95"] = p50, p95
+        out.append(row)
+    if column is None and not out:
+        out.append({"requests": 0, "errors": 0, "cancelled": 0, "error_rate": 0.0,
+                    "prompt_tokens": 0, "completion_tokens": 0, "latency_p50": None,
+                    "latency_p95": None, "ttft_p50": None, "ttft_p95": None})
+    return out
+
+
+def _quantiles(db: sqlite3.Connection, key: str, value: str, base: str, params: list[Any]
+               ) -> dict[Any, tuple[float | None, float | None]]:
+    """Nearest-rank p50 and p95 of `value` per group, with window functions."""
+    rows = db.execute(
+        f"WITH v AS (SELECT {key} AS g, i.{value} AS x {base} AND i.{value} IS NOT NULL), "
+        "r AS (SELECT g, x, ROW_NUMBER() OVER (PARTITION BY g ORDER BY x) AS rn, "
+        "COUNT(*) OVER (PARTITION BY g) AS n FROM v) "
+        "SELECT g, MIN(CASE WHEN rn >= 0.5 * n THEN x END), "
+        "MIN(CASE WHEN rn >= 0.95 * n THEN x END) FROM r GROUP BY g", params).fetchall()
+    return {g: (p50, p95) for g, p50, p95 in rows}

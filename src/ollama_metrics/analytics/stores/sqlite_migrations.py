@@ -1,0 +1,64 @@
+"""SQLite schema migrations: plain numbered functions, each applied once, in order.
+
+Each runs in one transaction together with its bookkeeping row in `_migrations`, so a database
+is always at a whole-numbered version. Add new steps at the end; never edit an applied one.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable
+
+from . import FIELDS
+
+_SQL_TYPE = {"text": "TEXT", "real": "REAL", "int": "INTEGER", "bool": "INTEGER", "json": "TEXT"}
+
+
+def m001_interactions(db: sqlite3.Connection) -> None:
+    # `seq` is the stable rowid the full-text index points at (VACUUM may renumber an implicit
+    # rowid); it grows in write order, so "newest first" is `seq DESC`.
+    columns = ",\n  ".join(
+        f"{name} {_SQL_TYPE[kind]}{' NOT NULL UNIQUE' if name == 'id' else ''}"
+        for name, kind in FIELDS)
+    db.execute(f"CREATE TABLE interactions (\n  seq INTEGER PRIMARY KEY,\n  {columns}\n)")
+    db.execute("CREATE INDEX interactions_started ON interactions (started_at)")
+    db.execute("CREATE INDEX interactions_model ON interactions (model, seq)")
+    db.execute("CREATE INDEX interactions_category ON interactions (prompt_category, seq)")
+    db.execute("CREATE INDEX interactions_outcome ON interactions (outcome, seq)")
+
+
+def m002_full_text(db: sqlite3.Connection) -> None:
+    # An external-content index: the text lives once, in `interactions`; triggers keep the
+    # index in step with inserts and deletes (rows are never updated).
+    db.execute(
+        "CREATE VIRTUAL TABLE interactions_fts USING fts5("
+        "prompt, response, content='interactions', content_rowid='seq', "
+        "tokenize='unicode61 remove_diacritics 2')")
+    db.execute(
+        "CREATE TRIGGER interactions_fts_insert AFTER INSERT ON interactions BEGIN "
+        "INSERT INTO interactions_fts (rowid, prompt, response) "
+        "VALUES (new.seq, new.prompt, new.response); END")
+    db.execute(
+        "CREATE TRIGGER interactions_fts_delete AFTER DELETE ON interactions BEGIN "
+        "INSERT INTO interactions_fts (interactions_fts, rowid, prompt, response) "
+        "VALUES ('delete', old.seq, old.prompt, old.response); END")
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [m001_interactions, m002_full_text]
+
+
+def migrate(db: sqlite3.Connection) -> list[str]:
+    """Apply the migrations this database lacks; returns the names applied."""
+    db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL)")
+    done = {row[0] for row in db.execute("SELECT name FROM _migrations")}
+    applied = []
+    for step in MIGRATIONS:
+        if step.__name__ in done:
+            continue
+        with db:  # one transaction: the step and its bookkeeping row
+            db.execute("BEGIN IMMEDIATE")
+            step(db)
+            db.execute("INSERT INTO _migrations VALUES (?, ?)", (step.__name__, time.time()))
+        applied.append(step.__name__)
+    return applied

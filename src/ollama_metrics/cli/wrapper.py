@@ -1,0 +1,77 @@
+"""Ollama's own commands through the proxy: `run`, `status`, and every other command, passed on.
+
+`passthrough` is not listed among the commands: the group hands it any name it does not know.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import click
+
+from ..config import DEFAULT_LISTEN, ENV
+from .options import build_config, given_args, ollama_options, proxy_options
+from .proxy import EXIT_FAILED, EXIT_NO_OLLAMA, fail, start_errors
+
+
+@click.command(context_settings={"ignore_unknown_options": True,
+                                 "allow_interspersed_args": False})
+@proxy_options
+@ollama_options
+@click.argument("model")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def run(ctx: click.Context, /, model: str, args: tuple[str, ...], **options: Any) -> None:
+    """Run `ollama run MODEL ...` through the proxy, starting the proxy first if need be.
+
+    Options for the proxy go before MODEL; everything after it goes to `ollama run`.
+    """
+    from ..passthrough import ensure_proxy, find_ollama, run_ollama
+    from ..paths import log_dir
+
+    config = build_config(**options)
+    with start_errors():
+        binary = find_ollama(config.ollama_bin, os.environ)
+        started = ensure_proxy(config, given_args(ctx), log_dir(os.environ) / "serve.log",
+                               os.environ)
+    if started is not None:
+        click.echo(f"ollama-metrics: started `ollama-metrics serve` in the background (pid "
+                   f"{started.pid}, log {started.log}); it keeps running after this", err=True)
+    sys.exit(run_ollama(binary, ["run", model, *args], config, os.environ))
+
+
+@click.command()
+@proxy_options
+@ollama_options
+def status(**options: Any) -> None:
+    """Show whether the proxy and Ollama are up, their versions and the loaded models."""
+    from ..status import gather, render
+
+    state = gather(build_config(**options))
+    for line in render(state):
+        click.echo(line)
+    sys.exit(0 if state.ok else EXIT_FAILED)
+
+
+@click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+               add_help_option=False)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def passthrough(args: tuple[str, ...]) -> None:
+    """Any other command: run by the real `ollama`, with OLLAMA_HOST pointing at the proxy."""
+    from ..passthrough import OllamaNotFound, find_ollama, proxy_url, run_ollama
+    from ..probe import Who, identify
+
+    config = build_config(listen=os.environ.get(ENV["listen"], DEFAULT_LISTEN),
+                          ollama_bin=os.environ.get(ENV["ollama_bin"], "ollama"))
+    try:
+        binary = find_ollama(config.ollama_bin, os.environ)
+    except OllamaNotFound as exc:
+        fail(str(exc), EXIT_NO_OLLAMA)
+    code = run_ollama(binary, args, config, os.environ)
+    if code != 0 and identify(proxy_url(config), timeout=1.0).who is Who.NOTHING:
+        click.echo(f"ollama-metrics: no proxy answers at {proxy_url(config)}; start one with "
+                   "`ollama-metrics serve` (`ollama-metrics run MODEL` starts it by itself)",
+                   err=True)
+    sys.exit(code)

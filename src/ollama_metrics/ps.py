@@ -1,0 +1,158 @@
+"""Gauges of what Ollama has loaded, read from /api/ps every `ps_interval` seconds.
+
+One GET /api/ps per poll, with the app's upstream session, straight to Ollama (it never shows up
+in the request metrics and does not extend a model's keep-alive). The version is read again only
+when Ollama comes back. While Ollama does not answer, `ollama_up` is 0 and the model series are
+gone: a model that is not in the latest answer is removed, not left at its last value.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Gauge
+
+from . import upstream
+from .config import Config
+
+log = logging.getLogger(__name__)
+
+# Go's RFC 3339 with up to nine fractional digits, which datetime (3.10) does not read.
+_GO_TIME = re.compile(r"^(.{19})(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$")
+
+
+def parse_go_time(text: str) -> float | None:
+    """Seconds since the epoch of a Go time.Time in JSON, or None when unreadable."""
+    m = _GO_TIME.match(text)
+    if m is None:
+        return None
+    base, fraction, zone = m.groups()
+    try:
+        moment = datetime.fromisoformat(base + ("+00:00" if zone == "Z" else zone))
+    except ValueError:
+        return None
+    return moment.timestamp() + (float("0." + fraction) if fraction else 0.0)
+
+
+class ModelGauges:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.up = Gauge("ollama_up", "1 when Ollama answers the proxy's polls, else 0", registry=r)
+        self.info = Gauge("ollama_upstream_info", "The version of the Ollama behind the proxy",
+                                ["version"], registry=r)
+        per_model = [
+            ("ollama_model_loaded", "1 for each model Ollama has in memory"),
+            ("ollama_model_vram_bytes", "Bytes of the loaded model in GPU memory"),
+            ("ollama_model_size_bytes", "Bytes of the loaded model in memory, GPU and CPU"),
+            ("ollama_model_expires_in_seconds", "Seconds until Ollama unloads the model"),
+            ("ollama_model_context_length", "Context length the model is loaded with"),
+        ]
+        self.loaded, self.vram, self.size, self.expires, self.context = (
+            Gauge(name, doc, ["model"], registry=r) for name, doc in per_model)
+        self._models: set[str] = set()
+        self._version: str | None = None
+
+    @property
+    def _per_model(self) -> tuple[Gauge, ...]:
+        return self.loaded, self.vram, self.size, self.expires, self.context
+
+    def down(self) -> None:
+        self.up.set(0)
+        self._show({})
+
+    def version(self, version: str | None) -> None:
+        if version == self._version:
+            return
+        if self._version is not None:
+            self.info.remove(self._version)
+        if version is not None:
+            self.info.labels(version).set(1)
+        self._version = version
+
+    def update(self, models: list[Any], now: float) -> None:
+        """Set the gauges from the `models` of an /api/ps answer."""
+        self.up.set(1)
+        seen: dict[str, dict[str, Any]] = {}
+        for m in models:
+            if isinstance(m, dict):
+                name = m.get("model") or m.get("name")
+                if isinstance(name, str) and name:
+                    seen[name] = m
+        self._show(seen, now)
+
+    def _show(self, models: dict[str, dict[str, Any]], now: float = 0.0) -> None:
+        for gone in self._models - models.keys():
+            for gauge in self._per_model:
+                with contextlib.suppress(KeyError):
+                    gauge.remove(gone)
+        for name, m in models.items():
+            self.loaded.labels(name).set(1)
+            for gauge, key in ((self.vram, "size_vram"), (self.size, "size"),
+                               (self.context, "context_length")):
+                value = m.get(key)
+                if isinstance(value, (int, float)):
+                    gauge.labels(name).set(value)
+            expires = parse_go_time(m["expires_at"]) if isinstance(
+                m.get("expires_at"), str) else None
+            if expires is not None:
+                self.expires.labels(name).set(max(0.0, expires - now))
+        self._models = set(models)
+
+
+async def _get(session: aiohttp.ClientSession, config: Config, path: str) -> Any:
+    url = config.upstream.joinpath(path)
+    async with session.get(url, timeout=aiohttp.ClientTimeout(total=5)) as resp:
+        if resp.status != 200:
+            raise aiohttp.ClientResponseError(resp.request_info, (), status=resp.status)
+        return orjson.loads(await resp.read())
+
+
+async def poll(session: aiohttp.ClientSession, config: Config, gauges: ModelGauges,
+               interval: float) -> None:
+    """Keep the gauges in step with /api/ps, forever (cancel to stop)."""
+    was_up = False
+    while True:
+        try:
+            body = await _get(session, config, "api/ps")
+            if not was_up:
+                health = await upstream.check(session, config)
+                gauges.version(health.version)
+            gauges.update(body.get("models") or [], time.time())
+            was_up = True
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, orjson.JSONDecodeError,
+                AttributeError) as exc:
+            if was_up:
+                log.info("Ollama stopped answering /api/ps at %s: %s", config.upstream,
+                         exc or type(exc).__name__)
+            gauges.down()
+            was_up = False
+        await asyncio.sleep(interval)
+
+
+def poller(config: Config, registry: CollectorRegistry,
+           session: Callable[[], aiohttp.ClientSession]
+           ) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A cleanup_ctx entry running `poll` while the app runs (after the session is open)."""
+    interval = config.ps_interval
+    assert interval is not None, "the model gauges are off"
+    gauges = ModelGauges(registry)
+    gauges.down()
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(poll(session(), config, gauges, interval))
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    return ctx

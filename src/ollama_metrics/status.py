@@ -1,0 +1,106 @@
+"""`status`: is the proxy up, is Ollama up, their versions, the loaded models, where data goes.
+
+Asks the running proxy (its /test route and /api/ps through it); when no proxy answers, asks the
+configured Ollama address directly, so the report also says what runs without the proxy.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from yarl import URL
+
+from . import probe
+from .config import Config
+from .passthrough import proxy_url
+from .ps import parse_go_time
+
+
+@dataclass(frozen=True)
+class Status:
+    proxy_url: URL
+    proxy: probe.Answer
+    ollama_url: str
+    ollama_up: bool
+    ollama_version: str | None = None
+    ollama_error: str | None = None
+    models: list[dict[str, Any]] = field(default_factory=list)
+    metrics_url: str = ""
+    analytics: Any = None
+
+    @property
+    def ok(self) -> bool:
+        return self.proxy.who is probe.Who.PROXY and self.ollama_up
+
+
+def _loaded(base: URL) -> list[dict[str, Any]]:
+    try:
+        status, body = probe.get_json(base.joinpath("api/ps"))
+    except OSError:
+        return []
+    models = body.get("models") if status == 200 and isinstance(body, dict) else None
+    return [m for m in models if isinstance(m, dict)] if isinstance(models, list) else []
+
+
+def gather(config: Config) -> Status:
+    url = proxy_url(config)
+    proxy = probe.identify(url)
+    metrics_url = str(url.with_path(config.metrics_path))
+    if proxy.who is probe.Who.PROXY:
+        up = proxy.health.get("upstream") or {}
+        reachable = bool(up.get("reachable"))
+        return Status(url, proxy, str(up.get("url")), reachable, up.get("version"),
+                      up.get("error"), _loaded(url) if reachable else [], metrics_url,
+                      proxy.health.get("analytics"))
+    direct = probe.identify(config.upstream)
+    reachable = direct.who is probe.Who.OLLAMA
+    return Status(url, proxy, str(config.upstream), reachable, direct.version,
+                  None if reachable else f"{direct.who.value} answers there",
+                  _loaded(config.upstream) if reachable else [], metrics_url)
+
+
+def _size(n: Any) -> str:
+    return f"{n / 1e9:.1f} GB" if isinstance(n, (int, float)) else "?"
+
+
+def _model_line(m: dict[str, Any], now: float) -> str:
+    name = m.get("model") or m.get("name") or "?"
+    size, vram = m.get("size"), m.get("size_vram")
+    where = ""
+    if isinstance(size, (int, float)) and isinstance(vram, (int, float)) and size > 0:
+        where = f", {round(100 * vram / size)}% GPU"
+    expires = parse_go_time(m["expires_at"]) if isinstance(m.get("expires_at"), str) else None
+    until = f", unloads in {max(0, round(expires - now))}s" if expires is not None else ""
+    return f"{name} ({_size(size)}{where}, context {m.get('context_length', '?')}{until})"
+
+
+def render(s: Status, now: float | None = None) -> list[str]:
+    now = time.time() if now is None else now
+    if s.proxy.who is probe.Who.PROXY:
+        proxy = f"running at {s.proxy_url} (ollama-metrics {s.proxy.version})"
+    elif s.proxy.who is probe.Who.NOTHING:
+        proxy = f"not running at {s.proxy_url}; start it with `ollama-metrics serve`"
+    elif s.proxy.who is probe.Who.OLLAMA:
+        proxy = (f"not running: Ollama {s.proxy.version} itself answers at {s.proxy_url}, so "
+                 "requests there are not measured (`ollama-metrics serve` explains the way out)")
+    else:
+        proxy = f"not running: another program answers at {s.proxy_url}"
+    if s.ollama_up:
+        ollama = f"up at {s.ollama_url} (version {s.ollama_version or 'unknown'})"
+    else:
+        ollama = f"not answering at {s.ollama_url}" + (f": {s.ollama_error}"
+                                                        if s.ollama_error else "")
+    lines = [f"proxy      {proxy}", f"ollama     {ollama}"]
+    if s.ollama_up:
+        models = [_model_line(m, now) for m in s.models] or ["none loaded"]
+        lines += [f"{'models' if i == 0 else '':<11}{m}" for i, m in enumerate(models)]
+    if s.proxy.who is probe.Who.PROXY:
+        lines.append(f"metrics    {s.metrics_url}")
+        if isinstance(s.analytics, dict):
+            where = ", ".join(f"{k} {v}" for k, v in s.analytics.items())
+        else:
+            where = str(s.analytics) if s.analytics else "not reported by this proxy"
+        lines.append(f"analytics  {where}")
+    return lines

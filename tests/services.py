@@ -1,0 +1,102 @@
+"""Real external services for tests, started once per session and thrown away afterwards.
+
+`postgres_dsn`: a PostgreSQL server of Debian's `postgresql` package, in a temporary directory,
+on 127.0.0.1 and a free port, with its socket in that directory (never the system's). The
+server refuses to run as root, so as root its files belong to `postgres` and its programs run
+as that user. Trust authentication and fsync off: it lives for one test session.
+
+`loki`: a LokiReceiver (tests/loki_receiver.py) on a loopback port, one per test, that checks
+pushes against Loki's documented push format and keeps what it stored.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from loki_receiver import LokiReceiver
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _postgres_bin() -> Path:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+                   key=lambda p: int(Path(p).parent.parent.name))
+    if found:
+        return Path(found[-1]).parent
+    initdb = shutil.which("initdb")
+    assert initdb, "PostgreSQL is missing: apt-get install -y postgresql"
+    return Path(initdb).parent
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn() -> Iterator[str]:
+    """The DSN of an empty database `test` on a throwaway server (user `postgres`, trust)."""
+    bindir = _postgres_bin()
+    root = Path(tempfile.mkdtemp(prefix="ollama-metrics-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres", "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data, log = root / "data", root / "server.log"
+    port = _free_port()
+
+    def run(*args: str) -> None:
+        subprocess.run([*as_user, *args], check=True, capture_output=True, cwd=root)
+
+    try:
+        run(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
+            "-E", "UTF8", "--no-locale", "--no-sync")
+        options = (f"-c listen_addresses=127.0.0.1 -c port={port} "
+                   f"-c unix_socket_directories={root} -c fsync=off "
+                   "-c synchronous_commit=off -c full_page_writes=off")
+        run(str(bindir / "pg_ctl"), "start", "-w", "-t", "30", "-D", str(data), "-l", str(log),
+            "-o", options)
+        try:
+            run(str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
+                "test")
+            yield f"postgresql://postgres@127.0.0.1:{port}/test"
+        finally:
+            run(str(bindir / "pg_ctl"), "stop", "-D", str(data), "-m", "immediate")
+    except subprocess.CalledProcessError as exc:
+        server_log = log.read_text(errors="replace") if log.exists() else ""
+        raise AssertionError(f"PostgreSQL failed: {exc.cmd}\n{exc.stderr.decode()}\n"
+                             f"{server_log}") from None
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def new_postgres_schema(dsn: str) -> str:
+    """A DSN for the same database whose tables go into a new, empty schema of their own."""
+    import psycopg
+    from psycopg import sql
+    from psycopg.conninfo import make_conninfo
+
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
+    return make_conninfo(dsn, options=f"-c search_path={name}")
+
+
+@pytest.fixture
+async def loki() -> AsyncIterator[LokiReceiver]:
+    """A started Loki push receiver; its knobs can be set by the test."""
+    receiver = LokiReceiver()
+    await receiver.start()
+    yield receiver
+    await receiver.close()
+

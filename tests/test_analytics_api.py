@@ -1,0 +1,242 @@
+"""The /analytics/* routes: filters, paging, stats, export, bad input and the token."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from conftest import StartProxy
+from fake_ollama import FakeOllama
+from helpers import RunningProxy
+from ollama_metrics.analytics.settings import AnalyticsConfig
+from ollama_metrics.analytics.stores import FIELD_NAMES
+from ollama_metrics.analytics.stores.sqlite import SqliteStore
+
+T0 = 1_700_000_000.0
+TOKEN = "s3cret-token"
+
+
+def record(n: int, **fields: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {name: None for name in FIELD_NAMES}
+    base.update(id=f"rec{n:05d}", started_at=T0 + n, ended_at=T0 + n + 1, method="POST",
+                path="/api/chat", endpoint="/api/chat", model="llama3.2", stream=True,
+                http_status=200, outcome="ok", prompt=f"question number {n}",
+                response=f"answer number {n}", prompt_category="question", duration=float(n),
+                ttft=n / 10, prompt_tokens=10, completion_tokens=n, truncated=False,
+                capture="full", image_count=0)
+    base.update(fields)
+    return base
+
+
+async def _seed(directory: Path, records: list[dict[str, Any]]) -> None:
+    store = SqliteStore(directory / "interactions.db")
+    await store.open()
+    await store.write_batch(records)
+    await store.close()
+
+
+DATA = [record(n) for n in range(1, 21)] + [
+    record(21, model="qwen3", prompt="summarize the meeting notes", prompt_category="summarize",
+           response="The team agreed", duration=100.0),
+    record(22, model="qwen3", outcome="error", http_status=500, error="runner crashed",
+           prompt="translate hello", prompt_category="translate"),
+    record(23, model="qwen3", outcome="upstream_error", http_status=502, endpoint="/api/generate",
+           path="/api/generate", prompt="explain tides", prompt_category="explain"),
+    record(24, outcome="cancelled", prompt="write a poem about the sea",
+           prompt_category="creative", response="The sea, the sea"),
+]
+
+
+@pytest.fixture
+async def api(fake: FakeOllama, start_proxy: StartProxy, tmp_path: Path) -> RunningProxy:
+    await _seed(tmp_path, DATA)
+    settings = AnalyticsConfig.build(analytics_dir=str(tmp_path), analytics_token=TOKEN,
+                                     analytics_retention_days=0)
+    return await start_proxy(fake.url, analytics=settings)
+
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+async def _get(http: aiohttp.ClientSession, proxy: RunningProxy, path: str,
+               **params: str) -> tuple[int, Any]:
+    async with http.get(proxy.url + path, params=params, headers=AUTH) as resp:
+        body = await resp.read()
+        ctype = resp.headers.get("Content-Type", "")
+        return resp.status, orjson.loads(body) if ctype == "application/json" else body
+
+
+async def _ids(http: aiohttp.ClientSession, proxy: RunningProxy, **params: str) -> list[str]:
+    status, body = await _get(http, proxy, "/analytics/search", **params)
+    assert status == 200, body
+    return [r["id"] for r in body["results"]]
+
+
+async def test_token_guards_every_analytics_route(api: RunningProxy,
+                                                  http: aiohttp.ClientSession) -> None:
+    for path in ("/analytics/search", "/analytics/messages", "/analytics/messages/rec00001",
+                 "/analytics/models", "/analytics/stats", "/analytics/export"):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+            async with http.get(api.url + path, headers=headers) as resp:
+                assert resp.status == 401, (path, headers)
+                assert resp.headers["WWW-Authenticate"] == "Bearer"
+        async with http.get(api.url + path, headers=AUTH) as resp:
+            assert resp.status == 200, path
+    async with http.get(api.url + "/metrics") as resp:  # open unless configured otherwise
+        assert resp.status == 200
+    async with http.get(api.url + "/api/tags", headers={"Authorization": "Bearer other"}) as r:
+        assert r.status == 200  # Ollama's routes are never affected
+
+
+async def test_metrics_can_be_protected(fake: FakeOllama, start_proxy: StartProxy,
+                                        http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    proxy = await start_proxy(fake.url, analytics=AnalyticsConfig.build(
+        analytics_dir=str(tmp_path), analytics_token=TOKEN, analytics_protect_metrics=True))
+    async with http.get(proxy.url + "/metrics") as resp:
+        assert resp.status == 401
+    async with http.get(proxy.url + "/metrics", headers=AUTH) as resp:
+        assert resp.status == 200
+
+
+async def test_filters(api: RunningProxy, http: aiohttp.ClientSession) -> None:
+    assert len(await _ids(http, api)) == 24
+    assert (await _ids(http, api))[:2] == ["rec00024", "rec00023"]  # newest first
+    assert await _ids(http, api, model="qwen3") == ["rec00023", "rec00022", "rec00021"]
+    assert await _ids(http, api, prompt_category="summarize") == ["rec00021"]
+    assert await _ids(http, api, status="error") == ["rec00023", "rec00022"]
+    assert await _ids(http, api, status="success") == [f"rec{n:05d}" for n in range(21, 0, -1)]
+    assert await _ids(http, api, status="cancelled") == ["rec00024"]
+    assert await _ids(http, api, endpoint="/api/generate") == ["rec00023"]
+    assert await _ids(http, api, start_time=str(T0 + 5), end_time=str(T0 + 8)) == [
+        "rec00007", "rec00006", "rec00005"]
+    assert await _ids(http, api, prompt_search="meeting") == ["rec00021"]
+    assert await _ids(http, api, prompt_search="sea") == ["rec00024"]  # matches the response
+    assert await _ids(http, api, prompt_search='"number 7"') == ["rec00007"]
+    assert await _ids(http, api, prompt_search="number", model="qwen3") == [
+        "rec00023", "rec00022"]  # their responses say "answer number N"
+    assert await _ids(http, api, prompt_search="meeting", model="llama3.2") == []
+
+
+async def test_paging(api: RunningProxy, http: aiohttp.ClientSession) -> None:
+    seen: list[str] = []
+    params = {"limit": "7"}
+    while True:
+        status, body = await _get(http, api, "/analytics/search", **params)
+        assert status == 200
+        seen += [r["id"] for r in body["results"]]
+        if body["next_cursor"] is None:
+            break
+        params["cursor"] = str(body["next_cursor"])
+    assert seen == [f"rec{n:05d}" for n in range(24, 0, -1)]
+    assert await _ids(http, api, limit="3", offset="3") == ["rec00021", "rec00020", "rec00019"]
+
+
+async def test_ranked_search(api: RunningProxy, http: aiohttp.ClientSession) -> None:
+    await _seed_extra(api, [record(30, prompt="sea sea sea", response="x"),
+                            record(31, prompt="nothing", response="sea")])
+    ids = await _ids(http, api, prompt_search="sea", order="rank")
+    assert ids[0] == "rec00030"  # most prompt matches ranks first, though not newest
+    assert set(ids) == {"rec00030", "rec00031", "rec00024"}
+
+
+async def _seed_extra(proxy: RunningProxy, records: list[dict[str, Any]]) -> None:
+    from ollama_metrics.app import RECORDER
+
+    for r in records:
+        proxy.app[RECORDER].submit(r)
+    from helpers import settle
+
+    await settle(lambda: proxy.sample("ollama_analytics_writes_total", backend="sqlite",
+                                      status="success") >= len(records))
+
+
+async def test_one_record(api: RunningProxy, http: aiohttp.ClientSession) -> None:
+    status, body = await _get(http, api, "/analytics/messages/rec00021")
+    assert status == 200 and body == record(21, model="qwen3", prompt="summarize the meeting notes",
+                                            prompt_category="summarize",
+                                            response="The team agreed", duration=100.0)
+    status, body = await _get(http, api, "/analytics/messages/nope")
+    assert (status, body) == (404, {"error": "no such interaction"})
+
+
+async def test_models_and_stats(api: RunningProxy, http: aiohttp.ClientSession) -> None:
+    status, body = await _get(http, api, "/analytics/models")
+    assert status == 200
+    models = {m["model"]: m for m in body["models"]}
+    assert models["llama3.2"]["requests"] == 21 and models["qwen3"]["requests"] == 3
+    assert models["qwen3"]["last_used"] == T0 + 23
+    status, stats = await _get(http, api, "/analytics/stats")
+    assert status == 200
+    totals = stats["totals"]
+    assert (totals["requests"], totals["errors"], totals["cancelled"]) == (24, 2, 1)
+    assert totals["error_rate"] == pytest.approx(2 / 24)
+    assert totals["prompt_tokens"] == 240
+    assert totals["completion_tokens"] == sum(range(1, 25))
+    # Nearest rank over durations 1..20, 100, 22, 23, 24: p50 is the 12th smallest, p95 the 23rd.
+    assert (totals["latency_p50"], totals["latency_p95"]) == (12.0, 24.0)
+    qwen = next(m for m in stats["models"] if m["model"] == "qwen3")
+    assert (qwen["requests"], qwen["errors"], qwen["latency_p50"]) == (3, 2, 23.0)
+    assert {c["prompt_category"] for c in stats["categories"]} == {
+        "question", "summarize", "translate", "explain", "creative"}
+    status, ranged = await _get(http, api, "/analytics/stats", start_time=str(T0 + 21))
+    assert ranged["totals"]["requests"] == 4 and ranged["range"]["start_time"] == T0 + 21
+
+
+async def test_export(api: RunningProxy, http: aiohttp.ClientSession) -> None:
+    status, body = await _get(http, api, "/analytics/export", model="qwen3")
+    assert status == 200
+    lines = [orjson.loads(line) for line in body.splitlines()]
+    assert [r["id"] for r in lines] == ["rec00023", "rec00022", "rec00021"]
+    async with http.get(api.url + "/analytics/export", params={"format": "csv"},
+                        headers=AUTH) as resp:
+        assert resp.headers["Content-Type"].startswith("text/csv")
+        rows = list(csv.reader(io.StringIO(await resp.text())))
+    assert rows[0] == FIELD_NAMES and len(rows) == 25
+
+
+@pytest.mark.parametrize(("params", "reason"), [
+    ({"start_time": "yesterday"}, "start_time: expected unix seconds"),
+    ({"end_time": "-5"}, "end_time: expected unix seconds"),
+    ({"start_time": "10", "end_time": "5"}, "end_time is before start_time"),
+    ({"limit": "0"}, "limit: must be between 1 and 1000"),
+    ({"limit": "5000"}, "limit: must be between 1 and 1000"),
+    ({"limit": "ten"}, "limit: expected a whole number"),
+    ({"prompt_category": "poetry"}, "prompt_category: one of"),
+    ({"status": "fine"}, "status: one of"),
+    ({"order": "random"}, "order: time or rank"),
+    ({"since": "a while"}, "since: expected a duration"),
+    ({"colour": "blue"}, "unknown parameter 'colour'"),
+    ({"prompt_search": '"unbalanced'}, "prompt_search: not a valid full-text query"),
+    ({"prompt_search": "AND OR"}, "prompt_search: not a valid full-text query"),
+    ({"prompt_search": "nosuchcolumn:word"}, "prompt_search: not a valid full-text query"),
+])
+async def test_bad_parameters_get_400_with_reason(api: RunningProxy, http: aiohttp.ClientSession,
+                                                  params: dict[str, str], reason: str) -> None:
+    for path in ("/analytics/search", "/analytics/stats", "/analytics/export"):
+        status, body = await _get(http, api, path, **params)
+        assert status == 400, (path, body)
+        assert reason in body["error"]
+
+
+INJECTIONS = ["x' OR '1'='1", "x\"; DROP TABLE interactions; --", "') OR 1=1 --",
+              "llama3.2' UNION SELECT * FROM sqlite_master --", "%", "*", "\\", "\x00"]
+
+
+@pytest.mark.parametrize("evil", INJECTIONS)
+async def test_sql_injection_in_every_parameter(api: RunningProxy, http: aiohttp.ClientSession,
+                                                evil: str) -> None:
+    for name in ("model", "endpoint", "prompt_search", "prompt_category", "status", "start_time",
+                 "end_time", "limit", "offset", "cursor", "order", "since"):
+        status, body = await _get(http, api, "/analytics/search", **{name: evil})
+        assert status in (200, 400), (name, body)
+        if status == 200:
+            assert body["results"] == [] or name == "prompt_search", (name, body)
+    status, body = await _get(http, api, f"/analytics/messages/{evil}")
+    assert status in (400, 404)
+    assert len(await _ids(http, api)) == 24  # and the table is still there, whole

@@ -1,0 +1,182 @@
+"""Every stored field, end to end: real clients → proxy → fake Ollama → the SQLite record."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+import aiohttp
+import ollama
+import openai
+import pytest
+from openai.types.chat import ChatCompletionSystemMessageParam, ChatCompletionUserMessageParam
+
+from analytics_helpers import records
+from conftest import StartProxy
+from fake_ollama import FakeOllama, Scenario
+from helpers import RunningProxy
+from ollama_metrics.analytics.settings import AnalyticsConfig
+
+EXACT = Scenario(tokens=["The", " sky", " is", " blue"], prompt_eval_count=26, eval_count=4,
+                 load_duration=6_338_219_291, prompt_eval_duration=130_079_000,
+                 eval_duration=2_000_000_000, total_duration=10_706_818_083)
+SYSTEM: ChatCompletionSystemMessageParam = {"role": "system", "content": "Be brief."}
+USER: ChatCompletionUserMessageParam = {"role": "user", "content": "Why is the sky blue?"}
+
+
+@pytest.fixture
+def settings(tmp_path: Any) -> AnalyticsConfig:
+    return AnalyticsConfig.build(analytics_dir=str(tmp_path))
+
+
+@pytest.fixture
+async def proxy(fake: FakeOllama, start_proxy: StartProxy,
+                settings: AnalyticsConfig) -> RunningProxy:
+    fake.scenarios["exact:latest"] = EXACT
+    return await start_proxy(fake.url, analytics=settings)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_chat_record(proxy: RunningProxy, http: aiohttp.ClientSession,
+                           stream: bool) -> None:
+    before = time.time()
+    async with ollama.AsyncClient(host=proxy.url) as client:
+        reply = await client.chat(model="exact", messages=[SYSTEM, USER], stream=stream,
+                                  options={"temperature": 0.1, "num_ctx": 2048})
+        if stream:
+            async for _ in reply:
+                pass
+    (r,) = await records(proxy, http, 1)
+    assert before <= r["started_at"] <= r["ended_at"] <= time.time()
+    assert len(r["id"]) == 22 and r["client_ip"] == "127.0.0.1"
+    assert r["user_agent"].startswith("ollama-python")
+    assert (r["method"], r["path"], r["endpoint"]) == ("POST", "/api/chat", "/api/chat")
+    assert (r["model"], r["stream"], r["options"]) == ("exact", stream,
+                                                       {"temperature": 0.1, "num_ctx": 2048})
+    assert (r["http_status"], r["outcome"], r["error"]) == (200, "ok", None)
+    assert r["prompt"] == "Why is the sky blue?"
+    assert r["system"] == "Be brief."
+    assert [(m["role"], m["content"]) for m in r["messages"]] == [
+        ("system", "Be brief."), ("user", "Why is the sky blue?")]
+    assert r["response"] == "The sky is blue"
+    assert r["prompt_category"] == "question"
+    assert (r["prompt_tokens"], r["completion_tokens"]) == (26, 4)
+    assert r["total_duration"] == pytest.approx(10.706818083)
+    assert r["load_duration"] == pytest.approx(6.338219291)
+    assert r["prompt_eval_duration"] == pytest.approx(0.130079)
+    assert r["eval_duration"] == pytest.approx(2.0)
+    assert r["tokens_per_second"] == pytest.approx(2.0)
+    assert r["done_reason"] == "stop"
+    assert r["request_bytes"] > 50 and r["response_bytes"] > 50
+    assert 0 < r["duration"] < 5
+    assert (r["ttft"] is not None) == stream  # only a stream has a first token to time
+    assert r["images"] is None and r["image_count"] == 0
+    assert (r["truncated"], r["capture"]) == (False, "full")
+
+
+async def test_images_stored_as_size_and_hash(proxy: RunningProxy,
+                                              http: aiohttp.ClientSession) -> None:
+    image = bytes(range(256)) * 300
+    async with ollama.AsyncClient(host=proxy.url) as client:
+        await client.generate(model="exact", prompt="describe this", images=[image, image[:10]])
+        await client.chat(model="exact", messages=[{"role": "user", "content": "and this?",
+                                                    "images": [image]}])
+    chat, generate = await records(proxy, http, 2)
+    expected = {"bytes": len(image), "sha256": hashlib.sha256(image).hexdigest()}
+    assert generate["images"] == [expected, {"bytes": 10,
+                                             "sha256": hashlib.sha256(image[:10]).hexdigest()}]
+    assert generate["image_count"] == 2
+    assert chat["messages"][0]["images"] == [expected] and chat["image_count"] == 1
+    async with http.get(proxy.url + f"/analytics/messages/{chat['id']}") as resp:
+        stored = await resp.text()
+    assert "AAECAwQF" not in stored  # no base64 anywhere in the record
+
+
+async def test_openai_stream_with_usage(proxy: RunningProxy, http: aiohttp.ClientSession) -> None:
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    try:
+        stream = await client.chat.completions.create(
+            model="exact", messages=[SYSTEM, USER],
+            stream=True, stream_options={"include_usage": True})
+        async for _ in stream:
+            pass
+    finally:
+        await client.close()
+    (r,) = await records(proxy, http, 1)
+    assert (r["endpoint"], r["stream"], r["outcome"]) == ("/v1/chat/completions", True, "ok")
+    assert r["user_agent"].startswith("AsyncOpenAI")
+    assert r["response"] == "The sky is blue"
+    assert (r["prompt_tokens"], r["completion_tokens"]) == (26, 4)
+    assert r["ttft"] is not None and r["done_reason"] == "stop"
+    assert r["system"] == "Be brief."
+
+
+async def test_embeddings_keep_input_not_vectors(fake: FakeOllama, proxy: RunningProxy,
+                                                 http: aiohttp.ClientSession) -> None:
+    fake.scenarios["emb:latest"] = Scenario(embedding_dims=7, prompt_eval_count=3)
+    async with ollama.AsyncClient(host=proxy.url) as client:
+        await client.embed(model="emb", input=["first text", "second text"])
+    (r,) = await records(proxy, http, 1)
+    assert r["prompt"] == "first text\nsecond text"
+    assert (r["embedding_dims"], r["prompt_tokens"], r["response"]) == (7, 3, None)
+    assert r["endpoint"] == "/api/embed"
+
+
+async def test_thinking_and_tool_calls(fake: FakeOllama, proxy: RunningProxy,
+                                       http: aiohttp.ClientSession) -> None:
+    call = {"function": {"name": "get_weather", "arguments": {"city": "Tokyo"}}}
+    fake.scenarios["tools:latest"] = Scenario(thinking=["Let me ", "check."], tool_calls=[call],
+                                              tokens=[""])
+    async with ollama.AsyncClient(host=proxy.url) as client:
+        async for _ in await client.chat(model="tools", messages=[USER], stream=True,
+                                         think=True):
+            pass
+    (r,) = await records(proxy, http, 1)
+    assert r["thinking"] == "Let me check."
+    assert [c["function"]["name"] for c in r["tool_calls"]] == ["get_weather"]
+    assert r["tool_calls"][0]["function"]["arguments"] == {"city": "Tokyo"}
+
+
+async def test_failures_are_recorded(fake: FakeOllama, start_proxy: StartProxy,
+                                     settings: AnalyticsConfig, http: aiohttp.ClientSession
+                                     ) -> None:
+    proxy = await start_proxy(fake.url, analytics=settings)
+    fake.scenarios["broken:latest"] = Scenario(error_after=2)
+    async with http.post(proxy.url + "/api/chat", data=b'{"model":"missing","messages":[]}'):
+        pass
+    async with http.post(proxy.url + "/api/generate",
+                         data=b'{"model":"broken","prompt":"hi"}') as resp:
+        await resp.read()
+    missing = (await records(proxy, http, 1, model="missing"))[0]
+    assert (missing["http_status"], missing["outcome"]) == (404, "error")
+    assert "not found" in missing["error"]
+    broken = (await records(proxy, http, 1, model="broken"))[0]
+    assert (broken["http_status"], broken["outcome"]) == (200, "error")
+    assert broken["error"] and broken["response"] == "Hello,"
+
+    import socket
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        down = await start_proxy(f"http://127.0.0.1:{closed.getsockname()[1]}",
+                                 analytics=AnalyticsConfig.build(
+                                     analytics_dir=str(settings.dir / "down")))
+        async with http.post(down.url + "/api/generate", data=b'{"model":"m","prompt":"x"}'):
+            pass
+        (r,) = await records(down, http, 1)
+    assert (r["outcome"], r["http_status"]) == ("upstream_error", 502)
+    assert "cannot reach Ollama" in r["error"]
+
+
+async def test_cancelled_is_recorded(fake: FakeOllama, proxy: RunningProxy,
+                                     http: aiohttp.ClientSession) -> None:
+    fake.scenarios["slow:latest"] = Scenario(tokens=["a"] * 50, token_delay=0.05)
+    async with aiohttp.ClientSession() as session:
+        resp = await session.post(proxy.url + "/api/generate",
+                                  data=b'{"model":"slow","prompt":"hi"}')
+        await resp.content.readline()
+        resp.close()
+    (r,) = await records(proxy, http, 1)
+    assert r["outcome"] == "cancelled"
+    assert r["response"].startswith("a")

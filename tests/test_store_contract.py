@@ -1,0 +1,356 @@
+"""One contract for every queryable store: each test runs against SQLite and PostgreSQL.
+
+Same records in, same answers out: round trips, filters, paging, stats, purging by age, bad
+searches and injection attempts. Backend-specific behaviour lives in test_store_<name>.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ollama_metrics.analytics.query import BadQuery, Query, parse
+from ollama_metrics.analytics.stores import FIELD_NAMES, QueryableStore, Record
+from ollama_metrics.analytics.stores.sqlite import SqliteStore
+from services import new_postgres_schema
+from store_records import T0, full_record, sparse_record
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[QueryableStore]:
+    s: QueryableStore
+    if request.param == "sqlite":
+        s = SqliteStore(tmp_path / "interactions.db")
+    else:
+        from ollama_metrics.analytics.stores.postgres import PostgresStore
+
+        s = PostgresStore(await new_postgres_schema(request.getfixturevalue("postgres_dsn")))
+    await s.open()
+    yield s
+    await s.close()
+
+
+def ids(records: list[Record] | list[dict[str, object]]) -> list[Any]:
+    return [r["id"] for r in records]
+
+
+async def everything(store: QueryableStore, **filters: Any) -> list[Record]:
+    page = await store.search(Query(limit=1000, **filters))
+    assert page.next_cursor is None
+    return page.records
+
+
+# --- writing and reading back ---------------------------------------------------------------
+
+async def test_every_field_round_trips(store: QueryableStore) -> None:
+    record = full_record(1)
+    await store.write_batch([record])
+    assert await store.get(record["id"]) == record
+    assert (await store.search(Query())).records == [record]
+    got = await store.get(record["id"])
+    assert got is not None
+    assert [type(got[k]) for k in ("started_at", "stream", "http_status", "options")] == \
+        [float, bool, int, dict]
+
+
+async def test_missing_fields_read_back_as_none(store: QueryableStore) -> None:
+    await store.write_batch([sparse_record(1)])
+    got = await store.get("sparse-00001")
+    assert got == {name: None for name in FIELD_NAMES} | {"id": "sparse-00001",
+                                                         "started_at": T0 + 1}
+
+
+async def test_writing_a_record_twice_keeps_one(store: QueryableStore) -> None:
+    batch = [full_record(i) for i in range(3)]
+    await store.write_batch(batch)
+    await store.write_batch(batch)  # a retried batch
+    await store.write_batch([full_record(1, prompt="changed"), full_record(3)])
+    assert ids(await everything(store)) == ["rec-00003", "rec-00002", "rec-00001", "rec-00000"]
+    got = await store.get("rec-00001")
+    assert got is not None
+    assert got["prompt"] == full_record(1)["prompt"]  # first write wins
+
+
+async def test_get_unknown_is_none(store: QueryableStore) -> None:
+    await store.write_batch([full_record(1)])
+    assert await store.get("nope") is None
+    assert await store.get("rec-00001' OR '1'='1") is None
+
+
+async def test_empty_batch_is_harmless(store: QueryableStore) -> None:
+    await store.write_batch([])
+    assert await everything(store) == []
+
+
+# --- filters ---------------------------------------------------------------------------------
+
+@pytest.fixture
+async def varied(store: QueryableStore) -> QueryableStore:
+    """Ten records, written in order of their start times (rec-00000 oldest)."""
+    outcomes = ["ok", "ok", "error", "upstream_error", "cancelled", "ok", "ok", "error", "ok",
+                "cancelled"]
+    await store.write_batch([
+        full_record(i, model="llama" if i % 2 else "qwen", outcome=outcomes[i],
+                    prompt_category="code_write" if i < 3 else "question",
+                    endpoint="/v1/chat/completions" if i in (4, 5) else "/api/chat",
+                    prompt=f"prompt number {i} " + ("about giraffes" if i in (2, 7) else ""),
+                    response=f"answer {i}")
+        for i in range(10)])
+    return store
+
+
+@pytest.mark.parametrize(("filters", "expected"), [
+    ({}, [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]),
+    ({"start_time": T0 + 3.123456}, [9, 8, 7, 6, 5, 4, 3]),  # inclusive
+    ({"end_time": T0 + 3.123456}, [2, 1, 0]),  # exclusive
+    ({"start_time": T0 + 2, "end_time": T0 + 5}, [4, 3, 2]),
+    ({"model": "llama"}, [9, 7, 5, 3, 1]),
+    ({"model": "lla"}, []),
+    ({"category": "code_write"}, [2, 1, 0]),
+    ({"endpoint": "/v1/chat/completions"}, [5, 4]),
+    ({"status": "ok"}, [8, 6, 5, 1, 0]),
+    ({"status": "success"}, [8, 6, 5, 1, 0]),
+    ({"status": "error"}, [7, 3, 2]),  # upstream errors are errors too
+    ({"status": "upstream_error"}, [3]),
+    ({"status": "cancelled"}, [9, 4]),
+    ({"text": "giraffes"}, [7, 2]),
+    ({"text": "GIRAFFES about"}, [7, 2]),  # every word, in any order, any case
+    ({"text": '"about giraffes"'}, [7, 2]),  # a phrase
+    ({"text": '"giraffes about"'}, []),
+    ({"text": "giraffes OR answer"}, [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]),
+    ({"text": "answer"}, [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]),  # responses are searched too
+    ({"text": "elephants"}, []),
+    ({"text": "giraffes", "model": "llama", "status": "error"}, [7]),
+])
+async def test_filters(varied: QueryableStore, filters: dict[str, Any], expected: list[int]
+                       ) -> None:
+    assert ids(await everything(varied, **filters)) == [f"rec-{i:05d}" for i in expected]
+
+
+async def test_rank_puts_prompt_matches_first(store: QueryableStore) -> None:
+    await store.write_batch([
+        full_record(1, prompt="tell me about the zebra", response="it is an animal"),
+        full_record(2, prompt="what is an animal", response="the zebra is one"),
+        full_record(3, prompt="nothing here", response="nothing there"),
+    ])
+    by_time = await store.search(Query(text="zebra"))
+    assert ids(by_time.records) == ["rec-00002", "rec-00001"]
+    by_rank = await store.search(Query(text="zebra", order="rank"))
+    assert ids(by_rank.records) == ["rec-00001", "rec-00002"]
+    # Ranked pages have no cursor (seq does not continue a ranking): page by offset.
+    ranked = await store.search(Query(text="zebra", order="rank", limit=1))
+    assert ids(ranked.records) == ["rec-00001"]
+    assert ranked.next_cursor is None
+    ranked = await store.search(Query(text="zebra", order="rank", limit=1, offset=1))
+    assert ids(ranked.records) == ["rec-00002"]
+
+
+# --- paging -----------------------------------------------------------------------------------
+
+async def test_cursor_pages_have_no_gaps_or_duplicates(store: QueryableStore) -> None:
+    await store.write_batch([full_record(i) for i in range(25)])
+    seen: list[Any] = []
+    q = Query(limit=10)
+    pages = 0
+    while True:
+        page = await store.search(q)
+        pages += 1
+        seen += ids(page.records)
+        if page.next_cursor is None:
+            break
+        q = q.next_page(page.next_cursor)
+    assert pages == 3
+    assert seen == [f"rec-{i:05d}" for i in reversed(range(25))]
+
+
+async def test_a_full_last_page_has_no_cursor(store: QueryableStore) -> None:
+    await store.write_batch([full_record(i) for i in range(20)])
+    first = await store.search(Query(limit=10))
+    assert first.next_cursor is not None
+    second = await store.search(Query(limit=10).next_page(first.next_cursor))
+    assert len(second.records) == 10
+    assert second.next_cursor is None
+
+
+async def test_cursor_with_filters(store: QueryableStore) -> None:
+    await store.write_batch([full_record(i, model="a" if i % 3 else "b") for i in range(30)])
+    expected = [f"rec-{i:05d}" for i in reversed(range(30)) if i % 3]
+    seen: list[Any] = []
+    q = Query(model="a", limit=7)
+    while True:
+        page = await store.search(q)
+        seen += ids(page.records)
+        if page.next_cursor is None:
+            break
+        q = q.next_page(page.next_cursor)
+    assert seen == expected
+
+
+async def test_offset_pages(store: QueryableStore) -> None:
+    await store.write_batch([full_record(i) for i in range(25)])
+    seen: list[Any] = []
+    for offset in (0, 10, 20, 30):
+        seen += ids((await store.search(Query(limit=10, offset=offset))).records)
+    assert seen == [f"rec-{i:05d}" for i in reversed(range(25))]
+
+
+async def test_export_returns_every_match_across_pages(store: QueryableStore) -> None:
+    await store.write_batch([sparse_record(i, model="m" if i % 2 else "n") for i in range(2100)])
+    exported = [r async for r in store.export(Query(model="m", limit=5))]
+    assert ids(exported) == [f"sparse-{i:05d}" for i in reversed(range(2100)) if i % 2]
+
+
+# --- aggregates -------------------------------------------------------------------------------
+
+async def test_models(varied: QueryableStore) -> None:
+    await varied.write_batch([sparse_record(1, model="llama")])  # tokens unknown: count as 0
+    models = await varied.models(Query())
+    assert models == [
+        {"model": "llama", "requests": 6, "last_used": T0 + 9.123456, "prompt_tokens": 60,
+         "completion_tokens": 170},
+        {"model": "qwen", "requests": 5, "last_used": T0 + 8.123456, "prompt_tokens": 60,
+         "completion_tokens": 170},
+    ]
+    assert await varied.models(Query(text="giraffes", model="qwen")) == [
+        {"model": "qwen", "requests": 1, "last_used": T0 + 2.123456, "prompt_tokens": 12,
+         "completion_tokens": 34}]
+    assert await varied.models(Query(model="none")) == []
+
+
+def _stats_records() -> list[Record]:
+    """Model "a": 20 requests with latencies 1..20 s (written shuffled) and TTFT 0.1..1.0 on
+    the first ten; model "b": 4 requests, 2 errors (one upstream), 1 cancelled."""
+    order = [7, 19, 2, 13, 1, 20, 5, 11, 17, 3, 9, 15, 4, 18, 6, 12, 8, 16, 10, 14]
+    records = [full_record(n, model="a", duration=float(n), prompt_category="question",
+                           ttft=n / 10 if n <= 10 else None, prompt_tokens=n,
+                           completion_tokens=2 * n, outcome="ok") for n in order]
+    for n, outcome in zip(range(21, 25), ["error", "upstream_error", "cancelled", "ok"],
+                          strict=True):
+        records.append(full_record(n, model="b", duration=100.0 + n, prompt_category="list",
+                                   ttft=None, prompt_tokens=None, completion_tokens=1,
+                                   outcome=outcome))
+    return records
+
+
+async def test_stats_are_exact(store: QueryableStore) -> None:
+    await store.write_batch(_stats_records())
+    stats = await store.stats(Query())
+    a = {"requests": 20, "errors": 0, "cancelled": 0, "error_rate": 0.0, "prompt_tokens": 210,
+         "completion_tokens": 420,
+         # nearest rank: the ceil(p * n)-th smallest
+         "latency_p50": 10.0, "latency_p95": 19.0, "ttft_p50": 0.5, "ttft_p95": 1.0}
+    b = {"requests": 4, "errors": 2, "cancelled": 1, "error_rate": 0.5, "prompt_tokens": 0,
+         "completion_tokens": 4, "latency_p50": 122.0, "latency_p95": 124.0, "ttft_p50": None,
+         "ttft_p95": None}
+    assert stats["models"] == [{"model": "a", **a}, {"model": "b", **b}]
+    assert stats["categories"] == [{"prompt_category": "question", **a},
+                                   {"prompt_category": "list", **b}]
+    assert stats["totals"] == {
+        "requests": 24, "errors": 2, "cancelled": 1, "error_rate": 2 / 24, "prompt_tokens": 210,
+        "completion_tokens": 424, "latency_p50": 12.0, "latency_p95": 123.0, "ttft_p50": 0.5,
+        "ttft_p95": 1.0}
+
+
+async def test_stats_follow_filters(store: QueryableStore) -> None:
+    await store.write_batch(_stats_records())
+    stats = await store.stats(Query(model="b", status="error"))
+    assert stats["totals"]["requests"] == 2
+    assert stats["totals"]["errors"] == 2
+    assert stats["totals"]["latency_p50"] == 121.0
+    assert [m["model"] for m in stats["models"]] == ["b"]
+    stats = await store.stats(Query(start_time=T0 + 20, end_time=T0 + 22))
+    assert stats["totals"]["requests"] == 2  # records 20 and 21
+
+
+async def test_stats_of_nothing(store: QueryableStore) -> None:
+    assert await store.stats(Query(text="nothing")) == {
+        "totals": {"requests": 0, "errors": 0, "cancelled": 0, "error_rate": 0.0,
+                   "prompt_tokens": 0, "completion_tokens": 0, "latency_p50": None,
+                   "latency_p95": None, "ttft_p50": None, "ttft_p95": None},
+        "models": [], "categories": []}
+
+
+# --- retention --------------------------------------------------------------------------------
+
+async def test_purge_by_age(store: QueryableStore) -> None:
+    await store.write_batch([full_record(i) for i in range(10)])
+    assert await store.purge(None, None) == 0
+    assert await store.purge(T0 + 4, None) == 4  # started before T0+4: records 0..3
+    assert ids(await everything(store)) == [f"rec-{i:05d}" for i in reversed(range(4, 10))]
+    assert await store.purge(T0 + 4, None) == 0
+    assert len((await store.search(Query(text="Berlin"))).records) == 6  # index in step
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text", ["!!!", "&|!", "***", "-"])
+async def test_a_search_with_nothing_to_search_for_is_a_bad_query(
+        store: QueryableStore, text: str) -> None:
+    await store.write_batch([full_record(1)])
+    for ask in (store.search, store.stats, store.models):
+        with pytest.raises(BadQuery, match="prompt_search"):
+            await ask(Query(text=text))
+
+
+INJECTIONS = [
+    "x' OR 1=1 --",
+    "x' OR '1'='1",
+    "'; DROP TABLE interactions; --",
+    '"; DROP TABLE interactions; --',
+    "%' OR model LIKE '%",
+    "1); DELETE FROM interactions; --",
+    "\\'; SELECT pg_sleep(5); --",
+    "🦙' UNION SELECT * FROM interactions --",
+]
+
+
+@pytest.mark.parametrize("attack", INJECTIONS)
+async def test_injection_in_every_filter_is_harmless(store: QueryableStore, attack: str) -> None:
+    await store.write_batch([full_record(i) for i in range(3)])
+    for name in ("model", "endpoint", "status", "prompt_category", "start_time", "cursor",
+                 "limit", "offset", "order"):
+        params = {name: attack}
+        try:
+            q = parse(params)
+        except BadQuery:
+            assert name not in ("model", "endpoint"), name  # free text there: must pass
+            continue
+        assert (await store.search(q)).records == [], name
+        assert (await store.stats(q))["totals"]["requests"] == 0
+        assert await store.models(q) == []
+    for q in (parse({"prompt_search": attack}), parse({"q": attack, "order": "rank"})):
+        try:
+            page = await store.search(q)
+        except BadQuery:
+            continue  # a clean refusal is fine too
+        assert page.records == []
+    assert await store.get(attack) is None
+    assert len(await everything(store)) == 3  # nothing dropped or deleted
+
+
+async def test_injection_in_stored_values_is_data(store: QueryableStore) -> None:
+    records = [full_record(i, model=attack, prompt=attack, response=attack, id=f"{attack}{i}")
+               for i, attack in enumerate(INJECTIONS)]
+    await store.write_batch(records)
+    assert await everything(store) == list(reversed(records))
+    for record in records:
+        assert await store.get(record["id"]) == record
+        assert ids(await everything(store, model=record["model"])) == [record["id"]]
+
+
+async def test_concurrent_reads_during_writes(store: QueryableStore) -> None:
+    async def write() -> None:
+        for chunk in range(10):
+            await store.write_batch([full_record(chunk * 50 + i) for i in range(50)])
+
+    async def read() -> None:
+        for _ in range(20):
+            await store.search(Query(text="Berlin", limit=5))
+            await store.stats(Query())
+
+    await asyncio.gather(write(), read(), read())
+    assert (await store.stats(Query()))["totals"]["requests"] == 500

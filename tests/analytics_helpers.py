@@ -13,7 +13,8 @@ from helpers import RunningProxy
 async def records(proxy: RunningProxy, http: aiohttp.ClientSession, n: int,
                   timeout: float = 5.0, headers: dict[str, str] | None = None,
                   **params: str) -> list[dict[str, Any]]:
-    """Wait until the store holds `n` records matching `params`; returns them, newest first."""
+    """Wait until the store holds exactly `n` records matching `params` (more may still be on
+    their way, or fewer after a purge); returns them, newest first."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     found: list[dict[str, Any]] = []
@@ -22,7 +23,7 @@ async def records(proxy: RunningProxy, http: aiohttp.ClientSession, n: int,
                             headers=headers or {}) as resp:
             assert resp.status == 200, await resp.text()
             found = (await resp.json())["results"]
-        if len(found) >= n or loop.time() > deadline:
+        if len(found) == n or loop.time() > deadline:
             assert len(found) == n, found
             return found
         await asyncio.sleep(0.02)

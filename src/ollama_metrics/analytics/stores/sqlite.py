@@ -36,6 +36,10 @@ def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
                          timeout=30.0)
     db.execute("PRAGMA busy_timeout = 30000")
     if not readonly:
+        # Deleted pages can only be given back to the OS with incremental vacuum, which must
+        # be chosen before anything (even the WAL switch) writes the new file's header.
+        if not db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone():
+            db.execute("PRAGMA auto_vacuum = INCREMENTAL")
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = NORMAL")
     return db
@@ -133,10 +137,6 @@ class SqliteStore:
         def setup() -> None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = _connect(self.path)
-            # Deleted pages can only be given back to the OS with incremental vacuum, which must
-            # be chosen before the first table exists.
-            if not db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone():
-                db.execute("PRAGMA auto_vacuum = INCREMENTAL")
             migrate(db)
             self._write_db = db
 
@@ -178,9 +178,9 @@ class SqliteStore:
                 if not n:
                     break
                 deleted += n
-                db.execute("PRAGMA incremental_vacuum")
+                db.executescript("PRAGMA incremental_vacuum")  # execute() frees only one page
             if deleted:
-                db.execute("PRAGMA incremental_vacuum")
+                db.executescript("PRAGMA incremental_vacuum")  # execute() frees only one page
                 db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             return deleted
 

@@ -1,0 +1,250 @@
+"""Analytics never in the way: full queues drop and count, failing stores are retried, several
+backends get the same record, shutdown drains, retention is honoured."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import ollama
+import orjson
+import pytest
+
+from analytics_helpers import records
+from conftest import StartProxy
+from fake_ollama import FakeOllama
+from helpers import RunningProxy, fake_process, proxy_process, settle
+from loki_receiver import LokiReceiver
+from ollama_metrics.analytics.settings import AnalyticsConfig
+from ollama_metrics.analytics.stores.jsonl import JsonlStore
+from ollama_metrics.app import RECORDER
+from services import new_postgres_schema
+
+CHAT = b'{"model":"llama3.2","messages":[{"role":"user","content":"Why is the sky blue?"}]}'
+
+
+def _writes(proxy: RunningProxy, backend: str, status: str = "success") -> float:
+    return proxy.sample("ollama_analytics_writes_total", backend=backend, status=status)
+
+
+async def test_every_backend_stores_the_same_record(
+    fake: FakeOllama, start_proxy: StartProxy, http: aiohttp.ClientSession, tmp_path: Path,
+    loki: LokiReceiver, postgres_dsn: str,
+) -> None:
+    settings = AnalyticsConfig.build(
+        analytics_backend="sqlite,postgres,jsonl,loki", analytics_dir=str(tmp_path),
+        analytics_postgres_dsn=await new_postgres_schema(postgres_dsn),
+        analytics_loki_url=loki.url)
+    proxy = await start_proxy(fake.url, analytics=settings)
+    async with ollama.AsyncClient(host=proxy.url) as client:
+        await client.chat(model="llama3.2", messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Why is the sky blue?"}], options={"seed": 1})
+    (from_sqlite,) = await records(proxy, http, 1)
+    await settle(lambda: all(_writes(proxy, b) == 1 for b in ("postgres", "jsonl", "loki")))
+    store = proxy.app[RECORDER].stores[1]
+    from_postgres = await store.get(from_sqlite["id"])  # type: ignore[attr-defined]
+    (jsonl_file,) = tmp_path.glob("interactions-*.jsonl.gz")
+    from_jsonl = [orjson.loads(line) for line in gzip.decompress(jsonl_file.read_bytes())
+                  .splitlines()]
+    assert from_postgres == from_sqlite
+    assert from_jsonl == [from_sqlite]
+    assert loki.lines() == [from_sqlite]
+    assert from_sqlite["response"] == "Hello, world!"
+    assert from_sqlite["options"] == {"seed": 1}
+
+
+async def test_full_queue_drops_and_counts_never_delays(
+    fake: FakeOllama, start_proxy: StartProxy, http: aiohttp.ClientSession, tmp_path: Path,
+) -> None:
+    settings = AnalyticsConfig.build(analytics_dir=str(tmp_path), analytics_queue_size=5,
+                                     analytics_batch_size=2)
+    proxy = await start_proxy(fake.url, analytics=settings)
+    # Another process holds the database's write lock: the store's writer stalls (a slow disk,
+    # a long backup), so its queue fills up.
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_lock() -> None:
+        db = sqlite3.connect(tmp_path / "interactions.db", isolation_level=None)
+        db.execute("BEGIN EXCLUSIVE")
+        locked.set()
+        release.wait(10)
+        db.execute("COMMIT")
+        db.close()
+
+    holder = threading.Thread(target=hold_lock)
+    holder.start()
+    locked.wait(5)
+    try:
+        durations = []
+        for _ in range(40):
+            started = time.perf_counter()
+            async with http.post(proxy.url + "/api/chat", data=CHAT) as resp:
+                assert resp.status == 200
+                await resp.read()
+            durations.append(time.perf_counter() - started)
+        dropped = proxy.sample("ollama_analytics_dropped_total", backend="sqlite")
+        assert dropped >= 30  # at most queue + a batch in the writer's hands got through
+        assert max(durations) < 0.5, durations  # requests never waited for the store
+        assert proxy.sample("ollama_analytics_queue_size", backend="sqlite") == 5
+        assert proxy.sample("ollama_analytics_queue_capacity", backend="sqlite") == 5
+    finally:
+        release.set()
+        holder.join()
+    await settle(lambda: proxy.sample("ollama_analytics_queue_size", backend="sqlite") == 0, 10)
+    stored = len(await records(proxy, http, int(40 - dropped)))
+    assert stored + dropped == 40
+
+
+async def test_failing_store_is_retried_and_others_carry_on(
+    fake: FakeOllama, start_proxy: StartProxy, http: aiohttp.ClientSession, tmp_path: Path,
+    loki: LokiReceiver,
+) -> None:
+    loki.fail_next(2, 503, "ingester unavailable")
+    settings = AnalyticsConfig.build(analytics_backend="sqlite,loki",
+                                     analytics_dir=str(tmp_path), analytics_loki_url=loki.url)
+    proxy = await start_proxy(fake.url, analytics=settings)
+    for _ in range(5):
+        async with http.post(proxy.url + "/api/chat", data=CHAT) as resp:
+            assert resp.status == 200
+            await resp.read()
+    await records(proxy, http, 5)  # SQLite is not held up by Loki's trouble
+    await settle(lambda: len(loki.lines()) == 5, 10)  # 0.5 s, then 1 s of back-off
+    assert _writes(proxy, "loki", "error") >= 2
+    assert _writes(proxy, "loki") == 5
+    assert proxy.sample("ollama_analytics_dropped_total", backend="loki") == 0
+
+
+async def test_sqlite_under_concurrent_requests_and_searches(
+    fake: FakeOllama, start_proxy: StartProxy, tmp_path: Path,
+) -> None:
+    proxy = await start_proxy(fake.url, analytics=AnalyticsConfig.build(
+        analytics_dir=str(tmp_path), analytics_batch_size=50))
+    stop = asyncio.Event()
+    searches = 0
+
+    async def search(session: aiohttp.ClientSession) -> None:
+        nonlocal searches
+        while not stop.is_set():
+            async with session.get(proxy.url + "/analytics/search",
+                                   params={"prompt_search": "sky", "limit": "50"}) as resp:
+                assert resp.status == 200, await resp.text()
+                await resp.read()
+            searches += 1
+
+    async def chat(session: aiohttp.ClientSession, n: int) -> None:
+        body = CHAT.replace(b"sky", b"sky %d" % n)
+        async with session.post(proxy.url + "/api/chat", data=body) as resp:
+            assert resp.status == 200
+            await resp.read()
+
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        searchers = [asyncio.create_task(search(session)) for _ in range(4)]
+        await asyncio.gather(*(chat(session, n) for n in range(200)))
+        stop.set()
+        await asyncio.gather(*searchers)
+        assert searches > 4
+        stored = await records(proxy, session, 200, timeout=15)
+    assert len({r["id"] for r in stored}) == 200
+    assert proxy.sample("ollama_analytics_writes_total", backend="sqlite", status="error") == 0
+
+
+async def test_retention_is_honoured_periodically(
+    fake: FakeOllama, start_proxy: StartProxy, http: aiohttp.ClientSession, tmp_path: Path,
+) -> None:
+    settings = AnalyticsConfig.build(
+        analytics_backend="sqlite,jsonl", analytics_dir=str(tmp_path),
+        analytics_retention_days=2, analytics_cleanup_interval=0.2)
+    proxy = await start_proxy(fake.url, analytics=settings)
+    recorder = proxy.app[RECORDER]
+    now = time.time()
+    for n, age_days in enumerate((10, 3, 1, 0)):
+        recorder.submit(_record(n, now - age_days * 86400))
+    await settle(lambda: _writes(proxy, "sqlite") == 4 and _writes(proxy, "jsonl") == 4)
+    kept = await records(proxy, http, 2, timeout=3)
+    assert [r["id"] for r in kept] == ["r3", "r2"]
+    # JSONL files go by whole UTC days: those of the 10- and 3-day-old records.
+    recent = {time.strftime("%Y-%m-%d", time.gmtime(now - d * 86400)) for d in (1, 0)}
+    await settle(lambda: {p.name[13:23] for p in tmp_path.glob("interactions-*.jsonl.gz")}
+                 == recent, 3)
+
+
+def _record(n: int, started_at: float) -> dict[str, Any]:
+    from ollama_metrics.analytics.stores import FIELD_NAMES
+
+    record: dict[str, Any] = dict.fromkeys(FIELD_NAMES)
+    record.update(id=f"r{n}", started_at=started_at, ended_at=started_at + 1, outcome="ok",
+                  prompt=f"prompt {n}", response="x" * 200, model="m", endpoint="/api/chat",
+                  prompt_category="other", truncated=False, capture="full", image_count=0)
+    return record
+
+
+async def test_sqlite_size_cap(tmp_path: Path) -> None:
+    from ollama_metrics.analytics.stores.sqlite import SqliteStore
+
+    store = SqliteStore(tmp_path / "interactions.db")
+    await store.open()
+    try:
+        await store.write_batch([_record(n, 1e9 + n) | {"response": "word " * 2000}
+                                 for n in range(300)])
+        files = [tmp_path / "interactions.db", tmp_path / "interactions.db-wal"]
+        before = sum(f.stat().st_size for f in files if f.exists())
+        assert before > 2_000_000
+        deleted = await store.purge(None, 1_000_000)
+        assert 0 < deleted < 300
+        after = sum(f.stat().st_size for f in files if f.exists())
+        assert after < 1_100_000  # pages given back to the file system, not just freed
+    finally:
+        await store.close()
+
+
+async def test_jsonl_rotates_and_stays_readable(tmp_path: Path) -> None:
+    store = JsonlStore(tmp_path, max_file_bytes=2000)
+    await store.open()
+    day = 1_767_225_600.0  # 2026-01-01T00:00:00Z
+    for batch in range(6):
+        await store.write_batch([_record(batch * 10 + n, day + n) for n in range(10)])
+    await store.close()
+    files = sorted(tmp_path.glob("interactions-2026-01-01*.jsonl.gz"))
+    assert len(files) > 1  # rotated by size
+    lines = [orjson.loads(line) for f in files
+             for line in gzip.decompress(f.read_bytes()).splitlines()]
+    assert sorted(r["id"] for r in lines) == sorted(f"r{n}" for n in range(60))
+
+
+@pytest.mark.slow
+def test_sigterm_drains_records_in_flight(tmp_path: Path) -> None:
+    """SIGTERM with streams in flight: they finish, and every one of them is stored."""
+    scenarios = orjson.dumps({"slow:latest": {"tokens": ["a"] * 10, "token_delay": 0.1},
+                              "llama3.2:latest": {}}).decode()
+    with fake_process("--scenarios", scenarios) as fake, proxy_process(
+            fake.url, "--analytics-dir", str(tmp_path), "--shutdown-grace", "10") as proxy:
+        results: list[int] = []
+
+        def stream() -> None:
+            import urllib.request
+
+            req = urllib.request.Request(proxy.url + "/api/generate",
+                                         data=b'{"model":"slow","prompt":"hi"}')
+            with urllib.request.urlopen(req) as resp:
+                results.append(len(resp.read().splitlines()))
+
+        threads = [threading.Thread(target=stream) for _ in range(10)]
+        for t in threads:
+            t.start()
+        time.sleep(0.4)  # all ten are mid-stream
+        assert proxy.stop() == 0
+        for t in threads:
+            t.join(10)
+    assert results == [11] * 10  # every stream completed: 10 tokens and the final line
+    db = sqlite3.connect(tmp_path / "interactions.db")
+    assert db.execute("SELECT COUNT(*), MIN(outcome), MAX(outcome) FROM interactions"
+                      ).fetchone() == (10, "ok", "ok")
+    db.close()

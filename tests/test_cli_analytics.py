@@ -1,0 +1,70 @@
+"""`ollama-metrics search | stats | export` against a real store, as a user types them."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+from test_analytics_api import DATA, _seed
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("analytics")
+    asyncio.run(_seed(directory, DATA))
+    return directory
+
+
+def cli(store_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ollama_metrics", *args, "--analytics-dir",
+                           str(store_dir)], capture_output=True, text=True, timeout=30)
+
+
+def test_search_table_and_json(store_dir: Path) -> None:
+    result = cli(store_dir, "search", "meeting")
+    assert result.returncode == 0, result.stderr
+    header, rule, row = result.stdout.splitlines()
+    assert header.split()[:4] == ["time", "model", "endpoint", "status"]
+    assert "qwen3" in row and "summarize the meeting notes" in row and "rec00021" in row
+    as_json = orjson.loads(cli(store_dir, "search", "--model", "qwen3", "--json").stdout)
+    assert [r["id"] for r in as_json] == ["rec00023", "rec00022", "rec00021"]
+    assert cli(store_dir, "search", "--status", "cancelled", "--json").stdout.count('"id"') == 1
+    assert "no interactions match" in cli(store_dir, "search", "zebra").stdout
+
+
+def test_bad_input_is_a_usage_error(store_dir: Path) -> None:
+    for args in (["search", '"unbalanced'], ["search", "--since", "soon"],
+                 ["stats", "--category", "poetry"], ["search", "--limit", "0"]):
+        result = cli(store_dir, *args)
+        assert result.returncode == 2, args
+        assert "Error:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_stats(store_dir: Path) -> None:
+    out = cli(store_dir, "stats").stdout.splitlines()
+    assert out[2].split()[:4] == ["all", "24", "2", "8.3"]
+    assert any(line.startswith("model qwen3") for line in out)
+    data = orjson.loads(cli(store_dir, "stats", "--json").stdout)
+    assert data["totals"]["requests"] == 24
+
+
+def test_export(store_dir: Path, tmp_path: Path) -> None:
+    target = tmp_path / "out.csv"
+    result = cli(store_dir, "export", "--format", "csv", "--output", str(target))
+    assert result.returncode == 0 and "exported 24 interactions" in result.stderr
+    rows = list(csv.reader(io.StringIO(target.read_text())))
+    assert len(rows) == 25 and rows[0][0] == "id"
+    lines = cli(store_dir, "export", "--model", "qwen3").stdout.splitlines()
+    assert [orjson.loads(line)["id"] for line in lines] == ["rec00023", "rec00022", "rec00021"]
+
+
+def test_missing_store_is_explained(tmp_path: Path) -> None:
+    result = cli(tmp_path / "nothing", "search")
+    assert result.returncode == 1
+    assert "no analytics database" in result.stderr

@@ -28,6 +28,7 @@ _INSERT = (f"INSERT OR IGNORE INTO interactions ({', '.join(FIELD_NAMES)}) "
            f"VALUES ({', '.join('?' for _ in FIELD_NAMES)})")
 _COLUMNS = ", ".join(f"i.{name}" for name in FIELD_NAMES)
 _EXPORT_PAGE = 1000
+RANK_WINDOW = 2_000  # ranked searches score the newest this many matches
 
 
 def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
@@ -213,15 +214,26 @@ class SqliteStore:
     async def search(self, query: Query) -> Page:
         params: list[Any] = []
         where = _where(query, params)
+        # Newest first is write order: `seq DESC`. With a full-text query, order by the index's
+        # own rowid (the same number): FTS5 then walks its matches newest first and stops at
+        # the limit, instead of collecting every match of a common word and sorting them.
+        seq = "i.seq" if query.text is None else "interactions_fts.rowid"
         if query.cursor is not None:
-            where += " AND i.seq < ?"
+            where += f" AND {seq} < ?"
             params.append(query.cursor)
-        # Newest first is write order. Ranked: bm25 with prompt matches weighted twice response
-        # matches (people search for what they asked), newest first among equals.
-        order = ("bm25(interactions_fts, 2.0, 1.0), i.seq DESC" if query.order == "rank"
-                 else "i.seq DESC")
-        sql = (f"SELECT i.seq, {_COLUMNS} FROM {_from(query)} WHERE {where} "
-               f"ORDER BY {order} LIMIT ? OFFSET ?")
+        if query.order == "rank":
+            # bm25 with prompt matches weighted twice reply matches (people search for what
+            # they asked), over the newest RANK_WINDOW matches so that a common word stays fast
+            # in a large store; newest first among equals.
+            sql = (f"SELECT i.seq, {_COLUMNS} FROM (SELECT interactions_fts.rowid AS seq, "
+                   "bm25(interactions_fts, 2.0, 1.0) AS score "
+                   f"FROM {_from(query)} WHERE {where} "
+                   f"ORDER BY interactions_fts.rowid DESC LIMIT {RANK_WINDOW}) AS ranked "
+                   "JOIN interactions i ON i.seq = ranked.seq "
+                   "ORDER BY ranked.score, ranked.seq DESC LIMIT ? OFFSET ?")
+        else:
+            sql = (f"SELECT i.seq, {_COLUMNS} FROM {_from(query)} WHERE {where} "
+                   f"ORDER BY {seq} DESC LIMIT ? OFFSET ?")
         params += [query.limit + 1, query.offset]
 
         def run(db: sqlite3.Connection) -> Page:

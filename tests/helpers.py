@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -52,10 +53,10 @@ class Process:
     """A child process whose stdout and stderr are drained into `lines` by background threads
     (an undrained pipe would eventually block the child's writes)."""
 
-    def __init__(self, args: list[str]) -> None:
+    def __init__(self, args: list[str], cwd: str | None = None) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env=env)
+                                     text=True, env=env, cwd=cwd)
         self.lines: list[str] = []
         self._changed = threading.Condition()
         self._drains = [threading.Thread(target=self._drain, args=(s,), daemon=True)
@@ -110,8 +111,8 @@ class Process:
                 t.join(5)
 
 
-def _start(args: list[str], pattern: str) -> Process:
-    p = Process(args)
+def _start(args: list[str], pattern: str, cwd: str | None = None) -> Process:
+    p = Process(args, cwd)
     try:
         p.port = int(p.wait_for(pattern).group(1))
     except BaseException:
@@ -133,13 +134,16 @@ def fake_process(*args: str) -> Iterator[Process]:
 
 @contextmanager
 def proxy_process(upstream: str, *args: str) -> Iterator[Process]:
-    """`python -m ollama_metrics serve` as a separate process on a free port."""
-    p = _start([sys.executable, "-m", "ollama_metrics", "serve", "--listen", "127.0.0.1:0",
-                "--upstream", upstream, *args], r"listening on http://127\.0\.0\.1:(\d+)")
-    try:
-        yield p
-    finally:
-        p.stop()
+    """`python -m ollama_metrics serve` as a separate process on a free port, in a scratch
+    directory of its own (so the default ./ollama_analytics lands there)."""
+    with tempfile.TemporaryDirectory(prefix="ollama-metrics-proxy-") as scratch:
+        p = _start([sys.executable, "-m", "ollama_metrics", "serve", "--listen", "127.0.0.1:0",
+                    "--upstream", upstream, *args], r"listening on http://127\.0\.0\.1:(\d+)",
+                   cwd=scratch)
+        try:
+            yield p
+        finally:
+            p.stop()
 
 
 async def raw_request(port: int, data: bytes, timeout: float = 5.0) -> bytes:

@@ -7,10 +7,11 @@ import socket
 import subprocess
 import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
 
-from helpers import fake_process, proxy_process
+from helpers import Process, fake_process, proxy_process
 
 
 def _run(*args: str, timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
@@ -81,3 +82,17 @@ def test_sigterm_exits_cleanly() -> None:
         proxy.proc.send_signal(signal.SIGTERM)
         assert proxy.stop() == 0
         assert "Traceback" not in proxy.output
+
+
+def test_warns_when_prompts_are_reachable_from_the_network(tmp_path: Path) -> None:
+    with fake_process() as fake:
+        for extra, warned in (([], True), (["--analytics-token", "t"], False)):
+            proxy = Process([sys.executable, "-m", "ollama_metrics", "serve", "--listen",
+                             "0.0.0.0:0", "--upstream", fake.url, "--analytics-dir",
+                             str(tmp_path), *extra])
+            try:
+                proxy.wait_for(r"recording interactions to sqlite")
+                proxy.wait_for(r"Ollama \S+ answers")
+            finally:
+                assert proxy.stop() == 0
+            assert ("with no ANALYTICS_TOKEN" in proxy.output) is warned

@@ -240,3 +240,31 @@ async def test_sql_injection_in_every_parameter(api: RunningProxy, http: aiohttp
     status, body = await _get(http, api, f"/analytics/messages/{evil}")
     assert status in (400, 404)
     assert len(await _ids(http, api)) == 24  # and the table is still there, whole
+
+
+async def test_live_shows_requests_in_flight_and_recent(fake: FakeOllama, start_proxy: StartProxy,
+                                                       http: aiohttp.ClientSession) -> None:
+    from fake_ollama import Scenario
+    from helpers import settle
+
+    fake.scenarios["slow:latest"] = Scenario(tokens=["a"] * 40, token_delay=0.05)
+    proxy = await start_proxy(fake.url)
+    async with aiohttp.ClientSession() as other:
+        resp = await other.post(proxy.url + "/api/generate", data=b'{"model":"slow","prompt":"x"}')
+        for _ in range(5):
+            await resp.content.readline()
+        async with http.get(proxy.url + "/analytics/live") as r:
+            live = await r.json()
+        (active,) = live["active"]
+        assert (active["model"], active["endpoint"], active["stream"]) == (
+            "slow", "/api/generate", True)
+        assert active["chunks"] >= 5 and active["elapsed"] > 0.1 and active["ttft"] > 0
+        await resp.read()
+        resp.release()
+    await settle(lambda: proxy.sample("ollama_active_requests", model="slow") == 0)
+    async with http.get(proxy.url + "/analytics/live", params={"recent": "5"}) as r:
+        live = await r.json()
+    assert live["active"] == []
+    (done,) = live["recent"]
+    assert (done["model"], done["status"], done["completion_tokens"]) == ("slow", "success", 40)
+    assert live["models"][0]["tokens_per_second"] == 40 / live["window_seconds"]

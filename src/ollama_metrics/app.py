@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 
 import aiohttp
+import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
@@ -23,13 +24,16 @@ from .analytics.settings import AnalyticsConfig
 from .analytics.stores import open_stores, queryable
 from .config import Config
 from .labels import ModelLabels
+from .live import Live
 from .metrics import Metrics, new_registry
 from .proxy import Observer, Proxy, strip_own_server_header
 
 CONFIG = web.AppKey("config", Config)
 RECORDER = web.AppKey("recorder", Recorder)
+LIVE = web.AppKey("live", Live)
 METRICS = web.AppKey("metrics", Metrics)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
+ANALYTICS = web.AppKey("analytics", AnalyticsConfig)
 
 
 def create_app(config: Config, registry: CollectorRegistry | None = None,
@@ -43,6 +47,7 @@ def create_app(config: Config, registry: CollectorRegistry | None = None,
                           handler_args={"max_field_size": 65536, "max_line_size": 65536})
     app[CONFIG] = config
     app[METRICS] = metrics
+    app[ANALYTICS] = analytics
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         session = upstream.open_session(config)
@@ -57,7 +62,9 @@ def create_app(config: Config, registry: CollectorRegistry | None = None,
     app.cleanup_ctx.append(resources)
     if config.ps_interval is not None:  # after `resources`: it polls with the upstream session
         app.cleanup_ctx.append(ps.poller(config, registry, lambda: app[SESSION]))
-    observers: list[Observer] = [metrics]
+    live = Live()
+    app[LIVE] = live
+    observers: list[Observer] = [metrics, live]
     stores = open_stores(analytics)
     if stores:
         recorder = Recorder(stores, analytics, registry)
@@ -72,6 +79,7 @@ def create_app(config: Config, registry: CollectorRegistry | None = None,
     app.router.add_get("/test", _test)
     app.router.add_routes(AnalyticsApi(lambda: queryable(stores), analytics.backends)
                           .routes(analytics.token))
+    app.router.add_get("/analytics/live", require_token(analytics.token, _live))
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
     return app
 
@@ -89,7 +97,7 @@ def _recording(recorder: Recorder) -> Callable[[web.Application], AsyncIterator[
 
 async def _test(request: web.Request) -> web.Response:
     """The original proxy's health route: is the proxy up, and does Ollama answer?"""
-    config = request.app[CONFIG]
+    config, analytics = request.app[CONFIG], request.app[ANALYTICS]
     health = await upstream.check(request.app[SESSION], config)
     body = {
         "status": "ok" if health.ok else "degraded",
@@ -100,5 +108,20 @@ async def _test(request: web.Request) -> web.Response:
             "version": health.version,
             "error": health.error,
         },
+        # Where analytics go, for `ollama-metrics status`.
+        "analytics": {"backends": list(analytics.backends),
+                      "dir": str(analytics.dir.absolute())
+                      if {"sqlite", "jsonl"} & set(analytics.backends)
+                      else None},
     }
     return web.json_response(body, status=200 if health.ok else 503)
+
+
+async def _live(request: web.Request) -> web.Response:
+    """Requests in flight and the latest completions (for `ollama-metrics top`)."""
+    try:
+        recent = min(max(int(request.query.get("recent", "20")), 0), 500)
+    except ValueError:
+        return web.json_response({"error": "recent: expected a whole number"}, status=400)
+    return web.Response(body=orjson.dumps(request.app[LIVE].snapshot(recent)),
+                        content_type="application/json")

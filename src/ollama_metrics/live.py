@@ -1,0 +1,75 @@
+"""What is happening now: requests in flight and the latest completions, for `top` and the page.
+
+An observer like the others: `started` puts the Interaction in the in-flight table, `finished`
+moves a short summary of it to a bounded ring. Nothing here is stored or holds prompt text; the
+snapshot is computed when someone asks (GET /analytics/live), never per request.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any
+
+from .interaction import Interaction
+from .metrics import STATUS
+
+RATE_WINDOW = 60.0  # seconds over which per-model rates are computed
+
+
+class Live:
+    def __init__(self, keep: int = 500) -> None:
+        self._active: dict[str, Interaction] = {}
+        self._recent: deque[dict[str, Any]] = deque(maxlen=keep)
+
+    def started(self, i: Interaction) -> object:
+        self._active[i.id] = i
+        return None
+
+    def finished(self, i: Interaction, token: object) -> None:
+        self._active.pop(i.id, None)
+        self._recent.append({
+            "id": i.id,
+            "model": i.model,
+            "endpoint": i.endpoint,
+            "status": STATUS[i.outcome],
+            "http_status": i.http_status,
+            "ended_at": i.ended_at,
+            "duration": i.duration,
+            "ttft": i.ttft,
+            "prompt_tokens": i.prompt_eval_count,
+            "completion_tokens": i.eval_count,
+            "tokens_per_second": i.tokens_per_second,
+        })
+
+    def snapshot(self, recent: int = 20) -> dict[str, Any]:
+        now, clock = time.time(), time.perf_counter()
+        active: list[dict[str, Any]] = [{
+            "id": i.id,
+            "model": i.model,
+            "endpoint": i.endpoint,
+            "stream": i.stream,
+            "elapsed": clock - i.started,
+            "ttft": i.ttft,
+            # Ollama streams about one token a chunk; the exact count comes with the last one.
+            "chunks": len(i.response_pieces) + len(i.thinking_pieces),
+        } for i in list(self._active.values())]
+        active.sort(key=lambda a: -a["elapsed"])
+        window = [r for r in self._recent if (r["ended_at"] or 0) >= now - RATE_WINDOW]
+        models: dict[str, dict[str, Any]] = {}
+        for r in window:
+            m = models.setdefault(r["model"] or "none", {
+                "model": r["model"] or "none", "requests": 0, "errors": 0, "tokens": 0})
+            m["requests"] += 1
+            m["errors"] += r["status"] == "error"
+            m["tokens"] += r["completion_tokens"] or 0
+        for m in models.values():
+            m["requests_per_second"] = m["requests"] / RATE_WINDOW
+            m["tokens_per_second"] = m["tokens"] / RATE_WINDOW
+        return {
+            "time": now,
+            "active": active,
+            "recent": list(self._recent)[-recent:][::-1],
+            "models": sorted(models.values(), key=lambda m: -m["requests"]),
+            "window_seconds": RATE_WINDOW,
+        }

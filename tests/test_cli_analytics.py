@@ -11,7 +11,8 @@ from pathlib import Path
 
 import orjson
 import pytest
-from test_analytics_api import DATA, _seed
+
+from analytics_helpers import DATA, _seed
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def cli(store_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_search_table_and_json(store_dir: Path) -> None:
     result = cli(store_dir, "search", "meeting")
     assert result.returncode == 0, result.stderr
-    header, rule, row = result.stdout.splitlines()
+    header, _, row = result.stdout.splitlines()
     assert header.split()[:4] == ["time", "model", "endpoint", "status"]
     assert "qwen3" in row and "summarize the meeting notes" in row and "rec00021" in row
     as_json = orjson.loads(cli(store_dir, "search", "--model", "qwen3", "--json").stdout)

@@ -153,7 +153,7 @@ def test_run_reports_a_background_proxy_that_cannot_start(
     assert "the stand-in was told to fail" in result.stderr
 
 
-def test_status(standin: Path) -> None:
+def test_status(standin: Path, tmp_path: Path) -> None:
     with wrapper_process() as proxy:
         result = cli("status", "--listen", f"127.0.0.1:{proxy.port}")
         assert result.returncode == 0, result.stdout
@@ -164,7 +164,7 @@ def test_status(standin: Path) -> None:
         assert "models     llama3.2:latest (" in out
         assert "all-minilm:latest (" in out
         assert f"metrics    http://127.0.0.1:{proxy.port}/metrics" in out
-        assert "analytics  " in out
+        assert f"analytics  sqlite in {tmp_path / 'analytics'}" in out  # ANALYTICS_DIR
 
 
 def test_status_without_a_proxy() -> None:

@@ -107,9 +107,11 @@ def test_service_commands_with_systemd(standin: Path, tmp_path: Path,
     unit = tmp_path / "config" / "systemd" / "user" / "ollama-metrics.service"
     assert f"wrote {unit}" in installed.stdout
     text = unit.read_text()
-    # The options given, on the command line or by variable, and the ollama program found.
+    # The options given on the command line, and the ollama program found; those given by
+    # variable stay variables (out of command lines, which any user can read).
     assert f"ExecStart={sys.executable} -m ollama_metrics serve --listen 127.0.0.1:11500 " \
-        f"--ps-interval 5.0 --ollama-bin {Path(__file__).parent / 'bin' / 'ollama'}\n" in text
+        f"--ollama-bin {Path(__file__).parent / 'bin' / 'ollama'}\n" in text
+    assert "Environment=OLLAMA_METRICS_PS_INTERVAL=5\n" in text
     assert cli("start").returncode == 0
     assert cli("stop").returncode == 0
     status = cli("status")

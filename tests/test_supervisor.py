@@ -71,6 +71,25 @@ def test_starts_ollama_behind_the_proxy_and_stops_both(
     assert "Traceback" not in out
 
 
+def test_ctrl_c_at_the_terminal_reaches_the_proxy_only(standin: Path) -> None:
+    # A terminal's Ctrl-C is SIGINT to its whole foreground process group: the proxy's group
+    # here (setsid makes the proxy lead one). Ollama, in a group of its own, must not get it
+    # directly, but be stopped by the proxy once the proxy has drained.
+    proxy = Process(["setsid", sys.executable, "-m", "ollama_metrics", "serve",
+                     *serve_args(free_port())])
+    try:
+        proxy.port = int(proxy.wait_for(r"listening on http://127\.0\.0\.1:(\d+)").group(1))
+        child = child_pid(proxy)
+        assert os.getpgid(child) != os.getpgid(proxy.proc.pid) == proxy.proc.pid
+        os.killpg(proxy.proc.pid, signal.SIGINT)
+        assert proxy.proc.wait(15) == 0
+    finally:
+        proxy.stop()
+    assert gone(child, timeout=0)
+    out = proxy.output
+    assert out.index("shutting down") < out.index("stopping ollama serve")
+
+
 def test_child_killed_mid_stream_is_restarted(
     standin: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -102,6 +121,21 @@ def test_child_killed_mid_stream_is_restarted(
         assert "exited unexpectedly with signal SIGKILL" in proxy.output
         assert len(runs(standin, "serve")) == 2
     assert gone(second, timeout=0)
+
+
+def test_runners_left_by_a_crashed_ollama_are_killed(
+    standin: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FAKE_OLLAMA_RUNNER", "1")
+    with wrapper_process() as proxy:
+        first = child_pid(proxy)
+        (runner, _), = runs(standin, "runner")
+        assert not gone(runner, timeout=0)
+        os.kill(first, signal.SIGKILL)  # the runner outlives it, in its process group
+        assert gone(runner, timeout=5)
+        proxy.wait_for(r"ollama serve is back \(restart 1\)")
+        (_, _), (second_runner, _) = runs(standin, "runner")
+    assert gone(second_runner, timeout=0)  # a clean stop ends the runners too
 
 
 def test_back_off_doubles_while_restarts_fail(

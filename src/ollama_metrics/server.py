@@ -161,7 +161,7 @@ def run(config: Config, environ: Mapping[str, str],
     try:
         sock = bind(config)
     except PortInUse:
-        answer = probe.identify(connect_url(config.listen_host, config.listen_port))
+        answer = probe.identify(connect_url(config.listen_host, config.listen_port), timeout=1.0)
         if answer.who is probe.Who.OLLAMA:
             raise probe.OllamaInTheWay(
                 probe.explain_ollama_in_the_way(config, answer.version)) from None

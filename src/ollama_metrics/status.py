@@ -76,6 +76,15 @@ def _model_line(m: dict[str, Any], now: float) -> str:
     return f"{name} ({_size(size)}{where}, context {m.get('context_length', '?')}{until})"
 
 
+def _analytics(reported: Any) -> str:
+    if not isinstance(reported, dict) or not isinstance(reported.get("backends"), list):
+        return "not reported by this proxy"
+    if not reported["backends"]:
+        return "off (nothing is recorded)"
+    return ", ".join(f"{b} in {reported.get('dir')}" if b in ("sqlite", "jsonl") else str(b)
+                     for b in reported["backends"])
+
+
 def render(s: Status, now: float | None = None) -> list[str]:
     now = time.time() if now is None else now
     if s.proxy.who is probe.Who.PROXY:
@@ -98,9 +107,5 @@ def render(s: Status, now: float | None = None) -> list[str]:
         lines += [f"{'models' if i == 0 else '':<11}{m}" for i, m in enumerate(models)]
     if s.proxy.who is probe.Who.PROXY:
         lines.append(f"metrics    {s.metrics_url}")
-        if isinstance(s.analytics, dict):
-            where = ", ".join(f"{k} {v}" for k, v in s.analytics.items())
-        else:
-            where = str(s.analytics) if s.analytics else "not reported by this proxy"
-        lines.append(f"analytics  {where}")
+        lines.append(f"analytics  {_analytics(s.analytics)}")
     return lines

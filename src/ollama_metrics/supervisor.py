@@ -13,7 +13,8 @@ Contract:
 - The child runs in its own process group, so a Ctrl-C at the terminal reaches only the proxy,
   which drains its requests first and then stops the child: SIGTERM (CTRL_BREAK_EVENT on
   Windows), then after `ollama_stop_grace` a kill of the whole group.
-- The child's output is relayed as it comes to `output` (stderr by default).
+- The child's output is relayed as it comes to stderr; after it exits, whatever it left running
+  in its process group (model runners) is killed.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
-from typing import Any, TextIO
+from typing import Any
 
 import aiohttp
 from prometheus_client import CollectorRegistry, Counter
@@ -88,15 +89,22 @@ def _kill(proc: asyncio.subprocess.Process) -> None:
                 proc.kill()
 
 
+def _kill_leftovers(proc: asyncio.subprocess.Process) -> None:
+    """Model runners an exited `ollama serve` left behind would hold on to GPU memory."""
+    if sys.platform != "win32":
+        # The group outlives its leader only while members remain, so its id is not reused.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 class Supervisor:
-    def __init__(self, config: Config, registry: CollectorRegistry, environ: Mapping[str, str],
-                 output: TextIO | None = None) -> None:
+    def __init__(self, config: Config, registry: CollectorRegistry,
+                 environ: Mapping[str, str]) -> None:
         self.config = config
         self.restarts = Counter(
             "ollama_upstream_restarts_total",
             "Times the proxy restarted an `ollama serve` that had exited", registry=registry)
         self._environ = environ
-        self._output = output
         self._binary = ""
         self._proc: asyncio.subprocess.Process | None = None
         self._relay: asyncio.Task[None] | None = None
@@ -107,10 +115,6 @@ class Supervisor:
         self._spawned_at = 0.0
         self.restart_count = 0
         self.adopted = False
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
 
     @property
     def running(self) -> bool:
@@ -196,13 +200,12 @@ class Supervisor:
 
     async def _relay_output(self, stream: asyncio.StreamReader) -> None:
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        output = self._output if self._output is not None else sys.stderr
         while chunk := await stream.read(65536):
             text = decoder.decode(chunk)
             self._tail = (self._tail + text)[-TAIL_CHARS:]
-            with contextlib.suppress(OSError, ValueError, AttributeError):
-                output.write(text)
-                output.flush()
+            with contextlib.suppress(OSError, ValueError, AttributeError):  # no usable stderr
+                sys.stderr.write(text)
+                sys.stderr.flush()
 
     async def _reap(self) -> None:
         """Wait for the exited child and the last of its output."""
@@ -210,6 +213,7 @@ class Supervisor:
             _kill(self._proc)
         if self._proc is not None:
             await self._proc.wait()
+            _kill_leftovers(self._proc)
         if self._relay is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._relay

@@ -6,6 +6,7 @@ usage error that names the option.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -86,18 +87,19 @@ def ollama_options(f: F) -> F:
     return f
 
 
+def _given(ctx: click.Context, source: click.core.ParameterSource) -> list[click.Option]:
+    """The settings of `ctx` (options with an environment variable) that came from `source`."""
+    return [p for p in ctx.command.params
+            if isinstance(p, click.Option) and isinstance(p.envvar, str) and p.name is not None
+            and ctx.get_parameter_source(p.name) == source]
+
+
 def given_args(ctx: click.Context) -> list[str]:
-    """The options of `ctx` that were set on the command line or by environment variable, as
-    arguments for another `serve` (one started in the background, or by a service manager)."""
-    given = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+    """The settings given on the command line, as arguments for another `serve` (one started in
+    the background, or by a service manager)."""
     args: list[str] = []
-    for param in ctx.command.params:
-        name = param.name
-        # Settings are the options with an environment variable; the rest belong to the command.
-        if (not isinstance(param, click.Option) or not param.envvar or name is None
-                or ctx.get_parameter_source(name) not in given):
-            continue
-        value = ctx.params[name]
+    for param in _given(ctx, click.core.ParameterSource.COMMANDLINE):
+        value = ctx.params[param.name or ""]
         if param.is_flag:
             args += param.opts[:1] if value else param.secondary_opts[:1]
         elif param.multiple:
@@ -106,6 +108,13 @@ def given_args(ctx: click.Context) -> list[str]:
         elif value is not None:
             args += [param.opts[0], str(value)]
     return args
+
+
+def given_environ(ctx: click.Context) -> dict[str, str]:
+    """The settings given by environment variable, as variables (kept out of command lines,
+    where other users could read them)."""
+    return {str(p.envvar): os.environ[str(p.envvar)]
+            for p in _given(ctx, click.core.ParameterSource.ENVIRONMENT)}
 
 
 def build_config(**options: Any) -> Config:

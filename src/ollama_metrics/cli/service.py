@@ -10,7 +10,8 @@ from typing import Any, TypeVar
 import click
 
 from ..service.tray import DEFAULT_DASHBOARD
-from .options import build_config, given_args, ollama_options, proxy_options
+from .analytics_options import analytics_options, build_analytics, split_analytics
+from .options import build_config, given_args, given_environ, ollama_options, proxy_options
 from .proxy import EXIT_FAILED, fail
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -53,15 +54,18 @@ def service() -> None:
 @_scope
 @proxy_options
 @ollama_options
+@analytics_options
 @click.pass_context
 def install(ctx: click.Context, /, user: bool, **options: Any) -> None:
     """Install the service with this interpreter and these `serve` options."""
     from ..paths import log_dir
     from ..service import spec
 
+    build_analytics(**split_analytics(options))  # validated now, not when the service starts
     config = build_config(**options)
     manager = _manager(user)
-    what = spec(config, given_args(ctx), os.environ, log_dir(os.environ) / "service.log")
+    what = spec(config, given_args(ctx), os.environ, log_dir(os.environ) / "service.log",
+                given_environ(ctx))
     _do(lambda: manager.install(what))
 
 
@@ -114,3 +118,5 @@ def tray(user: bool, dashboard_url: str, interval: float, **options: Any) -> Non
     except ImportError as exc:
         fail(f"the tray needs pystray and Pillow: pip install 'ollama-metrics[windows]' ({exc})",
              EXIT_FAILED)
+    except Exception as exc:  # pystray's backends fail in their own ways (no display, no bus)
+        fail(f"cannot show a tray icon here: {type(exc).__name__}: {exc}", EXIT_FAILED)

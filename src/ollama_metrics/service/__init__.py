@@ -1,8 +1,9 @@
 """Running `serve` as a service: systemd on Linux, launchd on macOS, a Windows service.
 
 `spec()` says what to run — this interpreter, `-m ollama_metrics serve` and the options given at
-install time, with the ollama program resolved to a full path and the installer's PATH and OLLAMA_*
-variables kept (a service manager starts with a bare environment). `manager()` picks the
+install time (as arguments, or as the variables they were given by), with the ollama program
+resolved to a full path and the installer's PATH and OLLAMA_* variables kept (a service manager
+starts with a bare environment). `manager()` picks the
 platform's manager; each writes its file and drives the platform's tool, raising ServiceError with
 the tool's own message when that fails.
 """
@@ -43,7 +44,8 @@ class ServiceSpec:
 
 
 def spec(config: Config, serve_args: Sequence[str], environ: Mapping[str, str], log: Path,
-         python: str = sys.executable) -> ServiceSpec:
+         settings: Mapping[str, str] | None = None, python: str = sys.executable) -> ServiceSpec:
+    """`settings`: the variables that set `serve` options, passed on as they are."""
     args = list(serve_args)
     if config.supervise and "--ollama-bin" not in args:
         with contextlib.suppress(OllamaNotFound):  # if not, `serve` says so in its log
@@ -51,6 +53,7 @@ def spec(config: Config, serve_args: Sequence[str], environ: Mapping[str, str], 
     keep = {k: v for k, v in environ.items()
             if k == "PATH" or (k.startswith("OLLAMA_") and k != "OLLAMA_HOST"
                                and not k.startswith("OLLAMA_METRICS_"))}
+    keep.update(settings or {})
     grace = config.shutdown_grace + (config.ollama_stop_grace if config.supervise else 0)
     return ServiceSpec(tuple(args), python, keep, log, grace + 10)
 

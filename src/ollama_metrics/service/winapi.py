@@ -40,7 +40,9 @@ class OllamaMetricsService(win32serviceutil.ServiceFramework):
     def __init__(self, args: Any) -> None:
         super().__init__(args)
         settings = json.loads(win32serviceutil.GetServiceCustomOption(NAME, SETTINGS) or "{}")
-        environ = {**os.environ, **settings.get("environment", {})}
+        # This process's own environment: `serve`'s options read their variables from it.
+        os.environ.update(settings.get("environment", {}))
+        environ = dict(os.environ)
         serve_args = settings.get("serve_args", [])
 
         async def serve(stop: asyncio.Event) -> None:

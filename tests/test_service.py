@@ -96,7 +96,10 @@ def test_service_commands_with_systemd(standin: Path, tmp_path: Path,
     tools = tmp_path / "tools.log"
     monkeypatch.setenv("FAKE_TOOL_LOG", str(tools))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.delenv("ANALYTICS_DIR", raising=False)
     monkeypatch.setenv("OLLAMA_METRICS_PS_INTERVAL", "5")
+    monkeypatch.setenv("ANALYTICS_TOKEN", "do-not-show")
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "ollama_metrics", "service", *args],
@@ -109,9 +112,13 @@ def test_service_commands_with_systemd(standin: Path, tmp_path: Path,
     text = unit.read_text()
     # The options given on the command line, and the ollama program found; those given by
     # variable stay variables (out of command lines, which any user can read).
+    # A service runs from /: its analytics go to the data directory, not ./ollama_analytics.
     assert f"ExecStart={sys.executable} -m ollama_metrics serve --listen 127.0.0.1:11500 " \
+        f"--analytics-dir {tmp_path / 'data' / 'ollama-metrics' / 'analytics'} " \
         f"--ollama-bin {Path(__file__).parent / 'bin' / 'ollama'}\n" in text
     assert "Environment=OLLAMA_METRICS_PS_INTERVAL=5\n" in text
+    assert "Environment=ANALYTICS_TOKEN=do-not-show\n" in text
+    assert unit.stat().st_mode & 0o777 == 0o600  # the token is in there: owner only
     assert cli("start").returncode == 0
     assert cli("stop").returncode == 0
     status = cli("status")

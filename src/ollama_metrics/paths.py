@@ -1,5 +1,6 @@
 """Where ollama-metrics keeps files of its own: logs of a proxy started in the background or by a
-service manager. The caller passes the environment; nothing here reads it."""
+service manager, and a service's analytics. The caller passes the environment; nothing here
+reads it."""
 
 from __future__ import annotations
 
@@ -16,3 +17,14 @@ def log_dir(environ: Mapping[str, str], platform: str = sys.platform) -> Path:
     if platform == "darwin":
         return home / "Library" / "Logs" / "ollama-metrics"
     return Path(environ.get("XDG_STATE_HOME") or home / ".local" / "state") / "ollama-metrics"
+
+
+def data_dir(environ: Mapping[str, str], platform: str = sys.platform) -> Path:
+    """Where a service keeps its analytics when none was named (a service's working directory
+    is / or the system directory, no place for ./ollama_analytics)."""
+    home = Path(environ.get("USERPROFILE" if platform == "win32" else "HOME") or Path.home())
+    if platform == "win32":
+        return Path(environ.get("LOCALAPPDATA") or home / "AppData" / "Local") / "ollama-metrics"
+    if platform == "darwin":
+        return home / "Library" / "Application Support" / "ollama-metrics"
+    return Path(environ.get("XDG_DATA_HOME") or home / ".local" / "share") / "ollama-metrics"

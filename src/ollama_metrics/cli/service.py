@@ -58,13 +58,17 @@ def service() -> None:
 @click.pass_context
 def install(ctx: click.Context, /, user: bool, **options: Any) -> None:
     """Install the service with this interpreter and these `serve` options."""
-    from ..paths import log_dir
+    from ..paths import data_dir, log_dir
     from ..service import spec
 
-    build_analytics(**split_analytics(options))  # validated now, not when the service starts
+    analytics = build_analytics(**split_analytics(options))  # validated now, not at start
     config = build_config(**options)
     manager = _manager(user)
-    what = spec(config, given_args(ctx), os.environ, log_dir(os.environ) / "service.log",
+    # A service runs from / (or the system directory): pin where its analytics go.
+    named = ctx.get_parameter_source("analytics_dir") != click.core.ParameterSource.DEFAULT
+    where = analytics.dir.resolve() if named else data_dir(os.environ) / "analytics"
+    args = [*given_args(ctx), "--analytics-dir", str(where)]
+    what = spec(config, args, os.environ, log_dir(os.environ) / "service.log",
                 given_environ(ctx))
     _do(lambda: manager.install(what))
 

@@ -11,6 +11,7 @@ the tool's own message when that fails.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 import sys
@@ -96,3 +97,13 @@ def manager(user: bool, environ: Mapping[str, str], platform: str = sys.platform
         return Launchd(environ)
     from .systemd import Systemd
     return Systemd(user, environ)
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a service file readable by its owner only: its environment may hold secrets
+    (ANALYTICS_TOKEN, a database password)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(path, 0o600)  # an existing file keeps its old mode through O_CREAT

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from . import NAME, ServiceError, ServiceSpec, tool
+from . import NAME, ServiceError, ServiceSpec, tool, write_private
 
 LABEL = f"com.github.{NAME}"
 
@@ -44,9 +44,7 @@ class Launchd:
     def install(self, spec: ServiceSpec) -> list[str]:
         try:
             spec.log.parent.mkdir(parents=True, exist_ok=True)
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "wb") as f:
-                plistlib.dump(plist(spec), f)
+            write_private(self.path, plistlib.dumps(plist(spec)))
         except OSError as exc:
             raise ServiceError(f"cannot write {self.path}: {exc.strerror}") from None
         return [f"wrote {self.path}; it starts at login",

@@ -10,7 +10,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-from . import DESCRIPTION, NAME, ServiceError, ServiceSpec, tool
+from . import DESCRIPTION, NAME, ServiceError, ServiceSpec, tool, write_private
 
 UNIT = f"{NAME}.service"
 _PLAIN = re.compile(r"^[A-Za-z0-9_@%+=:,./-]+$")
@@ -72,8 +72,7 @@ class Systemd:
                                {**spec.environment, "HOME": self.environ["HOME"]}, spec.log,
                                spec.stop_timeout)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(unit_text(spec, self.user))
+            write_private(self.path, unit_text(spec, self.user).encode())
         except OSError as exc:
             raise ServiceError(f"cannot write {self.path}: {exc.strerror}"
                                f"{' (a system unit needs root)' if not self.user else ''}"

@@ -46,6 +46,8 @@ def test_port_in_use_names_the_port() -> None:
     ([], {"OLLAMA_METRICS_MAX_EXTRA_MODELS": "many"}, "OLLAMA_METRICS_MAX_EXTRA_MODELS"),
     (["--listen", "127.0.0.1:4000", "--upstream", "http://127.0.0.1:4000"], {},
      "the proxy's own address"),
+    (["--listen", "0.0.0.0:4000", "--upstream", "http://localhost:4000"], {},
+     "the proxy's own address"),
 ])
 def test_bad_config_fails_at_start_naming_the_setting(
     args: list[str], env: dict[str, str], named: str, monkeypatch: pytest.MonkeyPatch,

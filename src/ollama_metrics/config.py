@@ -140,8 +140,9 @@ class Config:
         level = log_level.upper()
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError("log_level", f"must be DEBUG, INFO, WARNING or ERROR: {log_level!r}")
-        if (upstream_url.host in (host, "localhost") and upstream_url.port == port
-                and host in ("127.0.0.1", "localhost", "::1", "0.0.0.0", "::")):
+        local = ("127.0.0.1", "localhost", "::1", "0.0.0.0", "::")
+        if upstream_url.port == port and (upstream_url.host == host or (
+                upstream_url.host in local and host in local)):
             raise ConfigError(
                 "upstream" if upstream is not None else "ollama_host",
                 f"{upstream_url} is the proxy's own address; the proxy would call "

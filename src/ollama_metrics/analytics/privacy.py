@@ -18,20 +18,29 @@ from .settings import AnalyticsConfig
 
 _SECRET = "[REDACTED_SECRET]"
 _MARGIN = 256  # longer than any built-in secret pattern matches
-_BUILTIN: list[tuple[re.Pattern[str], str]] = [
-    (re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"),
+# (guards, pattern, replacement). A pattern only runs when one of its guards occurs in the text
+# (lower-cased for the case-insensitive ones): a substring test is C-speed, a regex pass over a
+# long reply is not, and ordinary text contains none of these.
+Rule = tuple[tuple[str, ...], re.Pattern[str], "str | Callable[[re.Match[str]], str]"]
+_BUILTIN: list[Rule] = [
+    (("@",), re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"),
      "[REDACTED_EMAIL]"),
-    (re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"), _SECRET),
-    (re.compile(r"\b(?:sk|pk|rk)-(?:[A-Za-z0-9]+-)*[A-Za-z0-9_]{16,}"), _SECRET),
-    (re.compile(r"\bgh[pousr]_[A-Za-z0-9]{30,}\b|\bgithub_pat_[A-Za-z0-9_]{40,}"), _SECRET),
-    (re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}"), _SECRET),
-    (re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), _SECRET),
-    (re.compile(r"\bAIza[0-9A-Za-z_-]{35}"), _SECRET),
-    (re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/-]{16,}=*"), "Bearer " + _SECRET),
-    (re.compile(r"(?i)\b(api[_-]?key|secret|token|passw(?:or)?d)(\s*[:=]\s*)[\"']?[^\s\"',;]{6,}"),
+    (("eyj",), re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"),
+     _SECRET),
+    (("sk-", "pk-", "rk-"), re.compile(r"\b(?:sk|pk|rk)-(?:[A-Za-z0-9]+-)*[A-Za-z0-9_]{16,}"),
+     _SECRET),
+    (("gh", "github_pat_"),
+     re.compile(r"\bgh[pousr]_[A-Za-z0-9]{30,}\b|\bgithub_pat_[A-Za-z0-9_]{40,}"), _SECRET),
+    (("xox",), re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}"), _SECRET),
+    (("akia", "asia"), re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), _SECRET),
+    (("aiza",), re.compile(r"\bAIza[0-9A-Za-z_-]{35}"), _SECRET),
+    (("bearer",), re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/-]{16,}=*"), "Bearer " + _SECRET),
+    (("key", "secret", "token", "passw"),
+     re.compile(r"(?i)\b(api[_-]?key|secret|token|passw(?:or)?d)(\s*[:=]\s*)[\"']?[^\s\"',;]{6,}"),
      r"\1\2" + _SECRET),
 ]
 _CARD = re.compile(r"(?<!\d)(?:\d[ -]?){12,18}\d(?!\d)")
+_DIGITS = re.compile(r"\d{4}")  # no card number without four digits in a row
 
 
 def _luhn(digits: str) -> bool:
@@ -58,14 +67,12 @@ class Privacy:
     max_text: int = 65_536
     redact: bool = True
     patterns: tuple[re.Pattern[str], ...] = ()
-    _rules: list[tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]]] = field(
-        default_factory=list, init=False)
+    _rules: list[Rule] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
         if self.redact:
             self._rules.extend(_BUILTIN)
-            self._rules.append((_CARD, _card))
-        self._rules.extend((p, "[REDACTED]") for p in self.patterns)
+        self._rules.extend(((), p, "[REDACTED]") for p in self.patterns)
 
     @classmethod
     def from_settings(cls, settings: AnalyticsConfig) -> Privacy:
@@ -89,6 +96,10 @@ class Privacy:
 
     def scrub(self, value: str) -> str:
         """Redaction alone (used for error messages, which are kept at every level)."""
-        for pattern, replacement in self._rules:
-            value = pattern.sub(replacement, value)
+        lowered = value.lower()
+        for guards, pattern, replacement in self._rules:
+            if not guards or any(g in lowered for g in guards):
+                value = pattern.sub(replacement, value)
+        if self.redact and _DIGITS.search(value):
+            value = _CARD.sub(_card, value)
         return value

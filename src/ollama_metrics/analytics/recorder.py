@@ -15,6 +15,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 
@@ -56,6 +57,9 @@ class Recorder:
         self._lanes = [_Lane(s, asyncio.Queue(settings.queue_size)) for s in stores]
         self._closing = False
         self._deadline = float("inf")
+        self._builder = ThreadPoolExecutor(1, thread_name_prefix="analytics-record")
+        self._building = 0  # records handed to the builder thread and not yet queued
+        self._idle = asyncio.Event()
         self._cleanup: asyncio.Task[None] | None = None
         self.queue_size = Gauge(
             "ollama_analytics_queue_size", "Records waiting to be written", ["backend"],
@@ -85,7 +89,33 @@ class Recorder:
         return None
 
     def finished(self, interaction: Interaction, token: object) -> None:
-        self.submit(record.build(interaction, self.privacy))
+        """Build the record (privacy applied) on the builder thread, then queue it.
+
+        Redacting a long reply is milliseconds of regex work: done here it would stall every
+        other stream on the event loop. Builds waiting for the thread count against the queue
+        bound like queued records do, so a burst cannot grow memory without limit.
+        """
+        if self._closing or self._building >= self.settings.queue_size:
+            for lane in self._lanes:
+                self.dropped.labels(lane.store.name).inc()
+            return
+        self._building += 1
+        future = asyncio.get_running_loop().run_in_executor(
+            self._builder, record.build, interaction, self.privacy)
+        future.add_done_callback(self._built)
+
+    def _built(self, future: asyncio.Future[Record]) -> None:
+        self._building -= 1
+        try:
+            rec = future.result()
+        except Exception:  # a record we cannot build is lost, loudly; the proxy carries on
+            log.exception("analytics: could not build a record")
+            for lane in self._lanes:
+                self.dropped.labels(lane.store.name).inc()
+            return
+        self.submit(rec)
+        if self._building == 0:
+            self._idle.set()
 
     def submit(self, rec: Record) -> None:
         """Queue `rec` for every store; never waits. A full queue drops and counts."""
@@ -118,8 +148,13 @@ class Recorder:
 
     async def close(self) -> None:
         """Stop accepting, write what is queued within the drain grace, close the stores."""
-        self._closing = True
         self._deadline = time.monotonic() + self.settings.drain_grace
+        if self._building:  # records of the last requests are still being built
+            self._idle.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), self.settings.drain_grace)
+        self._closing = True
+        self._builder.shutdown(wait=False)
         if self._cleanup is not None:
             self._cleanup.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -17,6 +17,7 @@ import importlib.util
 import json
 import os
 import platform
+import shlex
 import shutil
 import signal
 import subprocess
@@ -67,6 +68,7 @@ class Settings:
     ttft_samples: int
     targets: tuple[str, ...]
     emit_json: bool
+    proxy_args: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,9 @@ def parse_args(argv: list[str] | None) -> Settings:
     add("--ttft-samples", type=int, default=200, help="requests per TTFT run (default: 200)")
     add("--quick", action="store_true", help="smoke mode: 1 round, 1 s wrk runs, 20 TTFT samples")
     add("--json", action="store_true", help="also print the results as one JSON object")
+    add("--proxy-args", default="", metavar="ARGS",
+        help="extra options for `ollama-metrics serve`, e.g. '--analytics-backend none' to "
+             "measure metrics alone (default: none; analytics then records to SQLite)")
     add(
         "--targets",
         default=",".join(ALL_TARGETS),
@@ -104,7 +109,8 @@ def parse_args(argv: list[str] | None) -> Settings:
     if args.duration <= 0 or args.repeats < 1 or args.ttft_samples < 1:
         parser.error("--duration, --repeats and --ttft-samples must be positive")
     targets = tuple(t for t in ALL_TARGETS if t in wanted or t == ALL_TARGETS[0])
-    return Settings(args.duration, args.repeats, args.ttft_samples, targets, args.json)
+    return Settings(args.duration, args.repeats, args.ttft_samples, targets, args.json,
+                    tuple(shlex.split(args.proxy_args)))
 
 
 def find_tools(settings: Settings) -> Tools | str:
@@ -160,7 +166,9 @@ def header(settings: Settings, machine: dict[str, Any]) -> str:
         "targets: direct = the fake Ollama (aiohttp+uvloop, 1 process);",
         "         nginx = worker_processes 1: the Python proxy is a single process too, so one",
         "         nginx worker is the fair comparison;",
-        "         ollama-metrics = python -m ollama_metrics serve (default options)",
+        "         ollama-metrics = python -m ollama_metrics serve "
+        + (" ".join(s.proxy_args) if s.proxy_args else "(default options: metrics, and "
+           "analytics recorded to SQLite)"),
         "Values are medians across rounds. wrk, the proxies and the upstream share the same CPUs.",
     ])
 
@@ -271,7 +279,8 @@ def run(settings: Settings, tools: Tools) -> int:
             if NGINX in settings.targets:
                 targets.append(start_nginx(children, tools.nginx, work_dir, upstream.port))
             if PROXY in settings.targets:
-                targets.append(start_proxy(children, work_dir, upstream.port))
+                targets.append(start_proxy(children, work_dir, upstream.port,
+                                           settings.proxy_args))
             progress("started: " + ", ".join(f"{t.name} on :{t.port}" for t in targets))
             results = run_rounds(settings, tools, targets)
             problems = log_problems(targets)

@@ -100,7 +100,8 @@ def start_nginx(children: Children, nginx: str, work_dir: Path, upstream_port: i
     return Target(NGINX, port, child)
 
 
-def start_proxy(children: Children, work_dir: Path, upstream_port: int) -> Target:
+def start_proxy(children: Children, work_dir: Path, upstream_port: int,
+                extra_args: tuple[str, ...] = ()) -> Target:
     port = free_port()
     env = dict(os.environ)
     src = str(REPO_DIR / "src")
@@ -111,6 +112,7 @@ def start_proxy(children: Children, work_dir: Path, upstream_port: int) -> Targe
         sys.executable, "-m", "ollama_metrics", "serve",
         "--listen", f"127.0.0.1:{port}",
         "--upstream", f"http://127.0.0.1:{upstream_port}",
+        *extra_args,
     ]
     # cwd in the temp dir so anything the proxy writes relative to it is cleaned up with it.
     child = children.spawn("ollama-metrics", argv, env=env, cwd=proxy_dir)

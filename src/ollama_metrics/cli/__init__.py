@@ -2,8 +2,8 @@
 
 No logic lives here. Commands are grouped by what they drive: `proxy` (serve), `wrapper` (run,
 status, any Ollama command passed through), `service` (the service manager), `analytics` (search,
-stats, export of recorded interactions). Each module defines
-its commands; this one gathers them under `main`.
+stats, export of recorded interactions), `top` (a live view of a running proxy). Each module
+defines its commands; this one gathers them under `main`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import click
 
 from .. import __version__
-from . import analytics, proxy, service, wrapper
+from . import analytics, proxy, service, top, wrapper
 
 
 class OllamaGroup(click.Group):
@@ -33,5 +33,5 @@ def main() -> None:
 
 
 for command in (proxy.serve, wrapper.run, wrapper.status, service.service, analytics.search,
-                analytics.stats, analytics.export):
+                analytics.stats, analytics.export, top.top):
     main.add_command(command)

@@ -420,8 +420,12 @@ class FakeOllama:
         app.router.add_route("*", "/{tail:.*}", self._entry)
         # handler_cancellation: a client closing its socket cancels the handler, which is
         # how Ollama notices a disconnect (request context cancelled) even before the first byte.
+        # Go's net/http as Ollama runs it: up to 1 MB of headers (DefaultMaxHeaderBytes), however
+        # many, and request bodies read as sent (no Content-Encoding decoding).
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
-                                     shutdown_timeout=1.0)
+                                     shutdown_timeout=1.0, max_line_size=1 << 20,
+                                     max_field_size=1 << 20, max_headers=1 << 16,
+                                     auto_decompress=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()

@@ -49,7 +49,8 @@ async def _ids(http: aiohttp.ClientSession, proxy: RunningProxy, **params: str) 
 async def test_token_guards_every_analytics_route(api: RunningProxy,
                                                   http: aiohttp.ClientSession) -> None:
     for path in ("/analytics/search", "/analytics/messages", "/analytics/messages/rec00001",
-                 "/analytics/models", "/analytics/stats", "/analytics/export"):
+                 "/analytics/models", "/analytics/stats", "/analytics/export",
+                 "/analytics/timeseries", "/analytics/live", "/analytics/loaded"):
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
             async with http.get(api.url + path, headers=headers) as resp:
                 assert resp.status == 401, (path, headers)
@@ -154,6 +155,71 @@ async def test_models_and_stats(api: RunningProxy, http: aiohttp.ClientSession) 
         "question", "summarize", "translate", "explain", "creative"}
     status, ranged = await _get(http, api, "/analytics/stats", start_time=str(T0 + 21))
     assert ranged["totals"]["requests"] == 4 and ranged["range"]["start_time"] == T0 + 21
+
+
+async def test_timeseries(api: RunningProxy, http: aiohttp.ClientSession) -> None:
+    status, body = await _get(http, api, "/analytics/timeseries", start_time=str(T0),
+                              end_time=str(T0 + 30), step="10")
+    assert status == 200, body
+    assert (body["start_time"], body["end_time"], body["step"]) == (T0, T0 + 30, 10.0)
+    # Records at T0+n, n = 1..24: durations n (21's is 100), TTFT n/10, 22 and 23 errors.
+    first, second, third = body["points"]
+    assert first == {"start": T0, "seconds": 10.0, "requests": 9, "errors": 0, "cancelled": 0,
+                     "error_rate": 0.0, "prompt_tokens": 90, "completion_tokens": 45,
+                     "latency_p50": 5.0, "latency_p95": 9.0, "ttft_p50": 0.5, "ttft_p95": 0.9}
+    assert (second["start"], second["requests"], second["latency_p50"],
+            second["latency_p95"]) == (T0 + 10, 10, 14.0, 19.0)
+    assert (third["start"], third["requests"], third["errors"], third["cancelled"],
+            third["latency_p50"], third["latency_p95"]) == (T0 + 20, 5, 2, 1, 23.0, 100.0)
+
+    # Buckets stay on multiples of the step; `seconds` is their part inside the range.
+    status, body = await _get(http, api, "/analytics/timeseries", start_time=str(T0 + 5),
+                              end_time=str(T0 + 25), step="10")
+    assert [(p["start"], p["seconds"], p["requests"]) for p in body["points"]] == [
+        (T0, 5.0, 5), (T0 + 10, 10.0, 10), (T0 + 20, 5.0, 5)]
+    # Buckets without requests are there, empty.
+    status, body = await _get(http, api, "/analytics/timeseries", start_time=str(T0 - 20),
+                              end_time=str(T0 + 10), step="10", model="qwen3")
+    assert [p["requests"] for p in body["points"]] == [0, 0, 0]
+    assert body["points"][0] == {
+        "start": T0 - 20, "seconds": 10.0, "requests": 0, "errors": 0, "cancelled": 0,
+        "error_rate": 0.0, "prompt_tokens": 0, "completion_tokens": 0, "latency_p50": None,
+        "latency_p95": None, "ttft_p50": None, "ttft_p95": None}
+    status, body = await _get(http, api, "/analytics/timeseries", start_time=str(T0),
+                              end_time=str(T0 + 30), step="10", model="qwen3")
+    assert [p["requests"] for p in body["points"]] == [0, 0, 3]
+
+
+@pytest.mark.parametrize(("since", "step"), [
+    ("15m", 10), ("1h", 30), ("6h", 300), ("24h", 900), ("7d", 7200)])
+async def test_timeseries_chooses_a_step(api: RunningProxy, http: aiohttp.ClientSession,
+                                         since: str, step: int) -> None:
+    status, body = await _get(http, api, "/analytics/timeseries", since=since)
+    assert status == 200 and body["step"] == step
+    span = body["end_time"] - body["start_time"]
+    assert 60 <= round(span) / step <= 120
+    assert len(body["points"]) in (span // step, span // step + 1)
+    assert sum(p["seconds"] for p in body["points"]) == pytest.approx(span)
+    # Without a start: the last hour.
+    status, body = await _get(http, api, "/analytics/timeseries")
+    assert body["end_time"] - body["start_time"] == 3600 and body["step"] == 30
+
+
+@pytest.mark.parametrize(("params", "reason"), [
+    ({"step": "0"}, "step: must be at least 1 second"),
+    ({"step": "-60"}, "step: must be at least 1 second"),
+    ({"step": "nan"}, "step: must be at least 1 second"),
+    ({"step": "inf"}, "step: must be at least 1 second"),
+    ({"step": "a minute"}, "step: expected seconds"),
+    ({"since": "7d", "step": "1"}, "step: 1 s makes 604800 buckets"),
+    ({"since": "soon"}, "since: expected a duration"),
+    ({"colour": "blue"}, "unknown parameter 'colour'"),
+])
+async def test_timeseries_bad_parameters(api: RunningProxy, http: aiohttp.ClientSession,
+                                         params: dict[str, str], reason: str) -> None:
+    status, body = await _get(http, api, "/analytics/timeseries", **params)
+    assert status == 400, body
+    assert reason in body["error"]
 
 
 async def test_export(api: RunningProxy, http: aiohttp.ClientSession) -> None:

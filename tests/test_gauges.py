@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timezone
 
+import aiohttp
 import pytest
 
 from conftest import StartProxy
@@ -49,6 +51,36 @@ async def test_gauges_follow_api_ps(fake: FakeOllama, start_proxy: StartProxy) -
     await fake.close()
     await settle(lambda: value(proxy, "ollama_up") == 0)
     assert loaded(proxy) == set()
+
+
+async def test_loaded_shows_the_latest_poll(fake: FakeOllama, start_proxy: StartProxy,
+                                            http: aiohttp.ClientSession) -> None:
+    proxy = await start_proxy(fake.url, **FAST)
+    await settle(lambda: len(loaded(proxy)) == 2)
+    async with http.get(proxy.url + "/analytics/loaded") as resp:
+        assert resp.status == 200
+        body = await resp.json()
+    assert (body["polling"], body["up"], body["version"]) == (True, True, "0.33.0")
+    assert time.time() - 1 < body["checked_at"] <= time.time()
+    size = fake._model_entry("llama3.2:latest")["size"]
+    llama = next(m for m in body["models"] if m["name"] == "llama3.2:latest")
+    assert llama == {"name": "llama3.2:latest", "size": size, "size_vram": size,
+                     "context_length": 4096, "expires_at": pytest.approx(time.time() + 300, abs=2)}
+    assert {m["name"] for m in body["models"]} == {"llama3.2:latest", "all-minilm:latest"}
+
+    await fake.close()
+    await settle(lambda: value(proxy, "ollama_up") == 0)
+    async with http.get(proxy.url + "/analytics/loaded") as resp:
+        body = await resp.json()
+    assert (body["up"], body["models"]) == (False, [])
+
+
+async def test_loaded_when_not_polling(fake: FakeOllama, start_proxy: StartProxy,
+                                       http: aiohttp.ClientSession) -> None:
+    proxy = await start_proxy(fake.url, ps_interval=0)
+    async with http.get(proxy.url + "/analytics/loaded") as resp:
+        assert resp.status == 200
+        assert await resp.json() == {"polling": False}
 
 
 async def test_poll_goes_straight_to_ollama(fake: FakeOllama, start_proxy: StartProxy) -> None:

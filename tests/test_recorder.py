@@ -89,17 +89,20 @@ async def test_full_queue_drops_and_counts_never_delays(
                 assert resp.status == 200
                 await resp.read()
             durations.append(time.perf_counter() - started)
-        dropped = proxy.sample("ollama_analytics_dropped_total", backend="sqlite")
-        assert dropped >= 30  # at most queue + a batch in the writer's hands got through
         assert max(durations) < 0.5, durations  # requests never waited for the store
+        # Records are built on a thread, then queued: at most the queue and a batch in the
+        # writer's hands get through while the store is stuck.
+        await settle(lambda: proxy.sample("ollama_analytics_dropped_total",
+                                          backend="sqlite") >= 33)
         assert proxy.sample("ollama_analytics_queue_size", backend="sqlite") == 5
         assert proxy.sample("ollama_analytics_queue_capacity", backend="sqlite") == 5
     finally:
         release.set()
         holder.join()
     await settle(lambda: proxy.sample("ollama_analytics_queue_size", backend="sqlite") == 0, 10)
+    dropped = proxy.sample("ollama_analytics_dropped_total", backend="sqlite")
     stored = len(await records(proxy, http, int(40 - dropped)))
-    assert stored + dropped == 40
+    assert stored + dropped == 40  # every record either stored or counted as dropped
 
 
 async def test_failing_store_is_retried_and_others_carry_on(

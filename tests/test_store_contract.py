@@ -274,6 +274,46 @@ async def test_stats_of_nothing(store: QueryableStore) -> None:
         "models": [], "categories": []}
 
 
+async def test_timeseries_buckets_are_exact(store: QueryableStore) -> None:
+    await store.write_batch(_stats_records())  # at T0+n+0.123456, n = 1..24; T0 % 10 == 0
+    zero = {"errors": 0, "cancelled": 0, "error_rate": 0.0}
+    assert await store.timeseries(Query(), 10.0) == [
+        {"start": T0, "requests": 9, **zero, "prompt_tokens": 45, "completion_tokens": 90,
+         "latency_p50": 5.0, "latency_p95": 9.0, "ttft_p50": 0.5, "ttft_p95": 0.9},
+        {"start": T0 + 10, "requests": 10, **zero, "prompt_tokens": 145,
+         "completion_tokens": 290, "latency_p50": 14.0, "latency_p95": 19.0, "ttft_p50": 1.0,
+         "ttft_p95": 1.0},
+        {"start": T0 + 20, "requests": 5, "errors": 2, "cancelled": 1, "error_rate": 0.4,
+         "prompt_tokens": 20, "completion_tokens": 44, "latency_p50": 122.0,
+         "latency_p95": 124.0, "ttft_p50": None, "ttft_p95": None},
+    ]
+    # One bucket holding everything has the figures of stats' totals.
+    (whole,) = await store.timeseries(Query(), 3600.0)
+    assert whole == {"start": T0 // 3600 * 3600, **(await store.stats(Query()))["totals"]}
+
+
+async def test_timeseries_follow_filters(store: QueryableStore) -> None:
+    await store.write_batch(_stats_records())
+    assert [(b["start"], b["requests"]) for b in
+            await store.timeseries(Query(model="b"), 10.0)] == [(T0 + 20, 4)]
+    assert [(b["start"], b["requests"]) for b in await store.timeseries(
+        Query(start_time=T0 + 5, end_time=T0 + 15), 10.0)] == [(T0, 5), (T0 + 10, 5)]
+    assert len(await store.timeseries(Query(text="Berlin"), 10.0)) == 3
+    assert await store.timeseries(Query(text="nothing"), 10.0) == []
+    with pytest.raises(BadQuery, match="prompt_search"):
+        await store.timeseries(Query(text="!!!"), 10.0)
+
+
+async def test_timeseries_bucket_edges_and_missing_figures(store: QueryableStore) -> None:
+    await store.write_batch([sparse_record(1, started_at=T0 + 9.999),
+                             sparse_record(2, started_at=T0 + 10.0)])  # a bucket's start is in
+    empty = {"requests": 1, "errors": 0, "cancelled": 0, "error_rate": 0.0,
+             "prompt_tokens": 0, "completion_tokens": 0, "latency_p50": None,
+             "latency_p95": None, "ttft_p50": None, "ttft_p95": None}
+    assert await store.timeseries(Query(), 10.0) == [{"start": T0, **empty},
+                                                     {"start": T0 + 10, **empty}]
+
+
 # --- retention --------------------------------------------------------------------------------
 
 async def test_purge_by_age(store: QueryableStore) -> None:

@@ -1,8 +1,9 @@
 """The composition root: create_app(config) wires routes, state and long-lived resources.
 
-Routes: GET {metrics_path} (Prometheus), GET /test (health of proxy and upstream), and everything
-else, any method, to the proxy. Resources live in cleanup_ctx: the upstream session and the
-background refresh of model names are opened on start-up and closed on shutdown.
+Routes: GET {metrics_path} (Prometheus), GET /test (health of proxy and upstream), the
+/analytics/* API and the dashboard page at /analytics, and everything else, any method, to the
+proxy. Resources live in cleanup_ctx: the upstream session and the background refresh of model
+names are opened on start-up and closed on shutdown.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .analytics.recorder import Recorder
 from .analytics.settings import AnalyticsConfig
 from .analytics.stores import open_stores, queryable
 from .config import Config
+from .dashboard import routes as dashboard
 from .labels import ModelLabels
 from .live import Live
 from .metrics import Metrics, new_registry
@@ -34,6 +36,7 @@ LIVE = web.AppKey("live", Live)
 METRICS = web.AppKey("metrics", Metrics)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 ANALYTICS = web.AppKey("analytics", AnalyticsConfig)
+LOADED = web.AppKey("loaded", ps.Loaded)  # only while /api/ps is polled
 
 
 def create_app(config: Config, registry: CollectorRegistry | None = None,
@@ -61,7 +64,8 @@ def create_app(config: Config, registry: CollectorRegistry | None = None,
 
     app.cleanup_ctx.append(resources)
     if config.ps_interval is not None:  # after `resources`: it polls with the upstream session
-        app.cleanup_ctx.append(ps.poller(config, registry, lambda: app[SESSION]))
+        app[LOADED] = ps.Loaded()
+        app.cleanup_ctx.append(ps.poller(config, registry, lambda: app[SESSION], app[LOADED]))
     live = Live()
     app[LIVE] = live
     observers: list[Observer] = [metrics, live]
@@ -73,6 +77,7 @@ def create_app(config: Config, registry: CollectorRegistry | None = None,
         app.cleanup_ctx.append(_recording(recorder))
     app.on_response_prepare.append(strip_own_server_header)
     proxy = Proxy(config, lambda: app[SESSION], observers)
+    app.on_shutdown.append(proxy.on_shutdown)  # cuts what is still in flight after the grace
     scrape = make_aiohttp_handler(registry)
     app.router.add_get(config.metrics_path, require_token(analytics.token, scrape)
                        if analytics.protect_metrics else scrape)
@@ -80,6 +85,8 @@ def create_app(config: Config, registry: CollectorRegistry | None = None,
     app.router.add_routes(AnalyticsApi(lambda: queryable(stores), analytics.backends)
                           .routes(analytics.token))
     app.router.add_get("/analytics/live", require_token(analytics.token, _live))
+    app.router.add_get("/analytics/loaded", require_token(analytics.token, _loaded))
+    app.router.add_routes(dashboard.routes(analytics.token))
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
     return app
 
@@ -124,4 +131,11 @@ async def _live(request: web.Request) -> web.Response:
     except ValueError:
         return web.json_response({"error": "recent: expected a whole number"}, status=400)
     return web.Response(body=orjson.dumps(request.app[LIVE].snapshot(recent)),
+                        content_type="application/json")
+
+
+async def _loaded(request: web.Request) -> web.Response:
+    """What Ollama has in memory, from the latest /api/ps poll (for the dashboard)."""
+    loaded = request.app.get(LOADED)
+    return web.Response(body=orjson.dumps(loaded.as_json() if loaded else {"polling": False}),
                         content_type="application/json")

@@ -10,6 +10,7 @@ Contract:
   name); Origin and Authorization pass unchanged.
 - No total timeout. A client that goes away cancels the handler (the server runs with handler
   cancellation), which closes the upstream connection, which is how Ollama learns to stop.
+- On shutdown, exchanges in flight get the shutdown grace to finish; then they are cut.
 - Copies of reply bytes go to a ReplyReader after each write; the finished Interaction goes to the
   observers. Nothing observed can delay or fail the forwarded exchange.
 """
@@ -21,7 +22,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
@@ -99,8 +100,47 @@ class Proxy:
         self._base = str(config.upstream).rstrip("/")
         self._upstream_name = str(config.upstream)
         self._parse_cap = config.max_parse_bytes
+        self._inflight: set[asyncio.Task[Any]] = set()  # handlers of exchanges in flight
+        self._cutting = False
+
+    async def on_shutdown(self, app: web.Application) -> None:
+        """Give exchanges in flight the shutdown grace to finish, then cut them.
+
+        Runs once the listening socket is closed and idle connections are told to close. Left
+        to itself, aiohttp waits the grace for handlers, then as long again after cancelling only
+        their request bodies (which a streaming reply no longer reads), so a long stream would
+        hold shutdown for twice the grace. A cut stream ends without its final chunk, so the
+        client can tell, and the exchange is still recorded.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._config.shutdown_grace
+        while self._inflight and (left := deadline - loop.time()) > 0:
+            await asyncio.wait(set(self._inflight), timeout=left)
+        if self._inflight:
+            self._cutting = True
+            for task in self._inflight:
+                task.cancel()
+            await asyncio.wait(set(self._inflight), timeout=5.0)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        task = asyncio.current_task()
+        assert task is not None  # aiohttp runs each request's handler in a task of its own
+        self._inflight.add(task)
+        try:
+            return await self._handle(request)
+        finally:
+            self._inflight.discard(task)
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        coding = request.headers.get("Transfer-Encoding")
+        if coding is not None and coding.strip().lower() != "chunked":
+            # aiohttp lets an empty or layered coding (`gzip, chunked`) through, reading such a
+            # body as absent or as plain chunks. Ollama (Go) refuses both, and reading either
+            # differently from the next hop is how requests get smuggled: refuse as Go does,
+            # and close, so no byte after these headers is read as another request.
+            response = web.Response(status=501, text="Unsupported transfer encoding")
+            response.force_close()
+            return response
         endpoint, kind = route(request.path)
         i = Interaction(
             method=request.method,
@@ -118,6 +158,8 @@ class Proxy:
             return await self._exchange(request, kind, body, i)
         except asyncio.CancelledError:
             i.outcome = Outcome.CANCELLED
+            if self._cutting:
+                i.error = f"cut short by the proxy's shutdown after {self._config.shutdown_grace}s"
             raise
         finally:
             i.ended = time.perf_counter()
@@ -165,7 +207,13 @@ class Proxy:
         headers = filter_headers(request.headers)
         if request.content_length is not None and not isinstance(body, bytes) and body is not None:
             headers["Content-Length"] = str(request.content_length)  # keep uploads un-chunked
-        url = URL(self._base + request.raw_path, encoded=True)
+        target = request.raw_path
+        if not target.startswith("/"):
+            # Absolute form (`GET http://host/path`, RFC 9112 §3.2.2): Ollama serves its own
+            # paths whatever the authority says, and the whole URL glued onto the upstream's
+            # would name another host or port.
+            target = request.rel_url.raw_path_qs
+        url = URL(self._base + target, encoded=True)
         try:
             upstream = await self._session().request(
                 request.method, url, headers=headers, data=body, allow_redirects=False
@@ -203,7 +251,6 @@ class Proxy:
             response.content_length = int(length)
         content_type = upstream.headers.get("Content-Type", "")
         reader = reply_reader(content_type, i, self._parse_cap)
-        size = 0
         try:
             await response.prepare(request)
             body = upstream.content
@@ -212,15 +259,14 @@ class Proxy:
             async for chunk in body.iter_any():
                 now = time.perf_counter()
                 await response.write(chunk)
-                size += len(chunk)
+                # Counted as delivered, so a reply cut short (by either side) records its part.
+                i.response_bytes += len(chunk)
                 reader.feed(chunk, now)
-            i.response_bytes = size
             reader.close()
             self._settle(i, kind, content_type, status)
             await response.write_eof()
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
                 aiohttp.ClientOSError, asyncio.TimeoutError) as exc:
-            i.response_bytes = size
             reader.close()
             i.outcome = Outcome.UPSTREAM_ERROR
             if isinstance(exc, asyncio.TimeoutError):
@@ -231,7 +277,6 @@ class Proxy:
                 i.error = f"Ollama closed the reply early: {exc or type(exc).__name__}"
             await _abort(request, response)
         except ConnectionResetError:  # the client went away
-            i.response_bytes = size
             i.outcome = Outcome.CANCELLED
         return response
 

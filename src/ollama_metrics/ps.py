@@ -3,7 +3,8 @@
 One GET /api/ps per poll, with the app's upstream session, straight to Ollama (it never shows up
 in the request metrics and does not extend a model's keep-alive). The version is read again only
 when Ollama comes back. While Ollama does not answer, `ollama_up` is 0 and the model series are
-gone: a model that is not in the latest answer is removed, not left at its last value.
+gone: a model that is not in the latest answer is removed, not left at its last value. The
+latest answer is also kept as a `Loaded` snapshot, for the dashboard (GET /analytics/loaded).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -42,6 +44,49 @@ def parse_go_time(text: str) -> float | None:
     except ValueError:
         return None
     return moment.timestamp() + (float("0." + fraction) if fraction else 0.0)
+
+
+def _by_name(models: list[Any]) -> dict[str, dict[str, Any]]:
+    """The well-formed entries of an /api/ps `models` list, by model name."""
+    seen: dict[str, dict[str, Any]] = {}
+    for m in models:
+        if isinstance(m, dict):
+            name = m.get("model") or m.get("name")
+            if isinstance(name, str) and name:
+                seen[name] = m
+    return seen
+
+
+def _number(value: Any) -> float | int | None:
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+@dataclass
+class Loaded:
+    """The latest poll: is Ollama up, its version, and the models it has in memory."""
+
+    up: bool = False
+    version: str | None = None
+    checked_at: float | None = None  # when the latest poll ended, answered or not
+    models: list[dict[str, Any]] = field(default_factory=list)
+
+    def update(self, models: list[Any], version: str | None, now: float) -> None:
+        self.up, self.version, self.checked_at = True, version, now
+        self.models = [{
+            "name": name,
+            "size": _number(m.get("size")),
+            "size_vram": _number(m.get("size_vram")),
+            "context_length": _number(m.get("context_length")),
+            "expires_at": parse_go_time(m["expires_at"]) if isinstance(
+                m.get("expires_at"), str) else None,
+        } for name, m in _by_name(models).items()]
+
+    def down(self, now: float) -> None:
+        self.up, self.checked_at, self.models = False, now, []
+
+    def as_json(self) -> dict[str, Any]:
+        return {"polling": True, "up": self.up, "version": self.version,
+                "checked_at": self.checked_at, "models": self.models}
 
 
 class ModelGauges:
@@ -82,13 +127,7 @@ class ModelGauges:
     def update(self, models: list[Any], now: float) -> None:
         """Set the gauges from the `models` of an /api/ps answer."""
         self.up.set(1)
-        seen: dict[str, dict[str, Any]] = {}
-        for m in models:
-            if isinstance(m, dict):
-                name = m.get("model") or m.get("name")
-                if isinstance(name, str) and name:
-                    seen[name] = m
-        self._show(seen, now)
+        self._show(_by_name(models), now)
 
     def _show(self, models: dict[str, dict[str, Any]], now: float = 0.0) -> None:
         for gone in self._models - models.keys():
@@ -118,16 +157,19 @@ async def _get(session: aiohttp.ClientSession, config: Config, path: str) -> Any
 
 
 async def poll(session: aiohttp.ClientSession, config: Config, gauges: ModelGauges,
-               interval: float) -> None:
-    """Keep the gauges in step with /api/ps, forever (cancel to stop)."""
+               interval: float, loaded: Loaded) -> None:
+    """Keep the gauges and `loaded` in step with /api/ps, forever (cancel to stop)."""
     was_up = False
+    version: str | None = None
     while True:
         try:
             body = await _get(session, config, "api/ps")
             if not was_up:
-                health = await upstream.check(session, config)
-                gauges.version(health.version)
-            gauges.update(body.get("models") or [], time.time())
+                version = (await upstream.check(session, config)).version
+                gauges.version(version)
+            models = body.get("models") or []
+            gauges.update(models, time.time())
+            loaded.update(models, version, time.time())
             was_up = True
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, orjson.JSONDecodeError,
                 AttributeError) as exc:
@@ -135,12 +177,13 @@ async def poll(session: aiohttp.ClientSession, config: Config, gauges: ModelGaug
                 log.info("Ollama stopped answering /api/ps at %s: %s", config.upstream,
                          exc or type(exc).__name__)
             gauges.down()
+            loaded.down(time.time())
             was_up = False
         await asyncio.sleep(interval)
 
 
 def poller(config: Config, registry: CollectorRegistry,
-           session: Callable[[], aiohttp.ClientSession]
+           session: Callable[[], aiohttp.ClientSession], loaded: Loaded
            ) -> Callable[[web.Application], AsyncIterator[None]]:
     """A cleanup_ctx entry running `poll` while the app runs (after the session is open)."""
     interval = config.ps_interval
@@ -149,7 +192,7 @@ def poller(config: Config, registry: CollectorRegistry,
     gauges.down()
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        task = asyncio.create_task(poll(session(), config, gauges, interval))
+        task = asyncio.create_task(poll(session(), config, gauges, interval, loaded))
         yield
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Awaitable, Mapping
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CollectorRegistry
 
 from . import probe, upstream
@@ -56,9 +57,33 @@ def bind(config: Config) -> socket.socket:
     return sock
 
 
+class _QuietBadRequests(logging.Filter):
+    """aiohttp logs every request it cannot parse (bad framing, oversized or invalid headers) at
+    ERROR with a traceback. Those are the client's fault and routine from scanners and hostile
+    peers, so they become one DEBUG line: no traceback, and the offending bytes, which may be a
+    prompt, never reach the log at INFO."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True  # anything else is a real fault: keep it loud
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.msg, record.args = "bad request (%s): %s", (exc.code, exc.message)
+        record.exc_info, record.exc_text = None, None
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+_HTTP_LOG = logging.getLogger("ollama_metrics.http")
+_HTTP_LOG.addFilter(_QuietBadRequests())
+
+
 def make_runner(app: web.Application, config: Config) -> web.AppRunner:
+    # auto_decompress off: a request body with Content-Encoding goes to Ollama as it came, as
+    # every other byte does (decoded, it would reach Ollama still labelled gzip; undecodable, it
+    # would be a 500 of the proxy's own).
     return web.AppRunner(app, handler_cancellation=True, access_log=None,
-                         shutdown_timeout=config.shutdown_grace)
+                         shutdown_timeout=config.shutdown_grace, auto_decompress=False,
+                         logger=_HTTP_LOG)
 
 
 async def serve(config: Config, sock: socket.socket, stop: asyncio.Event | None = None,

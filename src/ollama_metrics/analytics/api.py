@@ -1,22 +1,27 @@
-"""The /analytics/* HTTP routes: search, one record, models, stats, export.
+"""The /analytics/* HTTP routes: search, one record, models, stats, time series, export.
 
 The original proxy's routes and parameters are kept (/analytics/search with start_time,
 end_time, model, prompt_search, prompt_category; /analytics/messages/{id}; /analytics/stats).
-Every route here shows prompts, so each requires the bearer token when one is configured.
-Bad parameters or bad full-text syntax answer 400 with the reason.
+Every route here shows prompts, so each requires the token when one is configured: as a bearer
+header, or as the cookie the dashboard sets (dashboard.routes). Bad parameters or bad
+full-text syntax answer 400 with the reason.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import hmac
 import io
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from . import timeseries
 from .query import BadQuery, parse
 from .stores import FIELD_NAMES, JSON_FIELDS, QueryableStore, StoreError
 
@@ -27,15 +32,33 @@ def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
 
+COOKIE = "ollama_metrics_token"
+
+
+def cookie_value(token: str) -> str:
+    """What the dashboard's cookie holds: derived from the token, so the browser never stores
+    the token itself (the cookie opens /analytics only; the token may also open /metrics)."""
+    return hmac.new(token.encode(), b"ollama-metrics dashboard cookie", hashlib.sha256
+                    ).hexdigest()
+
+
+def authorized(token: str, request: web.Request) -> bool:
+    """Does the request carry `Authorization: Bearer <token>`, or, on /analytics routes, the
+    dashboard's cookie?"""
+    given = request.headers.get("Authorization", "").encode()
+    bearer = hmac.compare_digest(given, f"Bearer {token}".encode())
+    cookie = hmac.compare_digest(request.cookies.get(COOKIE, "").encode(),
+                                 cookie_value(token).encode())
+    return bearer or (cookie and (request.path + "/").startswith("/analytics/"))
+
+
 def require_token(token: str | None, handler: Handler) -> Handler:
-    """`handler`, answering 401 unless the request carries `Authorization: Bearer <token>`."""
+    """`handler`, answering 401 unless the request is `authorized`."""
     if token is None:
         return handler
-    expected = f"Bearer {token}".encode()
 
     async def guarded(request: web.Request) -> web.StreamResponse:
-        given = request.headers.get("Authorization", "").encode()
-        if not hmac.compare_digest(given, expected):
+        if not authorized(token, request):
             return web.Response(
                 status=401, body=orjson.dumps({"error": "analytics routes need "
                                                "'Authorization: Bearer <ANALYTICS_TOKEN>'"}),
@@ -61,6 +84,7 @@ class AnalyticsApi:
             get("/analytics/messages/{id}", self.message),
             get("/analytics/models", self.models),
             get("/analytics/stats", self.stats),
+            get("/analytics/timeseries", self.timeseries),
             get("/analytics/export", self.export),
         ]
 
@@ -104,6 +128,22 @@ class AnalyticsApi:
         stats = await self._q().stats(query)
         stats["range"] = {"start_time": query.start_time, "end_time": query.end_time}
         return _json(stats)
+
+    async def timeseries(self, request: web.Request) -> web.StreamResponse:
+        """Per-bucket figures over a range (the hour before `end_time`, or now, when no start
+        is given); `step` seconds per bucket, chosen from the range when absent. Every bucket
+        is listed."""
+        params = dict(request.query)
+        raw_step = params.pop("step", None)
+        query = parse(params)
+        end = query.end_time if query.end_time is not None else time.time()
+        start = query.start_time if query.start_time is not None \
+            else end - timeseries.DEFAULT_SPAN
+        step = timeseries.parse_step(raw_step, end - start)
+        query = replace(query, start_time=start, end_time=end)
+        buckets = await self._q().timeseries(query, step)
+        return _json({"start_time": start, "end_time": end, "step": step,
+                      "points": timeseries.fill(buckets, start, end, step)})
 
     async def export(self, request: web.Request) -> web.StreamResponse:
         fmt = request.query.get("format", "jsonl")

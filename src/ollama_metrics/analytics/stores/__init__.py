@@ -2,8 +2,8 @@
 
 A store receives finished records (dicts of FIELDS, as analytics.record builds them) in batches
 from its writer task. Every store can `write_batch`, `purge` and `close`; the queryable ones
-(SQLite, PostgreSQL) also `search`, `get`, `stats`, `models` and `export`. Optional backends
-import their libraries lazily, so a plain install needs none of them.
+(SQLite, PostgreSQL) also `search`, `get`, `stats`, `models`, `timeseries` and `export`.
+Optional backends import their libraries lazily, so a plain install needs none of them.
 """
 
 from __future__ import annotations
@@ -91,6 +91,10 @@ class QueryableStore(Store, Protocol):
     async def stats(self, query: Query) -> dict[str, Any]: ...
 
     async def models(self, query: Query) -> list[dict[str, Any]]: ...
+
+    async def timeseries(self, query: Query, step: float) -> list[dict[str, Any]]:
+        """The figures of `stats` totals per bucket of `step` seconds, oldest first, each with
+        `start` (a multiple of `step`, epoch seconds); buckets without requests are left out."""
 
     def export(self, query: Query) -> AsyncIterator[Record]: ...
 

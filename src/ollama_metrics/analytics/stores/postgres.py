@@ -283,36 +283,23 @@ class PostgresStore:
     async def stats(self, query: Query) -> dict[str, Any]:
         """Counts, tokens, error rate and nearest-rank p50/p95 of latency and TTFT, overall,
         per model and per category, in one scan (grouping sets)."""
-        params: list[Any] = [list(STATUSES["error"]), list(STATUSES["cancelled"])]
+        params: list[Any] = []
         sql = (
-            "SELECT GROUPING(i.model, i.prompt_category), i.model, i.prompt_category, count(*), "
-            "count(*) FILTER (WHERE i.outcome = ANY(%s)), "
-            "count(*) FILTER (WHERE i.outcome = ANY(%s)), "
-            "coalesce(sum(i.prompt_tokens), 0)::bigint, "
-            "coalesce(sum(i.completion_tokens), 0)::bigint, "
-            # percentile_disc is nearest-rank: the first value whose rank reaches p * n.
-            "percentile_disc(0.5) WITHIN GROUP (ORDER BY i.duration), "
-            "percentile_disc(0.95) WITHIN GROUP (ORDER BY i.duration), "
-            "percentile_disc(0.5) WITHIN GROUP (ORDER BY i.ttft), "
-            "percentile_disc(0.95) WITHIN GROUP (ORDER BY i.ttft) "
-            f"{_base(query, params)} "
+            "SELECT GROUPING(i.model, i.prompt_category), i.model, i.prompt_category, "
+            f"{_figures(params)} {_base(query, params)} "
             "GROUP BY GROUPING SETS ((), (i.model), (i.prompt_category)) ORDER BY 1, 4 DESC")
         async with self._pool().connection() as conn:
             await _check_text(conn, query)
             cur = await conn.execute(sql, params)
             rows = await cur.fetchall()
         out: dict[str, Any] = {"totals": None, "models": [], "categories": []}
-        for grouping, model, category, n, errors, cancelled, pt, ct, *quantiles in rows:
+        for grouping, model, category, *figures in rows:
             row: dict[str, Any] = {}
             if grouping == 1:  # grouped by model
                 row["model"] = model
             elif grouping == 2:  # grouped by category
                 row["prompt_category"] = category
-            row.update(requests=n, errors=errors, cancelled=cancelled,
-                       error_rate=errors / n if n else 0.0, prompt_tokens=pt,
-                       completion_tokens=ct)
-            row.update(zip(("latency_p50", "latency_p95", "ttft_p50", "ttft_p95"), quantiles,
-                           strict=True))
+            row.update(_row_figures(figures))
             if grouping == 1:
                 out["models"].append(row)
             elif grouping == 2:
@@ -321,3 +308,40 @@ class PostgresStore:
                 out["totals"] = row
         return out
 
+    async def timeseries(self, query: Query, step: float) -> list[dict[str, Any]]:
+        """The figures of `stats` per bucket of `step` seconds (buckets with no requests left
+        out), oldest first; grouped by an integer bucket number in SQL."""
+        params: list[Any] = [step]
+        sql = (f"SELECT floor(i.started_at / %s)::bigint AS bucket, {_figures(params)} "
+               f"{_base(query, params)} GROUP BY bucket ORDER BY bucket")
+        async with self._pool().connection() as conn:
+            await _check_text(conn, query)
+            cur = await conn.execute(sql, params)
+            rows = await cur.fetchall()
+        return [{"start": bucket * step, **_row_figures(figures)} for bucket, *figures in rows]
+
+
+def _figures(params: list[Any]) -> str:
+    """The aggregate columns read by `_row_figures`; their values go to `params`."""
+    params += [list(STATUSES["error"]), list(STATUSES["cancelled"])]
+    return (
+        "count(*), "
+        "count(*) FILTER (WHERE i.outcome = ANY(%s)), "
+        "count(*) FILTER (WHERE i.outcome = ANY(%s)), "
+        "coalesce(sum(i.prompt_tokens), 0)::bigint, "
+        "coalesce(sum(i.completion_tokens), 0)::bigint, "
+        # percentile_disc is nearest-rank: the first value whose rank reaches p * n.
+        "percentile_disc(0.5) WITHIN GROUP (ORDER BY i.duration), "
+        "percentile_disc(0.95) WITHIN GROUP (ORDER BY i.duration), "
+        "percentile_disc(0.5) WITHIN GROUP (ORDER BY i.ttft), "
+        "percentile_disc(0.95) WITHIN GROUP (ORDER BY i.ttft)")
+
+
+def _row_figures(figures: list[Any]) -> dict[str, Any]:
+    n, errors, cancelled, pt, ct, *quantiles = figures
+    row: dict[str, Any] = dict(requests=n, errors=errors, cancelled=cancelled,
+                               error_rate=errors / n if n else 0.0, prompt_tokens=pt,
+                               completion_tokens=ct)
+    row.update(zip(("latency_p50", "latency_p95", "ttft_p50", "ttft_p95"), quantiles,
+                   strict=True))
+    return row

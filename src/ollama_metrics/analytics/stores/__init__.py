@@ -62,6 +62,21 @@ JSON_FIELDS = frozenset(name for name, kind in FIELDS if kind == "json")
 BOOL_FIELDS = frozenset(name for name, kind in FIELDS if kind == "bool")
 
 
+def column_filters(q: Query) -> list[tuple[str, str, Any]]:
+    """A query's column filters as (column, operator, value), in SQL order. Each SQL store
+    renders its own placeholders and adds its outcome and full-text conditions."""
+    filters: list[tuple[str, str, Any]] = []
+    if q.start_time is not None:
+        filters.append(("i.started_at", ">=", q.start_time))
+    if q.end_time is not None:
+        filters.append(("i.started_at", "<", q.end_time))
+    for column, value in (("model", q.model), ("prompt_category", q.category),
+                          ("endpoint", q.endpoint)):
+        if value is not None:
+            filters.append((f"i.{column}", "=", value))
+    return filters
+
+
 class StoreError(RuntimeError):
     """A store cannot do what was asked (unreachable, misconfigured); the message says why."""
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from ..query import STATUSES, BadQuery, Page, Query
-from . import FIELD_NAMES, FIELDS, Record, StoreError
+from . import FIELD_NAMES, FIELDS, Record, StoreError, column_filters
 from .postgres_migrations import migrate
 
 try:
@@ -102,18 +102,9 @@ def _from(q: Query, params: list[Any]) -> str:
 
 def _where(q: Query, params: list[Any]) -> str:
     """The WHERE clause for a query's filters; values go to `params`, never into the SQL."""
-    clauses = []
-    if q.start_time is not None:
-        clauses.append("i.started_at >= %s")
-        params.append(q.start_time)
-    if q.end_time is not None:
-        clauses.append("i.started_at < %s")
-        params.append(q.end_time)
-    for column, value in (("model", q.model), ("prompt_category", q.category),
-                          ("endpoint", q.endpoint)):
-        if value is not None:
-            clauses.append(f"i.{column} = %s")
-            params.append(_text(value))
+    filters = column_filters(q)
+    clauses = [f"{column} {op} %s" for column, op, _ in filters]
+    params.extend(_text(v) if isinstance(v, str) else v for _, _, v in filters)
     if q.outcomes:
         clauses.append("i.outcome = ANY(%s)")
         params.append(list(q.outcomes))

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import orjson
 
 from ..query import BadQuery, Page, Query
-from . import BOOL_FIELDS, FIELD_NAMES, JSON_FIELDS, Record, StoreError
+from . import BOOL_FIELDS, FIELD_NAMES, JSON_FIELDS, Record, StoreError, column_filters
 from .sqlite_migrations import migrate
 
 T = TypeVar("T")
@@ -70,18 +70,9 @@ def _params(record: Record) -> tuple[Any, ...]:
 
 def _where(q: Query, params: list[Any]) -> str:
     """The WHERE clause for a query's filters; values go to `params`, never into the SQL."""
-    clauses = []
-    if q.start_time is not None:
-        clauses.append("i.started_at >= ?")
-        params.append(q.start_time)
-    if q.end_time is not None:
-        clauses.append("i.started_at < ?")
-        params.append(q.end_time)
-    for column, value in (("model", q.model), ("prompt_category", q.category),
-                          ("endpoint", q.endpoint)):
-        if value is not None:
-            clauses.append(f"i.{column} = ?")
-            params.append(value)
+    filters = column_filters(q)
+    clauses = [f"{column} {op} ?" for column, op, _ in filters]
+    params.extend(value for _, _, value in filters)
     if q.outcomes:
         clauses.append(f"i.outcome IN ({', '.join('?' for _ in q.outcomes)})")
         params.extend(q.outcomes)

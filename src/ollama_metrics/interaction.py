@@ -70,8 +70,10 @@ class Interaction:
     response_bytes: int = 0
     first_token: float | None = None  # perf_counter at the first content chunk
     last_token: float | None = None  # perf_counter at the last content chunk
+    # Reply and thinking text as it streamed, kept up to ollama.TEXT_KEPT characters in all.
     response_pieces: list[str] = field(default_factory=list)
     thinking_pieces: list[str] = field(default_factory=list)
+    chunks: int = 0  # chunks that carried text, kept or not
     tool_calls: list[Any] = field(default_factory=list)
     done: bool = False  # the stream ended as Ollama ends a complete one
     done_reason: str | None = None

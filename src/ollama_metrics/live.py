@@ -52,7 +52,7 @@ class Live:
             "elapsed": clock - i.started,
             "ttft": i.ttft,
             # Ollama streams about one token a chunk; the exact count comes with the last one.
-            "chunks": len(i.response_pieces) + len(i.thinking_pieces),
+            "chunks": i.chunks,
         } for i in list(self._active.values())]
         active.sort(key=lambda a: -a["elapsed"])
         window = [r for r in self._recent if (r["ended_at"] or 0) >= now - RATE_WINDOW]

@@ -136,7 +136,7 @@ def _system_text(body: dict[str, Any]) -> str | None:
     return None
 
 
-def read_request(body: bytes, interaction: Interaction) -> None:
+def read_request(body: bytes | bytearray, interaction: Interaction) -> None:
     """Fill model, stream flag, options and prompt text from a JSON request body."""
     if not body or body[:1] not in (b"{", b" ", b"\n", b"\r", b"\t"):
         return
@@ -182,6 +182,7 @@ class ReplyReader:
 
     def __init__(self, interaction: Interaction) -> None:
         self.i = interaction
+        self._kept = 0  # characters of text kept so far
 
     def feed(self, chunk: bytes, now: float) -> None:
         """Take one forwarded chunk that arrived at perf_counter time `now`."""
@@ -262,13 +263,20 @@ class ReplyReader:
     def _token(self, content: Any, thinking: Any, now: float) -> None:
         got = False
         if isinstance(content, str) and content:
-            self.i.response_pieces.append(content)
+            self._keep(self.i.response_pieces, content)
             got = True
         if isinstance(thinking, str) and thinking:
-            self.i.thinking_pieces.append(thinking)
+            self._keep(self.i.thinking_pieces, thinking)
             got = True
         if got:
+            self.i.chunks += 1
             self._mark(now)
+
+    def _keep(self, pieces: list[str], text: str) -> None:
+        room = TEXT_KEPT - self._kept
+        if room > 0:
+            pieces.append(text[:room])
+            self._kept += min(len(text), room)
 
     def _calls(self, calls: Any, now: float) -> None:
         if isinstance(calls, list):
@@ -313,6 +321,10 @@ class _LineReader(ReplyReader):
 
 
 MAX_LINE = 16 * 1024 * 1024  # Ollama's own client accepts lines up to 8 MB
+# Reply text kept for the record, at most. What is stored is cut shorter (--analytics-max-text,
+# 64 Ki characters by default); past this a reply is read for its counts but its text is let go,
+# so a runaway stream (or a 200 MB one) never piles up in memory.
+TEXT_KEPT = 1 << 20
 
 
 class NdjsonReader(_LineReader):
@@ -425,7 +437,10 @@ def _loads(data: bytes) -> dict[str, Any] | None:
 
 
 def _int(value: Any, default: int | None) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else default
+    """A count or a duration as Ollama sends them, a whole number from 0 up; anything else is
+    not one (a negative count would make a Prometheus counter raise)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 \
+        else default
 
 
 def _error_message(error: Any) -> str:

@@ -44,6 +44,8 @@ _HOP_BY_HOP = frozenset((
     "te", "trailer", "transfer-encoding", "upgrade", "host", "content-length", "expect",
 ))
 _PROMPT_KINDS = (Kind.GENERATE, Kind.OPENAI, Kind.OPENAI_EVENTS, Kind.EMBED, Kind.OPENAI_EMBED)
+_WHOLE = 1 << 16  # request bodies read whole up to this size are sent as one bytes object
+_SLICE = 1 << 18  # larger ones in slices of this size
 
 
 class Observer(Protocol):
@@ -141,6 +143,12 @@ class Proxy:
             response = web.Response(status=501, text="Unsupported transfer encoding")
             response.force_close()
             return response
+        if coding is not None and "Content-Length" in request.headers:
+            # Both framings at once is the classic smuggling probe (RFC 9112 §6.1 lets a server
+            # refuse it): refuse and close, so neither reading reaches Ollama.
+            response = web.Response(status=400, text="Content-Length with Transfer-Encoding")
+            response.force_close()
+            return response
         endpoint, kind = route(request.path)
         i = Interaction(
             method=request.method,
@@ -175,38 +183,45 @@ class Proxy:
 
     async def _request_body(
         self, request: web.Request, kind: Kind, i: Interaction
-    ) -> bytes | AsyncIterator[bytes] | aiohttp.StreamReader | None:
+    ) -> bytearray | AsyncIterator[bytes | memoryview] | aiohttp.StreamReader | None:
         if not request.body_exists:
             return None
         length = request.content_length
         if not kind.reads_request or (length is not None and length > self._parse_cap):
             i.request_bytes = length or 0
             return request.content
-        # Read up to the cap; a body that turns out larger goes on as a stream, unparsed.
-        parts: list[bytes] = []
-        size = 0
-        while size <= self._parse_cap:
+        # Read up to the cap; a body that turns out larger goes on as a stream, unparsed. One
+        # growing buffer, not a list of chunks joined at the end: a 20 MB body is held once.
+        body = bytearray()
+        while len(body) <= self._parse_cap:
             chunk = await request.content.readany()
             if not chunk:
-                body = b"".join(parts)
                 i.request_bytes = len(body)
                 read_request(body, i)
                 return body
-            parts.append(chunk)
-            size += len(chunk)
+            body += chunk
         i.request_bytes = length or 0
-        return _chain(parts, request.content)
+        return _chain(body, request.content)
 
     async def _exchange(
         self,
         request: web.Request,
         kind: Kind,
-        body: bytes | AsyncIterator[bytes] | aiohttp.StreamReader | None,
+        body: bytearray | AsyncIterator[bytes | memoryview] | aiohttp.StreamReader | None,
         i: Interaction,
     ) -> web.StreamResponse:
         headers = filter_headers(request.headers)
-        if request.content_length is not None and not isinstance(body, bytes) and body is not None:
-            headers["Content-Length"] = str(request.content_length)  # keep uploads un-chunked
+        data: bytes | AsyncIterator[bytes | memoryview] | aiohttp.StreamReader | None
+        if isinstance(body, bytearray):
+            # A body read whole goes on with its exact length. A large one goes as slices of
+            # the buffer: handed over whole, aiohttp would copy it, then copy it again to join
+            # it to the headers, tripling a 20 MB request in memory.
+            headers["Content-Length"] = str(len(body))
+            data = bytes(body) if len(body) <= _WHOLE else _slices(body)
+        else:
+            data = body
+            if request.content_length is not None and body is not None:
+                headers["Content-Length"] = str(request.content_length)  # uploads un-chunked
         target = request.raw_path
         if not target.startswith("/"):
             # Absolute form (`GET http://host/path`, RFC 9112 §3.2.2): Ollama serves its own
@@ -216,7 +231,7 @@ class Proxy:
         url = URL(self._base + target, encoded=True)
         try:
             upstream = await self._session().request(
-                request.method, url, headers=headers, data=body, allow_redirects=False
+                request.method, url, headers=headers, data=data, allow_redirects=False
             )
         except aiohttp.ConnectionTimeoutError:
             return self._fail(i, ErrorType.TIMEOUT, 504, f"timed out connecting to Ollama at "
@@ -319,8 +334,15 @@ async def _abort(request: web.Request, response: web.StreamResponse) -> None:
     response.force_close()
 
 
-async def _chain(parts: list[bytes], rest: aiohttp.StreamReader) -> AsyncIterator[bytes]:
-    for part in parts:
+async def _slices(data: bytearray) -> AsyncIterator[memoryview]:
+    view = memoryview(data)
+    for at in range(0, len(view), _SLICE):
+        yield view[at:at + _SLICE]
+
+
+async def _chain(head: bytearray, rest: aiohttp.StreamReader
+                 ) -> AsyncIterator[bytes | memoryview]:
+    async for part in _slices(head):
         yield part
     async for chunk in rest.iter_any():
         yield chunk

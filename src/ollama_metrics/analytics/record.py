@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import binascii
 import hashlib
+import re
 from typing import Any
 
 from ..interaction import Interaction
 from .privacy import Privacy
 from .stores import Record
+
+_B64_SLICE = 1 << 20  # base64 characters decoded at a time (a multiple of 4)
+_NOT_B64 = re.compile(r"[^A-Za-z0-9+/=]")
 
 
 def _image_ref(data: Any) -> dict[str, Any]:
@@ -22,12 +26,19 @@ def _image_ref(data: Any) -> dict[str, Any]:
         return {"bytes": None, "sha256": None}
     if data.startswith(("http://", "https://")):
         return {"url": data[:500]}
-    payload = data.split(",", 1)[1] if data.startswith("data:") else data
+    start = data.find(",") + 1 if data.startswith("data:") else 0
+    # Decoded a slice at a time, so a 20 MB image never exists decoded in memory at once. Only
+    # clean base64 splits into whole four-character groups; anything else is decoded whole.
+    step = len(data) if _NOT_B64.search(data, start) else _B64_SLICE
+    digest, size = hashlib.sha256(), 0
     try:
-        raw = binascii.a2b_base64(payload)
+        for at in range(start, len(data), step):
+            raw = binascii.a2b_base64(data[at:at + step])
+            digest.update(raw)
+            size += len(raw)
     except (binascii.Error, ValueError):
-        return {"bytes": len(payload), "sha256": None}
-    return {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+        return {"bytes": len(data) - start, "sha256": None}
+    return {"bytes": size, "sha256": digest.hexdigest()}
 
 
 def _content(content: Any, images: list[dict[str, Any]]) -> str:
@@ -65,7 +76,7 @@ def _messages(body: dict[str, Any], images: list[dict[str, Any]]) -> list[dict[s
         own: list[dict[str, Any]] = []
         message: dict[str, Any] = {"role": m.get("role"),
                                    "content": _content(m.get("content"), own)}
-        for data in m.get("images") or []:  # native chat: base64 strings
+        for data in _list(m.get("images")):  # native chat: base64 strings
             own.append(_image_ref(data))
         if own:
             message["images"] = own
@@ -92,7 +103,7 @@ def build(i: Interaction, privacy: Privacy) -> Record:
     i.request_json = None  # large bodies (images) should not outlive the exchange
     images: list[dict[str, Any]] = []
     messages = _messages(body, images)
-    for data in body.get("images") or []:  # /api/generate
+    for data in _list(body.get("images")):  # /api/generate
         images.append(_image_ref(data))
     prompt = i.prompt
     if i.embedding_dims is not None or i.endpoint in ("/api/embed", "/v1/embeddings"):
@@ -118,7 +129,7 @@ def build(i: Interaction, privacy: Privacy) -> Record:
                 m.pop("tool_calls", None)
     tool_calls: list[Any] | None = i.tool_calls or None
     if tool_calls and not privacy.keeps_text:  # names only
-        tool_calls = [{"name": (c.get("function") or {}).get("name")} if isinstance(c, dict)
+        tool_calls = [{"name": _name(c.get("function"))} if isinstance(c, dict)
                       else None for c in tool_calls]
     elif tool_calls:
         tool_calls = [_scrub_json(c, privacy) for c in tool_calls]
@@ -162,6 +173,15 @@ def build(i: Interaction, privacy: Privacy) -> Record:
         "truncated": truncated,
         "capture": privacy.capture,
     }
+
+
+def _list(value: Any) -> list[Any]:
+    """A list field of a request as sent, or none: a client may send any JSON at all."""
+    return value if isinstance(value, list) else []
+
+
+def _name(function: Any) -> Any:
+    return function.get("name") if isinstance(function, dict) else None
 
 
 def _seconds(ns: int | None) -> float | None:

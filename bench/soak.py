@@ -4,7 +4,7 @@ Contract: ``python bench/soak.py --minutes 10`` starts the fake Ollama (``tests/
 and ``python -m ollama_metrics serve`` (SQLite analytics in a temporary directory) as process
 groups, drives a steady mix of traffic through the proxy for the chosen time -- streamed and
 whole generates and chats, ``/v1`` SSE, embeddings, Ollama errors, streams Ollama cuts short,
-clients that leave mid-stream, unknown models, searches and stats on ``/analytics``, scrapes of
+clients that leave mid-stream, unknown models, searches on ``/analytics/search``, scrapes of
 ``/metrics`` -- samples the proxy's RSS every ``--sample`` seconds, then stops the traffic and
 waits ``--settle`` seconds. It prints a table (minute, RSS MiB, SQLite's heap MiB, requests
 done), the least-squares slope of RSS after the warm-up (MiB/min), RSS after settling against the
@@ -140,12 +140,6 @@ async def search(s: aiohttp.ClientSession, base: str, rng: random.Random) -> str
         return str(resp.status)
 
 
-async def stats(s: aiohttp.ClientSession, base: str, rng: random.Random) -> str:
-    async with s.get(base + "/analytics/stats", params={"since": "1h"}) as resp:
-        await resp.read()
-        return str(resp.status)
-
-
 async def scrape(s: aiohttp.ClientSession, base: str, rng: random.Random) -> str:
     async with s.get(base + "/metrics") as resp:
         await resp.read()
@@ -155,7 +149,7 @@ async def scrape(s: aiohttp.ClientSession, base: str, rng: random.Random) -> str
 MIX: list[tuple[Kind, int]] = [
     (generate_stream, 25), (generate_whole, 10), (chat_stream, 15), (openai_sse, 10),
     (openai_whole, 5), (embed, 5), (ollama_error, 5), (unknown_model, 3), (upstream_dies, 5),
-    (client_leaves, 5), (search, 7), (stats, 2), (scrape, 3),
+    (client_leaves, 5), (search, 9), (scrape, 3),
 ]
 # What each kind answers when all is well; anything else is counted as a failure.
 EXPECTED = {"ollama_error": "500", "unknown_model": "404", "upstream_dies": "cut",

@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 
 from helpers import Process, fake_process, proxy_process, raw_request
-from wire import Reply, parse_replies
+from wire import Reply, parse_replies, startup_done
 
 SMUGGLED = b"GET /api/ps HTTP/1.1\r\nHost: x\r\n\r\n"
 
@@ -40,6 +40,7 @@ def stack() -> Iterator[Stack]:
     bystander.setblocking(False)
     with fake_process() as fake, proxy_process(fake.url, "--ps-interval", "0",
                                                "--model-refresh", "3600") as proxy:
+        startup_done(fake.url)
         yield Stack(fake, proxy, bystander)
     bystander.close()
 

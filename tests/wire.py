@@ -9,9 +9,11 @@ background for its peak.
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
+import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -152,6 +154,23 @@ class Watch:
         if self._thread is not None:
             self._thread.join()
         return (self.peak - self.baseline) / MIB
+
+
+def startup_done(fake_url: str, timeout: float = 10.0) -> None:
+    """Wait until a proxy just started has made its own first requests to the fake Ollama
+    (process mode) -- the health check and the model list -- then clear the fake's record, so
+    that what it records next is only what the test sends."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with urllib.request.urlopen(fake_url + "/_fake/requests", timeout=5) as resp:
+            seen = {(r["method"], r["path_qs"]) for r in json.load(resp)}
+        if {("GET", "/api/version"), ("GET", "/api/tags")} <= seen:
+            break
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the proxy's start-up requests never came: {seen}")
+        time.sleep(0.02)
+    urllib.request.urlopen(urllib.request.Request(fake_url + "/_fake/reset", method="POST"),
+                           timeout=5).close()
 
 
 def open_fds(pid: int) -> int:

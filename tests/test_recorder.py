@@ -251,3 +251,40 @@ def test_sigterm_drains_records_in_flight(tmp_path: Path) -> None:
     assert db.execute("SELECT COUNT(*), MIN(outcome), MAX(outcome) FROM interactions"
                       ).fetchone() == (10, "ok", "ok")
     db.close()
+
+
+def _sqlite_heap() -> int:
+    """Bytes SQLite holds in this process: page caches, statements, schemas."""
+    import _sqlite3
+    import ctypes
+
+    used = ctypes.CDLL(_sqlite3.__file__).sqlite3_memory_used
+    used.restype = ctypes.c_int64
+    return int(used())
+
+
+async def test_sqlite_lets_its_caches_go_when_idle(tmp_path: Path) -> None:
+    """After `idle_release` seconds without a call, the writer's cache is shrunk and the reader
+    connections closed; reads and writes then go on as before."""
+    from ollama_metrics.analytics.query import Query
+    from ollama_metrics.analytics.stores.sqlite import SqliteStore
+
+    store = SqliteStore(tmp_path / "interactions.db", idle_release=0.3)
+    await store.open()
+    try:
+        at = time.time() - 100
+        for batch in range(4):
+            await store.write_batch([_record(n, at + n) | {"response": f"word{n} " * 1000}
+                                     for n in range(batch * 500, batch * 500 + 500)])
+        searches = [store.search(Query(text=f"word{n}", limit=5)) for n in range(0, 2000, 50)]
+        assert all(len(page.records) == 1 for page in await asyncio.gather(*searches))
+        busy = _sqlite_heap()
+        await settle(lambda: _sqlite_heap() < busy / 3, 5.0)
+        idle = _sqlite_heap()
+        page = await store.search(Query(text="word1999"))  # on a new reader connection
+        assert [r["id"] for r in page.records] == ["r1999"]
+        await store.write_batch([_record(2000, at + 2000)])
+        assert (await store.get("r2000")) is not None
+    finally:
+        await store.close()
+    print(f"SQLite heap {busy / 2**20:.1f} MiB busy, {idle / 2**20:.2f} MiB idle")

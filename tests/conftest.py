@@ -7,6 +7,7 @@ processes (memory, signals, the CLI) use `fake_process` / `proxy_process` from h
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -26,6 +27,16 @@ from ollama_metrics.server import make_runner
 from services import loki, postgres_dsn  # noqa: F401  (fixtures)
 
 StartProxy = Callable[..., Awaitable[RunningProxy]]
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config,
+                                  item: pytest.Item) -> dict[str, Callable[[], Any]]:
+    """Tests marked `uvloop` run on the loop `serve` uses in production (where uvloop is
+    installed); the rest on the standard one."""
+    if item.get_closest_marker("uvloop") is not None:
+        import uvloop
+        return {"uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
 
 
 @pytest.fixture(autouse=True)

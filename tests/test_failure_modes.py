@@ -706,12 +706,12 @@ def _percentile(values: list[float], pct: float) -> float:
 
 
 async def _loop_lag(samples: list[float], stop: asyncio.Event, every: float = 0.001) -> None:
-    """How late this event loop wakes a 1 ms timer, again and again until `stop`."""
-    loop = asyncio.get_running_loop()
+    """How late this event loop wakes a 1 ms timer, again and again until `stop`. Timed with
+    perf_counter: uvloop's clock ticks in whole milliseconds."""
     while not stop.is_set():
-        asked = loop.time()
+        asked = time.perf_counter()
         await asyncio.sleep(every)
-        samples.append(loop.time() - asked - every)
+        samples.append(time.perf_counter() - asked - every)
 
 
 async def _lag_under_load(proxy: RunningProxy, searchers: int) -> tuple[list[float], Any]:
@@ -729,6 +729,7 @@ async def _lag_under_load(proxy: RunningProxy, searchers: int) -> tuple[list[flo
     return lags, orjson.loads(out)
 
 
+@pytest.mark.uvloop
 async def test_fm17_sqlite_contention(start_proxy: StartProxy, http: aiohttp.ClientSession,
                                       tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """200 concurrent requests + concurrent dashboard/search queries ⇒ 0 "database is locked",
@@ -737,10 +738,10 @@ async def test_fm17_sqlite_contention(start_proxy: StartProxy, http: aiohttp.Cli
     200 streamed chats of a second each, started over half a second, so all 200 are in flight
     at once, while four dashboards search, each every 50 ms. The proxy runs in this test's event
     loop and nothing else does: the fake Ollama and the clients (tests/loadgen.py) are processes
-    of their own, so the lag measured is the proxy's. Relaying 200 streams alone costs this
-    (stock asyncio) loop about 4-5 ms at p99 on two shared cores, so what is asserted is that
-    SQLite and the searches add under 2 ms to that, against the same load without analytics,
-    and that the total stays under 10 ms; both figures are printed."""
+    of their own, so the lag measured is the proxy's, on uvloop as `serve` runs it. The same load
+    without analytics is measured first: SQLite and the searches must add under 2 ms to it, and
+    the p99 must stay under 5 ms (on the standard asyncio loop, relaying the 200 streams alone
+    costs 4-5 ms at p99 on two shared cores; on uvloop about 3)."""
     caplog.set_level("DEBUG")
     scenarios = orjson.dumps({"llama3.2:latest": {"tokens": ["sky "] * 20, "token_delay": 0.05}})
     with fake_process("--scenarios", scenarios.decode()) as fake:
@@ -762,7 +763,7 @@ async def test_fm17_sqlite_contention(start_proxy: StartProxy, http: aiohttp.Cli
           f"searches (p50 {statistics.median(lags) * 1e3:.2f} ms, max {max(lags) * 1e3:.1f} ms);"
           f" {bare_p99 * 1e3:.2f} ms relaying the same streams without analytics")
     assert p99 - bare_p99 < 0.002
-    assert p99 < 0.010
+    assert p99 < 0.005
 
 
 # --- 18. Backpressure ---------------------------------------------------------------------------
@@ -813,6 +814,7 @@ async def _scrape(http: aiohttp.ClientSession, url: str, name: str, **labels: st
 
 
 @pytest.mark.slow
+@pytest.mark.uvloop
 async def test_fm18_backpressure_drops_never_delays(http: aiohttp.ClientSession) -> None:
     """Writer slowed to 100 ms/row at 500 RPS ⇒ queue length ≤ cap, `dropped_total` grows,
     request p99 added latency unchanged (< 2 ms), RSS bounded.
@@ -891,9 +893,19 @@ async def _streams(url: str, n: int) -> list[list[tuple[float, bytes]]]:
                                      timeout=timeout) as session:
 
         async def one() -> list[tuple[float, bytes]]:
+            # Chunks as they arrive, split afterwards: reading line by line would cost this
+            # process (on the same two cores as the proxy and the fake) several times more.
+            chunks = []
             async with session.post(url + "/api/generate", data=body) as resp:
                 assert resp.status == 200
-                return [(time.time(), line) async for line in resp.content]
+                async for chunk in resp.content.iter_any():
+                    chunks.append((time.time(), chunk))
+            lines, carry = [], b""
+            for arrived, chunk in chunks:
+                *whole, carry = (carry + chunk).split(b"\n")
+                lines += [(arrived, line) for line in whole]
+            assert carry == b""
+            return lines
 
         return await asyncio.gather(*(one() for _ in range(n)))
 
@@ -916,15 +928,22 @@ def _upstream_ports(pid: int, port: int) -> set[int]:
 
 
 @pytest.mark.slow
+@pytest.mark.uvloop
 async def test_fm19_five_hundred_concurrent_streams(tmp_path: Path) -> None:
     """500-1,000 concurrent streams (64 frames @20 ms) ⇒ zero lost frames, inter-frame added p99
     < 5 ms, one pooled upstream session (no per-request `ClientSession`).
 
     500 streams; the same 500 straight to the fake first, for the baseline (after a warm-up of
     both). The fake stamps each frame (created_at, in ns); the added inter-frame latency is how
-    much more the gaps between frames stretch through the proxy than without it, at p99. On two
-    shared cores the fake, the clients and the proxy compete for CPU, so the bound asserted is
-    looser than 5 ms; the figures are printed."""
+    much more the gaps between frames stretch through the proxy than without it, at p99.
+
+    The 5 ms bound is not asserted: it cannot be measured on two shared cores. 500 streams are
+    25,000 frames a second; the fake spends about 40 us of CPU on each, these clients 30 and the
+    proxy 55 (a third of it in the send() each frame needs to go out at once), so the three
+    processes saturate both cores. Direct to the fake, with the proxy idle, the gaps already
+    stretch by 13-66 ms at p99, and through the proxy by a further 12-40 ms. What is asserted is
+    what a proxy holding frames back would break: every frame, in order, and gaps and delays
+    within a quarter of a second of the direct ones; the figures are printed."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < 4096:  # 500 client sockets here, 1,000 in the proxy
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
@@ -1249,14 +1268,17 @@ async def test_fm25_soak_time_scaled() -> None:
     still the proxy's warm-up (caches and allocator arenas fill for about a minute, as the real
     soak shows), so the slope allowed here is 6 MiB/min: it catches a leak of a few KiB a
     request -- an exchange's text or its record kept -- not the 1 MiB/min of ten minutes.
-    SQLite's page cache, which fills toward its bound over hours, is left out (heap_probe.py)."""
+    That slope is taken less SQLite's heap (heap_probe.py), whose caches fill in the first
+    minutes. After the traffic, RSS itself must come back near the baseline: 10 s idle, the
+    store lets its caches go, and the wait here is 13 s."""
     from soak import MARKER, render, run_soak
 
-    result = await run_soak(duration_s=27, warmup_s=10, settle_s=3, rate=60, sample_s=0.5)
+    result = await run_soak(duration_s=27, warmup_s=10, settle_s=13, rate=60, sample_s=0.5)
     print(render(result))
     assert not result.failures, result.first_failure
     assert result.requests >= 1500
     assert result.slope_mib_per_min() < 6.0
     assert result.settled_mib() < result.baseline_mib() + 3.0
+    assert result.settled_mib(own=False) < result.baseline_mib(own=False) + 3.0
     assert MARKER not in result.proxy_log  # every prompt carries it; none reached the log
     assert "recording interactions to sqlite" in result.proxy_log  # the log was read, at INFO

@@ -288,3 +288,50 @@ async def test_sqlite_lets_its_caches_go_when_idle(tmp_path: Path) -> None:
     finally:
         await store.close()
     print(f"SQLite heap {busy / 2**20:.1f} MiB busy, {idle / 2**20:.2f} MiB idle")
+
+
+async def test_sqlite_migrates_an_older_store_and_stats_read_only_the_index(
+        tmp_path: Path) -> None:
+    """A store made by the first two migrations gains the figures index on open, keeps its
+    rows, and stats and time series then read that index, never the rows."""
+    from ollama_metrics.analytics.query import Query
+    from ollama_metrics.analytics.stores import sqlite_migrations
+    from ollama_metrics.analytics.stores.sqlite import SqliteStore, _connect, _Quantiles
+
+    path = tmp_path / "interactions.db"
+    db = _connect(path)
+    try:
+        db.execute("CREATE TABLE _migrations (name TEXT PRIMARY KEY, applied_at REAL)")
+        for step in sqlite_migrations.MIGRATIONS[:2]:
+            step(db)
+            db.execute("INSERT INTO _migrations VALUES (?, ?)", (step.__name__, time.time()))
+    finally:
+        db.close()
+    at = time.time() - 100
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        await store.write_batch([_record(n, at + n) | {"duration": float(n)} for n in range(10)])
+        stats = await store.stats(Query(start_time=at - 1))
+        assert stats["totals"]["requests"] == 10
+        assert (stats["totals"]["latency_p50"], stats["totals"]["latency_p95"]) == (4.0, 9.0)
+        series = await store.timeseries(Query(start_time=at - 1), 3600)
+        assert sum(b["requests"] for b in series) == 10
+    finally:
+        await store.close()
+    db = sqlite3.connect(path)
+    try:
+        names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+        assert "interactions_figures" in names and "interactions_started" not in names
+        applied = [r[0] for r in db.execute("SELECT name FROM _migrations ORDER BY name")]
+        assert applied == [m.__name__ for m in sqlite_migrations.MIGRATIONS]
+        db.create_aggregate("quantiles", 1, _Quantiles)  # type: ignore[arg-type]
+        for key in ("i.model", "i.prompt_category", "CAST(i.started_at / 60 AS INTEGER)"):
+            plan = " ".join(r[-1] for r in db.execute(  # the columns _grouped reads
+                f"EXPLAIN QUERY PLAN SELECT {key} AS g, COUNT(*), SUM(i.outcome = 'ok'), "
+                "SUM(i.prompt_tokens), SUM(i.completion_tokens), quantiles(i.duration), "
+                "quantiles(i.ttft) FROM interactions i WHERE i.started_at >= 0 "
+                "AND i.endpoint = '/api/chat' GROUP BY +g"))
+            assert "COVERING INDEX interactions_figures" in plan, plan
+    finally:
+        db.close()

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import sqlite3
 import threading
+from array import array
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -45,6 +47,8 @@ def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
     db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False,
                          timeout=30.0)
     db.execute("PRAGMA busy_timeout = 30000")
+    # typeshed types aggregates as int -> int; SQLite passes and takes any value.
+    db.create_aggregate("quantiles", 1, _Quantiles)  # type: ignore[arg-type]
     if readonly:
         # Searches read a few pages of the index and then rows scattered over the file; the
         # OS caches the file, so a big private cache per reader would only hold copies.
@@ -387,36 +391,53 @@ def _group_stats(db: sqlite3.Connection, query: Query, column: str | None
 def _grouped(db: sqlite3.Connection, query: Query, key: str, key_params: list[Any]
              ) -> list[tuple[Any, dict[str, Any]]]:
     """(group, figures) per value of the SQL expression `key` (its `?` values in
-    `key_params`), most requests first: counts, tokens, error rate, p50/p95 latency and TTFT."""
+    `key_params`), most requests first: counts, tokens, error rate, p50/p95 latency and TTFT.
+
+    One pass over the interactions_figures index (`+g`: grouping by the model's or category's
+    own index would fetch every row, prompt and reply included)."""
     params: list[Any] = []
     where = _where(query, params)
-    base = f"FROM {_from(query)} WHERE {where}"
-    totals = db.execute(
-        f"SELECT {key}, COUNT(*), "
+    rows = db.execute(
+        f"SELECT {key} AS g, COUNT(*), "
         "SUM(i.outcome IN ('error', 'upstream_error')), SUM(i.outcome = 'cancelled'), "
-        "COALESCE(SUM(i.prompt_tokens), 0), COALESCE(SUM(i.completion_tokens), 0) "
-        f"{base} GROUP BY 1 ORDER BY 2 DESC", key_params + params).fetchall()
-    quantiles = {name: _quantiles(db, key, name, base, key_params + params)
-                 for name in ("duration", "ttft")}
+        "COALESCE(SUM(i.prompt_tokens), 0), COALESCE(SUM(i.completion_tokens), 0), "
+        "quantiles(i.duration), quantiles(i.ttft) "
+        f"FROM {_from(query)} WHERE {where} GROUP BY +g ORDER BY 2 DESC",
+        key_params + params).fetchall()
     out = []
-    for group, n, errors, cancelled, pt, ct in totals:
+    for group, n, errors, cancelled, pt, ct, duration, ttft in rows:
         row: dict[str, Any] = dict(
             requests=n, errors=errors or 0, cancelled=cancelled or 0,
             error_rate=(errors or 0) / n if n else 0.0, prompt_tokens=pt, completion_tokens=ct)
-        for name, label in (("duration", "latency"), ("ttft", "ttft")):
-            p50, p95 = quantiles[name].get(group, (None, None))
+        for label, figures in (("latency", duration), ("ttft", ttft)):
+            p50, p95 = _Quantiles.parse(figures)
             row[f"{label}_p50"], row[f"{label}_p95"] = p50, p95
         out.append((group, row))
     return out
 
 
-def _quantiles(db: sqlite3.Connection, key: str, value: str, base: str, params: list[Any]
-               ) -> dict[Any, tuple[float | None, float | None]]:
-    """Nearest-rank p50 and p95 of `value` per group, with window functions."""
-    rows = db.execute(
-        f"WITH v AS (SELECT {key} AS g, i.{value} AS x {base} AND i.{value} IS NOT NULL), "
-        "r AS (SELECT g, x, ROW_NUMBER() OVER (PARTITION BY g ORDER BY x) AS rn, "
-        "COUNT(*) OVER (PARTITION BY g) AS n FROM v) "
-        "SELECT g, MIN(CASE WHEN rn >= 0.5 * n THEN x END), "
-        "MIN(CASE WHEN rn >= 0.95 * n THEN x END) FROM r GROUP BY g", params).fetchall()
-    return {g: (p50, p95) for g, p50, p95 in rows}
+class _Quantiles:
+    """SQLite aggregate `quantiles(x)`: nearest-rank p50 and p95 of the non-NULL values, as
+    text (an aggregate returns one value). Sorting the values once, in C, is several times
+    faster than ranking them with window functions."""
+
+    def __init__(self) -> None:
+        self.values = array("d")
+
+    def step(self, value: float | None) -> None:
+        if value is not None:
+            self.values.append(value)
+
+    def finalize(self) -> str | None:
+        if not self.values:
+            return None
+        ordered = sorted(self.values)
+        n = len(ordered)
+        return " ".join(repr(ordered[max(1, math.ceil(p * n)) - 1]) for p in (0.5, 0.95))
+
+    @staticmethod
+    def parse(text: str | None) -> tuple[float | None, float | None]:
+        if text is None:
+            return None, None
+        p50, p95 = text.split()
+        return float(p50), float(p95)

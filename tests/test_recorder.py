@@ -291,12 +291,12 @@ async def test_sqlite_lets_its_caches_go_when_idle(tmp_path: Path) -> None:
 
 
 async def test_sqlite_migrates_an_older_store_and_stats_read_only_the_index(
-        tmp_path: Path) -> None:
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A store made by the first two migrations gains the figures index on open, keeps its
     rows, and stats and time series then read that index, never the rows."""
     from ollama_metrics.analytics.query import Query
     from ollama_metrics.analytics.stores import sqlite_migrations
-    from ollama_metrics.analytics.stores.sqlite import SqliteStore, _connect, _Quantiles
+    from ollama_metrics.analytics.stores.sqlite import SqliteStore, _connect, _grouped
 
     path = tmp_path / "interactions.db"
     db = _connect(path)
@@ -309,7 +309,9 @@ async def test_sqlite_migrates_an_older_store_and_stats_read_only_the_index(
         db.close()
     at = time.time() - 100
     store = SqliteStore(path)
+    caplog.set_level("INFO")
     await store.open()
+    assert "upgrading the SQLite store" in caplog.text and "m003_figures_index" in caplog.text
     try:
         await store.write_batch([_record(n, at + n) | {"duration": float(n)} for n in range(10)])
         stats = await store.stats(Query(start_time=at - 1))
@@ -325,13 +327,24 @@ async def test_sqlite_migrates_an_older_store_and_stats_read_only_the_index(
         assert "interactions_figures" in names and "interactions_started" not in names
         applied = [r[0] for r in db.execute("SELECT name FROM _migrations ORDER BY name")]
         assert applied == [m.__name__ for m in sqlite_migrations.MIGRATIONS]
-        db.create_aggregate("quantiles", 1, _Quantiles)  # type: ignore[arg-type]
-        for key in ("i.model", "i.prompt_category", "CAST(i.started_at / 60 AS INTEGER)"):
-            plan = " ".join(r[-1] for r in db.execute(  # the columns _grouped reads
-                f"EXPLAIN QUERY PLAN SELECT {key} AS g, COUNT(*), SUM(i.outcome = 'ok'), "
-                "SUM(i.prompt_tokens), SUM(i.completion_tokens), quantiles(i.duration), "
-                "quantiles(i.ttft) FROM interactions i WHERE i.started_at >= 0 "
-                "AND i.endpoint = '/api/chat' GROUP BY +g"))
-            assert "COVERING INDEX interactions_figures" in plan, plan
+    finally:
+        db.close()
+    # The statements stats and time series run, whatever the filters, read only the index.
+    db = _connect(path, readonly=True)
+    try:
+        statements: list[str] = []
+        db.set_trace_callback(statements.append)  # with the bound values expanded
+        filtered = Query(start_time=at - 1, model="m", category="other", status="ok",
+                         endpoint="/api/chat")
+        for query in (Query(), Query(start_time=at - 1), filtered):
+            for key, key_params in (("'all'", []), ("i.model", []),
+                                    ("CAST(i.started_at / ? AS INTEGER)", [60])):
+                groups = _grouped(db, query, key, key_params)
+                assert sum(row["requests"] for _, row in groups) == 10
+        db.set_trace_callback(None)
+        assert len(statements) == 9
+        for sql in statements:
+            plan = " ".join(r[-1] for r in db.execute("EXPLAIN QUERY PLAN " + sql))
+            assert "COVERING INDEX interactions_figures" in plan, (sql, plan)
     finally:
         db.close()

@@ -7,7 +7,6 @@ mark after SQLite lets its page caches go. `malloc_trim` hands the free pages ba
 
 from __future__ import annotations
 
-import ctypes
 import sys
 from collections.abc import Callable
 
@@ -16,8 +15,10 @@ def _malloc_trim() -> Callable[[int], int] | None:
     if not sys.platform.startswith("linux"):
         return None
     try:
+        import ctypes  # absent from some minimal Python builds
+
         trim = ctypes.CDLL(None).malloc_trim  # the C library this process runs on
-    except (OSError, AttributeError):  # musl has no malloc_trim
+    except (ImportError, OSError, AttributeError):  # musl has no malloc_trim
         return None
     trim.argtypes = [ctypes.c_size_t]
     trim.restype = ctypes.c_int

@@ -29,7 +29,7 @@ import orjson
 from ...heap import release_free_heap
 from ..query import BadQuery, Page, Query
 from . import BOOL_FIELDS, FIELD_NAMES, JSON_FIELDS, Record, StoreError, column_filters
-from .sqlite_migrations import migrate
+from .sqlite_migrations import migrate, pending
 
 T = TypeVar("T")
 
@@ -86,13 +86,19 @@ def _params(record: Record) -> tuple[Any, ...]:
     )
 
 
-def _where(q: Query, params: list[Any]) -> str:
-    """The WHERE clause for a query's filters; values go to `params`, never into the SQL."""
+def _where(q: Query, params: list[Any], covering: bool = False) -> str:
+    """The WHERE clause for a query's filters; values go to `params`, never into the SQL.
+
+    `covering`: a unary + on every column but started_at, so that SQLite reads the
+    interactions_figures index rather than the model's, category's or outcome's own, which
+    would fetch every matching row, prompt and reply included."""
     filters = column_filters(q)
-    clauses = [f"{column} {op} ?" for column, op, _ in filters]
+    plus = "+" if covering else ""
+    clauses = [f"{'' if column == 'i.started_at' else plus}{column} {op} ?"
+               for column, op, _ in filters]
     params.extend(value for _, _, value in filters)
     if q.outcomes:
-        clauses.append(f"i.outcome IN ({', '.join('?' for _ in q.outcomes)})")
+        clauses.append(f"{plus}i.outcome IN ({', '.join('?' for _ in q.outcomes)})")
         params.extend(q.outcomes)
     if q.text is not None:
         clauses.append("interactions_fts MATCH ?")
@@ -159,11 +165,20 @@ class SqliteStore:
         def run() -> T:
             with self._lock:
                 db = getattr(self._local, "db", None)
-                if db is None or self._local.generation != self._generation:
-                    db = self._local.db = _connect(self.path, readonly=True)
-                    self._local.generation = self._generation
+                if db is not None and self._local.generation == self._generation:
+                    self._reading += 1
+                else:
+                    db = None
+            if db is None:  # this thread's first read, or its connection was let go
+                try:
+                    db = _connect(self.path, readonly=True)
+                except sqlite3.Error as exc:
+                    raise StoreError(f"cannot read the SQLite store at {self.path}: {exc}"
+                                     ) from None
+                with self._lock:
+                    self._local.db, self._local.generation = db, self._generation
                     self._reader_dbs.append(db)
-                self._reading += 1
+                    self._reading += 1
             try:
                 return fn(db)
             finally:
@@ -180,25 +195,36 @@ class SqliteStore:
             return
         try:
             db.execute("PRAGMA shrink_memory")
-        except sqlite3.Error as exc:  # only memory is at stake: note it and carry on
-            log.debug("could not shrink the SQLite writer's cache: %s", exc)
-        with self._lock:
-            if self._reading:  # a read began since: its connection stays
-                idle: list[sqlite3.Connection] = []
-            else:
-                idle, self._reader_dbs = self._reader_dbs, []
-                self._generation += 1
-        for reader in idle:
-            reader.close()
-        release_free_heap()
+            with self._lock:
+                if self._reading:  # a read began since: its connection stays
+                    idle: list[sqlite3.Connection] = []
+                else:
+                    idle, self._reader_dbs = self._reader_dbs, []
+                    self._generation += 1
+            for reader in idle:
+                reader.close()
+            release_free_heap()
+        except Exception as exc:  # only memory is at stake (nobody awaits this): note it
+            log.debug("could not let the SQLite store's caches go: %s", exc)
 
     # --- writing ---------------------------------------------------------------------------
 
     async def open(self) -> None:
         def setup() -> None:
+            if self._write_db is not None:  # an earlier open, given up on by its caller, won
+                return
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            existed = self.path.exists()
             db = _connect(self.path)
-            migrate(db)
+            try:
+                steps = pending(db)
+                if existed and steps:  # an index over a large store takes a while to build
+                    log.info("analytics: upgrading the SQLite store at %s (%s)", self.path,
+                             ", ".join(steps))
+                migrate(db)
+            except BaseException:
+                db.close()
+                raise
             self._write_db = db
 
         await self._on_writer(setup)
@@ -396,7 +422,7 @@ def _grouped(db: sqlite3.Connection, query: Query, key: str, key_params: list[An
     One pass over the interactions_figures index (`+g`: grouping by the model's or category's
     own index would fetch every row, prompt and reply included)."""
     params: list[Any] = []
-    where = _where(query, params)
+    where = _where(query, params, covering=True)
     rows = db.execute(
         f"SELECT {key} AS g, COUNT(*), "
         "SUM(i.outcome IN ('error', 'upstream_error')), SUM(i.outcome = 'cancelled'), "

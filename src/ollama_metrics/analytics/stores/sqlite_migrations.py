@@ -59,6 +59,14 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     m001_interactions, m002_full_text, m003_figures_index]
 
 
+def pending(db: sqlite3.Connection) -> list[str]:
+    """The migrations this database lacks; all of them for a new one."""
+    if not db.execute("SELECT 1 FROM sqlite_master WHERE name = '_migrations'").fetchone():
+        return [step.__name__ for step in MIGRATIONS]
+    done = {row[0] for row in db.execute("SELECT name FROM _migrations")}
+    return [step.__name__ for step in MIGRATIONS if step.__name__ not in done]
+
+
 def migrate(db: sqlite3.Connection) -> list[str]:
     """Apply the migrations this database lacks; returns the names applied."""
     db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL)")

@@ -12,7 +12,7 @@
    through the store's search(), the same path the API takes. Reported as p50/p95/max ms.
 3. Dashboard: over the same store, /analytics/stats and an hourly time series for the last 7
    days (every stored record falls in them), median of 3, in ms. No target; before the figures
-   index and the quantiles aggregate (SQLite migration 3) stats took 7.5 s over 300,000.
+   index (SQLite migration 3) and the one-pass grouping, stats took 7.5 s over 300,000.
 
 Targets (issue 4): >= 5,000 records/s written; full-text search p95 <= 200 ms over one million
 interactions. Medians and percentiles, not means: the machine is shared and noisy.

@@ -18,6 +18,7 @@ import math
 import sqlite3
 import threading
 from array import array
+from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -48,7 +49,7 @@ def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
                          timeout=30.0)
     db.execute("PRAGMA busy_timeout = 30000")
     # typeshed types aggregates as int -> int; SQLite passes and takes any value.
-    db.create_aggregate("quantiles", 1, _Quantiles)  # type: ignore[arg-type]
+    db.create_aggregate("all_values", 1, _AllValues)  # type: ignore[arg-type]
     if readonly:
         # Searches read a few pages of the index and then rows scattered over the file; the
         # OS caches the file, so a big private cache per reader would only hold copies.
@@ -360,10 +361,10 @@ class SqliteStore:
 
     async def models(self, query: Query) -> list[dict[str, Any]]:
         params: list[Any] = []
-        where = _where(query, params)
-        sql = (f"SELECT i.model, COUNT(*), MAX(i.started_at), SUM(i.prompt_tokens), "
+        where = _where(query, params, covering=True)  # as _grouped: the figures index only
+        sql = (f"SELECT i.model AS m, COUNT(*), MAX(i.started_at), SUM(i.prompt_tokens), "
                f"SUM(i.completion_tokens) FROM {_from(query)} WHERE {where} "
-               f"GROUP BY i.model ORDER BY COUNT(*) DESC")
+               f"GROUP BY +m ORDER BY COUNT(*) DESC")
 
         def run(db: sqlite3.Connection) -> list[dict[str, Any]]:
             try:
@@ -378,74 +379,60 @@ class SqliteStore:
     async def stats(self, query: Query) -> dict[str, Any]:
         def run(db: sqlite3.Connection) -> dict[str, Any]:
             try:
-                return {
-                    "totals": _group_stats(db, query, None)[0],
-                    "models": _group_stats(db, query, "model"),
-                    "categories": _group_stats(db, query, "prompt_category"),
-                }
+                groups = _grouped(db, query, ["i.model", "i.prompt_category"])
             except sqlite3.OperationalError as exc:
                 raise _bad_search(exc) from None
+            totals, models, categories = _Figures(), _by_key(), _by_key()
+            for (model, category), figures in groups:
+                for whole in (totals, models[model], categories[category]):
+                    whole.merge(figures)
+            return {
+                "totals": totals.row(),
+                "models": [{"model": m, **f.row()} for m, f in _most_first(models)],
+                "categories": [{"prompt_category": c, **f.row()}
+                               for c, f in _most_first(categories)],
+            }
 
         return await self._on_reader(run)
 
     async def timeseries(self, query: Query, step: float) -> list[dict[str, Any]]:
         # The bucket is an integer computed in SQL, so 7 days of records are grouped where
-        # they lie (through the started_at index) and only one row per bucket comes back.
+        # they lie (through the figures index) and only one row per bucket comes back.
         def run(db: sqlite3.Connection) -> list[dict[str, Any]]:
             try:
-                groups = _grouped(db, query, "CAST(i.started_at / ? AS INTEGER)", [step])
+                groups = _grouped(db, query, ["CAST(i.started_at / ? AS INTEGER)"], [step])
             except sqlite3.OperationalError as exc:
                 raise _bad_search(exc) from None
-            groups.sort(key=lambda g: g[0])
-            return [{"start": bucket * step, **row} for bucket, row in groups]
+            return [{"start": bucket * step, **figures.row()}
+                    for (bucket,), figures in sorted(groups, key=lambda g: g[0])]
 
         return await self._on_reader(run)
 
 
-def _group_stats(db: sqlite3.Connection, query: Query, column: str | None
-                 ) -> list[dict[str, Any]]:
-    """Counts, tokens, error rate and p50/p95 of latency and TTFT, per value of `column`."""
-    groups = _grouped(db, query, f"i.{column}" if column else "'all'", [])
-    out = [row if column is None else {column: group, **row} for group, row in groups]
-    if column is None and not out:
-        out.append({"requests": 0, "errors": 0, "cancelled": 0, "error_rate": 0.0,
-                    "prompt_tokens": 0, "completion_tokens": 0, "latency_p50": None,
-                    "latency_p95": None, "ttft_p50": None, "ttft_p95": None})
-    return out
-
-
-def _grouped(db: sqlite3.Connection, query: Query, key: str, key_params: list[Any]
-             ) -> list[tuple[Any, dict[str, Any]]]:
-    """(group, figures) per value of the SQL expression `key` (its `?` values in
-    `key_params`), most requests first: counts, tokens, error rate, p50/p95 latency and TTFT.
-
-    One pass over the interactions_figures index (`+g`: grouping by the model's or category's
-    own index would fetch every row, prompt and reply included)."""
+def _grouped(db: sqlite3.Connection, query: Query, keys: list[str],
+             key_params: list[Any] | None = None) -> list[tuple[tuple[Any, ...], _Figures]]:
+    """The figures of each group of the SQL expressions `keys` (their `?` values in
+    `key_params`), in one pass over the interactions_figures index: `+k0` keeps SQLite from
+    grouping through the model's or category's own index, which would fetch every row,
+    prompt and reply included."""
     params: list[Any] = []
     where = _where(query, params, covering=True)
+    names = [f"k{n}" for n in range(len(keys))]
     rows = db.execute(
-        f"SELECT {key} AS g, COUNT(*), "
-        "SUM(i.outcome IN ('error', 'upstream_error')), SUM(i.outcome = 'cancelled'), "
-        "COALESCE(SUM(i.prompt_tokens), 0), COALESCE(SUM(i.completion_tokens), 0), "
-        "quantiles(i.duration), quantiles(i.ttft) "
-        f"FROM {_from(query)} WHERE {where} GROUP BY +g ORDER BY 2 DESC",
-        key_params + params).fetchall()
-    out = []
-    for group, n, errors, cancelled, pt, ct, duration, ttft in rows:
-        row: dict[str, Any] = dict(
-            requests=n, errors=errors or 0, cancelled=cancelled or 0,
-            error_rate=(errors or 0) / n if n else 0.0, prompt_tokens=pt, completion_tokens=ct)
-        for label, figures in (("latency", duration), ("ttft", ttft)):
-            p50, p95 = _Quantiles.parse(figures)
-            row[f"{label}_p50"], row[f"{label}_p95"] = p50, p95
-        out.append((group, row))
-    return out
+        f"SELECT {', '.join(f'{key} AS {name}' for key, name in zip(keys, names, strict=True))}, "
+        "COUNT(*), SUM(i.outcome IN ('error', 'upstream_error')), "
+        "SUM(i.outcome = 'cancelled'), COALESCE(SUM(i.prompt_tokens), 0), "
+        "COALESCE(SUM(i.completion_tokens), 0), all_values(i.duration), all_values(i.ttft) "
+        f"FROM {_from(query)} WHERE {where} GROUP BY {', '.join(f'+{n}' for n in names)}",
+        (key_params or []) + params).fetchall()
+    width = len(keys)
+    return [(tuple(row[:width]), _Figures(*row[width:])) for row in rows]
 
 
-class _Quantiles:
-    """SQLite aggregate `quantiles(x)`: nearest-rank p50 and p95 of the non-NULL values, as
-    text (an aggregate returns one value). Sorting the values once, in C, is several times
-    faster than ranking them with window functions."""
+class _AllValues:
+    """SQLite aggregate `all_values(x)`: the group's non-NULL values as packed doubles, so
+    that Python sorts each group's values once (ranking them with window functions took
+    several times longer), and groups can be merged."""
 
     def __init__(self) -> None:
         self.values = array("d")
@@ -454,16 +441,45 @@ class _Quantiles:
         if value is not None:
             self.values.append(value)
 
-    def finalize(self) -> str | None:
-        if not self.values:
-            return None
-        ordered = sorted(self.values)
-        n = len(ordered)
-        return " ".join(repr(ordered[max(1, math.ceil(p * n)) - 1]) for p in (0.5, 0.95))
+    def finalize(self) -> bytes:
+        return self.values.tobytes()
 
-    @staticmethod
-    def parse(text: str | None) -> tuple[float | None, float | None]:
-        if text is None:
-            return None, None
-        p50, p95 = text.split()
-        return float(p50), float(p95)
+
+class _Figures:
+    """Counts, tokens, error rate and nearest-rank p50/p95 of latency and TTFT of a group."""
+
+    def __init__(self, requests: int = 0, errors: int | None = 0, cancelled: int | None = 0,
+                 prompt_tokens: int = 0, completion_tokens: int = 0,
+                 durations: bytes = b"", ttfts: bytes = b"") -> None:
+        self.requests, self.errors, self.cancelled = requests, errors or 0, cancelled or 0
+        self.prompt_tokens, self.completion_tokens = prompt_tokens, completion_tokens
+        self.durations, self.ttfts = array("d", durations), array("d", ttfts)
+
+    def merge(self, other: _Figures) -> None:
+        self.requests += other.requests
+        self.errors += other.errors
+        self.cancelled += other.cancelled
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+        self.durations.extend(other.durations)
+        self.ttfts.extend(other.ttfts)
+
+    def row(self) -> dict[str, Any]:
+        row: dict[str, Any] = dict(
+            requests=self.requests, errors=self.errors, cancelled=self.cancelled,
+            error_rate=self.errors / self.requests if self.requests else 0.0,
+            prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens)
+        for label, values in (("latency", self.durations), ("ttft", self.ttfts)):
+            ordered = sorted(values)
+            for p in (50, 95):  # nearest rank: the smallest value with rank >= p% of n
+                rank = max(1, math.ceil(p / 100 * len(ordered)))
+                row[f"{label}_p{p}"] = ordered[rank - 1] if ordered else None
+        return row
+
+
+def _by_key() -> defaultdict[Any, _Figures]:
+    return defaultdict(_Figures)
+
+
+def _most_first(groups: dict[Any, _Figures]) -> list[tuple[Any, _Figures]]:
+    return sorted(groups.items(), key=lambda g: -g[1].requests)

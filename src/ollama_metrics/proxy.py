@@ -32,6 +32,7 @@ from yarl import URL
 
 from .categorize import categorize
 from .config import Config
+from .framing import bad_body
 from .interaction import ErrorType, Interaction, Outcome
 from .ollama import Kind, expects_done, read_request, reply_reader, route
 
@@ -160,7 +161,10 @@ class Proxy:
             user_agent=request.headers.get("User-Agent"),
             stream=kind.streams_by_default,
         )
-        body = await self._request_body(request, kind, i)
+        try:
+            body = await self._request_body(request, kind, i)
+        except web.RequestPayloadError as exc:
+            return bad_body(exc)  # never reached Ollama: nothing to record
         tokens = [o.started(i) for o in self._observers]
         try:
             return await self._exchange(request, kind, body, i)
@@ -243,6 +247,13 @@ class Proxy:
             return self._fail(i, ErrorType.TIMEOUT, 504, f"Ollama at {self._upstream_name} did "
                               "not answer in time")
         except (aiohttp.ClientError, OSError, ValueError) as exc:  # ValueError: unsendable URL
+            broken = request.content.exception()
+            if isinstance(broken, web.RequestPayloadError):
+                # The client's body broke its framing midway through the upload; Ollama got a
+                # request cut short, which it drops. The fault and the answer are the client's.
+                i.outcome, i.error_type, i.http_status = Outcome.ERROR, ErrorType.HTTP_4XX, 400
+                i.error = str(broken)
+                return bad_body(broken)
             return self._fail(i, ErrorType.RESET, 502, f"connection to Ollama at "
                               f"{self._upstream_name} failed: {exc or type(exc).__name__}")
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import calendar
+import gc
 import gzip
 import hashlib
 import io
@@ -798,12 +799,16 @@ async def _open_loop(url: str, rate: float, seconds: float, body: bytes) -> list
             latencies.append(time.perf_counter() - sent)
 
         tasks = []
-        start = loop.time()
-        for n in range(int(rate * seconds)):
-            if (wait := start + n / rate - loop.time()) > 0:
-                await asyncio.sleep(wait)
-            tasks.append(asyncio.create_task(one()))
-        await asyncio.gather(*tasks)
+        gc.disable()  # as in _streams: this process's pauses are not the proxy's
+        try:
+            start = loop.time()
+            for n in range(int(rate * seconds)):
+                if (wait := start + n / rate - loop.time()) > 0:
+                    await asyncio.sleep(wait)
+                tasks.append(asyncio.create_task(one()))
+            await asyncio.gather(*tasks)
+        finally:
+            gc.enable()
     return latencies
 
 
@@ -909,7 +914,13 @@ async def _streams(url: str, n: int) -> list[list[tuple[float, bytes]]]:
             assert carry == b""
             return lines
 
-        return await asyncio.gather(*(one() for _ in range(n)))
+        # This process's own collector, walking pytest's large heap, would pause every stream
+        # for tens of ms at random, through the proxy or not: noise in what is measured.
+        gc.disable()
+        try:
+            return await asyncio.gather(*(one() for _ in range(n)))
+        finally:
+            gc.enable()
 
 
 def _delays(streams: list[list[tuple[float, bytes]]]) -> tuple[list[float], list[float]]:
@@ -939,13 +950,17 @@ async def test_fm19_five_hundred_concurrent_streams(tmp_path: Path) -> None:
     both). The fake stamps each frame (created_at, in ns); the added inter-frame latency is how
     much more the gaps between frames stretch through the proxy than without it, at p99.
 
-    The 5 ms bound is not asserted: it cannot be measured on two shared cores. 500 streams are
-    25,000 frames a second; the fake spends about 40 us of CPU on each, these clients 30 and the
-    proxy 55 (a third of it in the send() each frame needs to go out at once), so the three
-    processes saturate both cores. Direct to the fake, with the proxy idle, the gaps already
-    stretch by 13-66 ms at p99, and through the proxy by a further 12-40 ms. What is asserted is
-    what a proxy holding frames back would break: every frame, in order, and gaps and delays
-    within a quarter of a second of the direct ones; the figures are printed."""
+    At 500 streams the 5 ms bound cannot be met on two shared cores. 500 streams are 25,000
+    frames a second; the fake spends about 40 us of CPU on each, these clients 30 and the proxy 55
+    (a third of it in the send() each frame needs to go out at once), so the three processes
+    saturate both cores, the proxy's one event loop its core. Direct to the fake the gaps stretch
+    by 2-9 ms at p99; through the proxy by a further 18-30 ms. What is asserted there is what a
+    proxy holding frames back would break: every frame, in order, and gaps and delays within a
+    quarter of a second of the direct ones; the figures are printed.
+
+    The 5 ms bound is asserted where the cores are not the limit: 100 streams at the same 20 ms
+    cadence (5,000 frames a second), three runs each way, alternating; the median of the three
+    differences must be under 5 ms (measured: single runs 0.1-5 ms, medians 0.3-2.4 ms)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < 4096:  # 500 client sockets here, 1,000 in the proxy
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
@@ -956,6 +971,12 @@ async def test_fm19_five_hundred_concurrent_streams(tmp_path: Path) -> None:
             proxy_process(fake.url, "--analytics-dir", str(tmp_path)) as proxy:
         for url in (fake.url, proxy.url):  # first connections, imports, caches: not measured
             await _streams(url, 100)
+        light = []
+        for _ in range(3):
+            light_direct = await _streams(fake.url, 100)
+            light_proxied = await _streams(proxy.url, 100)
+            light.append(_percentile(_delays(light_proxied)[1], 99)
+                         - _percentile(_delays(light_direct)[1], 99))
         direct = await _streams(fake.url, 500)
         started = time.perf_counter()
         proxied = await _streams(proxy.url, 500)
@@ -977,7 +998,11 @@ async def test_fm19_five_hundred_concurrent_streams(tmp_path: Path) -> None:
           f"direct {statistics.median(d_delay) * 1e3:.1f}/{_percentile(d_delay, 99) * 1e3:.1f} "
           f"ms, proxied {statistics.median(p_delay) * 1e3:.1f}/{_percentile(p_delay, 99) * 1e3:.1f}"
           f" ms; inter-frame stretch p99: direct {_percentile(d_stretch, 99) * 1e3:.1f} ms, "
-          f"proxied {_percentile(p_stretch, 99) * 1e3:.1f} ms, added {added * 1e3:.1f} ms")
+          f"proxied {_percentile(p_stretch, 99) * 1e3:.1f} ms, added {added * 1e3:.1f} ms; at 100 "
+          f"streams, added: {', '.join(f'{a * 1e3:.1f}' for a in light)} ms")
+    for lines in light_proxied:
+        assert len(lines) == FRAMES
+    assert statistics.median(light) < 0.005
     # Generous, for two shared cores; a proxy that held frames back (or a whole stream, which
     # would show in the delays rather than the gaps) is off by a second or more.
     assert added < 0.25 and later < 0.25

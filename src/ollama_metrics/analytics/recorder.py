@@ -96,7 +96,8 @@ class Recorder:
         other stream on the event loop. Builds waiting for the thread count against the queue
         bound like queued records do, so a burst cannot grow memory without limit.
         """
-        if self._closing or self._building >= self.settings.queue_size:
+        if (self._closing or self._building >= self.settings.queue_size
+                or all(lane.queue.full() for lane in self._lanes)):  # nowhere to go: not built
             for lane in self._lanes:
                 self.dropped.labels(lane.store.name).inc()
             return

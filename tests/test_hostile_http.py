@@ -58,8 +58,12 @@ async def _probe(stack: Stack, data: bytes, *, timeout: float = 0.5
             assert resp.status == 200  # the proxy survived
     with pytest.raises(BlockingIOError):
         stack.bystander.accept()  # and sent nothing anywhere but to Ollama
-    assert "Traceback" not in stack.proxy.output and " ERROR " not in stack.proxy.output
+    _assert_quiet(stack)
     return replies, seen
+
+
+def _assert_quiet(stack: Stack) -> None:
+    assert "Traceback" not in stack.proxy.output and " ERROR " not in stack.proxy.output
 
 
 def _post(headers: bytes, body: bytes, target: bytes = b"/api/show") -> bytes:
@@ -239,6 +243,7 @@ async def test_bad_chunk_after_good_ones_is_answered_400(stack: Stack, path: str
     assert took < 2.0  # answered at once, not when the client gave up
     assert len(seen) <= 1
     assert all(r["status"] in (None, 400) or r["disconnected"] for r in seen), seen
+    _assert_quiet(stack)
 
 
 async def test_bad_chunk_in_a_pipelined_request_fails_that_request_only(stack: Stack) -> None:
@@ -249,6 +254,7 @@ async def test_bad_chunk_in_a_pipelined_request_fails_that_request_only(stack: S
     reply = await _slowly(stack.proxy.port, [first + second[0], *second[1:]], 3.0)
     statuses = [r.status for r in parse_replies(reply, ["GET", "POST"])]
     assert statuses == [200, 400], reply
+    _assert_quiet(stack)
 
 
 @pytest.mark.parametrize("encoding", ["gzip", "deflate", "br"])

@@ -3,7 +3,8 @@
 aiohttp's C parser (3.14) drops a request body whose chunked framing breaks after the body has
 begun (`5\\r\\nhello\\r\\nzz\\r\\n`): it reports the error as a new, queued message and never
 tells the body already handed to the handler, so the handler, and Ollama behind it, wait for the
-rest of the body until the client gives up. The pure-Python parser fails the body as it should.
+rest of the body until the client gives up. (The pure-Python parser fails the body, with its
+own HttpProcessingError first.)
 
 `Runner` gives every connection a parser wrapper that does what the pure-Python parser does:
 when the parser raises, the body still being read fails with the error, so the proxy answers 400
@@ -45,11 +46,17 @@ class _FailingBody:
             body, self._body = self._body, None
             if body is not None and not body.is_eof() and body.exception() is None:
                 body.set_exception(RequestPayloadError(f"bad request body: {exc.message}"), exc)
+                # Ended too (reads still raise): aiohttp would otherwise linger to drain the
+                # body after the 400, and log the error it finds there as unhandled.
+                body.feed_eof()
             raise
         messages = result[0]
         if messages:
             self._body = messages[-1][1]
         return result
+
+    def message_consumed(self) -> None:  # once a request: spared the __getattr__ lookup
+        self._parser.message_consumed()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._parser, name)
@@ -82,7 +89,7 @@ class Runner(web.AppRunner):
         return server
 
 
-def bad_body(exc: RequestPayloadError) -> web.Response:
+def bad_body(exc: Exception) -> web.Response:
     """The answer to a request body that broke its own framing: 400, and the connection closes
     (nothing after a broken body can be read as the next request)."""
     response = web.Response(status=HTTPBadRequest.status_code, text=str(exc))

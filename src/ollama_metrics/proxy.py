@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import aiohttp
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -163,7 +164,7 @@ class Proxy:
         )
         try:
             body = await self._request_body(request, kind, i)
-        except web.RequestPayloadError as exc:
+        except (web.RequestPayloadError, HttpProcessingError) as exc:
             return bad_body(exc)  # never reached Ollama: nothing to record
         tokens = [o.started(i) for o in self._observers]
         try:
@@ -248,7 +249,7 @@ class Proxy:
                               "not answer in time")
         except (aiohttp.ClientError, OSError, ValueError) as exc:  # ValueError: unsendable URL
             broken = request.content.exception()
-            if isinstance(broken, web.RequestPayloadError):
+            if isinstance(broken, (web.RequestPayloadError, HttpProcessingError)):
                 # The client's body broke its framing midway through the upload; Ollama got a
                 # request cut short, which it drops. The fault and the answer are the client's.
                 i.outcome, i.error_type, i.http_status = Outcome.ERROR, ErrorType.HTTP_4XX, 400

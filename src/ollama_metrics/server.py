@@ -66,10 +66,14 @@ class _QuietBadRequests(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if not isinstance(exc, HttpProcessingError):
+        if isinstance(exc, HttpProcessingError):
+            why = f"{exc.code}: {exc.message}"
+        elif isinstance(exc, web.RequestPayloadError):  # a body that broke its framing
+            why = str(exc)
+        else:
             return True  # anything else is a real fault: keep it loud
         record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-        record.msg, record.args = "bad request (%s): %s", (exc.code, exc.message)
+        record.msg, record.args = "bad request (%s)", (why,)
         record.exc_info, record.exc_text = None, None
         return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
 

@@ -832,10 +832,17 @@ async def _open_loop(url: str, rate: float, seconds: float, body: bytes) -> list
 
 
 async def _scrape(http: aiohttp.ClientSession, url: str, name: str, **labels: str) -> float:
+    """One sample's value, picked out of the exposition by its line. Parsing the whole of it
+    (prometheus_client's parser) takes this process milliseconds, and scraped while it sends
+    load, that would be in every p99 measured here."""
     async with http.get(url + "/metrics", headers={"Accept-Encoding": "identity"}) as resp:
         text = await resp.text()
-    return next(s.value for f in text_string_to_metric_families(text) for s in f.samples
-                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+    wanted = [f'{k}="{v}"' for k, v in labels.items()]
+    for line in text.splitlines():
+        head, _, value = line.rpartition(" ")
+        if head.split("{", 1)[0] == name and all(label in head for label in wanted):
+            return float(value)
+    raise AssertionError(f"no {name} {labels} in the exposition")
 
 
 @pytest.mark.slow
@@ -844,16 +851,14 @@ async def test_fm18_backpressure_drops_never_delays(http: aiohttp.ClientSession)
     """Writer slowed to 100 ms/row at 500 RPS ⇒ queue length ≤ cap, `dropped_total` grows,
     request p99 added latency unchanged (< 2 ms), RSS bounded.
 
-    Two proxy processes, alike but for their store, take the same load in turns, six times
-    each, in alternating order: one records to a Loki that takes 100 ms a row, the other to one
-    that answers at once (queues of 50). The median p99 of each is compared, so that a hiccup of
-    the shared machine in one turn does not count. Measured, the slow writer's median p99 is
-    -0.3 to +3.5 ms from the fast one's (once +5.4) at 500 requests a second on two shared
-    cores, where one turn's p99 ranges over 6-20 ms for either, with the p90 under 2 ms. Two
-    proxies that are alike in every way (both writing to the fast Loki) differ by -1.4 to +1.4
-    ms measured so: the list's 2 ms is at the edge of what this machine can resolve. The bound
-    is 10 ms, a tenth of what blocking on a full queue would cost (100 ms a row); the figures
-    are printed."""
+    Two proxy processes, alike but for their store, take the same load in turns, 16 times each,
+    in alternating order: one records to a Loki that takes 100 ms a row, the other to one that
+    answers at once (queues of 50). The median p99 of each is compared, so that a hiccup of the
+    shared machine in one turn does not count; a result at the bound gets 16 turns more. On two
+    shared cores one turn's p99 ranges over 4-14 ms for either, and two proxies alike in every
+    way differ by up to 1.4 ms measured over six turns each; over 16 turns the slow writer's
+    median p99 was -0.3 to +1.1 ms from the fast one's. (Parsing the whole exposition for
+    each scrape, this process added 5 ms to every p99 and made it noisier: see _scrape.)"""
     rows: list[int] = []
     chat = b'{"model":"llama3.2","stream":false,"messages":[{"role":"user","content":"hi"}]}'
     loki_args = ("--analytics-backend", "loki", "--analytics-queue-size", "50",
@@ -886,24 +891,30 @@ async def test_fm18_backpressure_drops_never_delays(http: aiohttp.ClientSession)
 
             p99: dict[str, list[float]] = {"fast": [], "slow": []}
             turns = [("fast", fast), ("slow", slow)]
-            for _ in range(6):
-                turns.reverse()  # each goes first as often: no advantage from the order
-                for name, proxy in turns:
-                    stop = asyncio.Event()
-                    watcher = asyncio.create_task(watch_queue(proxy, stop))
-                    latencies = await _open_loop(proxy.url + "/api/chat", 500, 1.0, chat)
-                    stop.set()
-                    await watcher
-                    p99[name].append(_percentile(latencies, 99))
+
+            def added() -> float:
+                return statistics.median(p99["slow"]) - statistics.median(p99["fast"])
+
+            # 16 turns each; 16 more if that lands at the bound, where one busy moment of the
+            # machine can decide it (a slow writer that did cost 2 ms would cost it in both).
+            while not p99["fast"] or (len(p99["fast"]) == 16 and added() >= 0.002):
+                for _ in range(16):
+                    turns.reverse()  # each goes first as often: no advantage from the order
+                    for name, proxy in turns:
+                        stop = asyncio.Event()
+                        watcher = asyncio.create_task(watch_queue(proxy, stop))
+                        latencies = await _open_loop(proxy.url + "/api/chat", 500, 1.0, chat)
+                        stop.set()
+                        await watcher
+                        p99[name].append(_percentile(latencies, 99))
             rise = watch.stop()
-    added = statistics.median(p99["slow"]) - statistics.median(p99["fast"])
     print(f"p99 fast writer {[f'{x * 1e3:.2f}' for x in p99['fast']]} ms, slow writer "
-          f"{[f'{x * 1e3:.2f}' for x in p99['slow']]} ms: added {added * 1e3:.2f} ms; "
+          f"{[f'{x * 1e3:.2f}' for x in p99['slow']]} ms: added {added() * 1e3:.2f} ms; "
           f"queue max {max(queue):.0f}, dropped {dropped[-1]:.0f}, RSS rise {rise:.1f} MiB, "
           f"{sum(rows)} rows written")
     assert max(queue) <= 50
     assert dropped[-1] > dropped[0] and dropped[-1] > 1000
-    assert added < 0.010
+    assert added() < 0.002
     assert rise < 20
 
 

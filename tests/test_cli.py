@@ -44,6 +44,7 @@ def test_port_in_use_names_the_port() -> None:
     (["--upstream", "ftp://x"], {}, "--upstream (OLLAMA_METRICS_UPSTREAM)"),
     ([], {"OLLAMA_METRICS_CONNECT_TIMEOUT": "-1"}, "OLLAMA_METRICS_CONNECT_TIMEOUT"),
     ([], {"OLLAMA_METRICS_MAX_EXTRA_MODELS": "many"}, "OLLAMA_METRICS_MAX_EXTRA_MODELS"),
+    (["--header-timeout", "-5"], {}, "--header-timeout (OLLAMA_METRICS_HEADER_TIMEOUT)"),
     (["--listen", "127.0.0.1:4000", "--upstream", "http://127.0.0.1:4000"], {},
      "the proxy's own address"),
     (["--listen", "0.0.0.0:4000", "--upstream", "http://localhost:4000"], {},

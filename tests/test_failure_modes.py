@@ -1125,10 +1125,12 @@ async def test_fm21_slow_clients_dribbling_headers(http: aiohttp.ClientSession) 
     """500 sockets dribbling header bytes every 5 s ⇒ legit requests still served with bounded
     p99; FD count bounded.
 
-    Time-scaled: a byte every 0.5 s for 3 s. One descriptor per dribbling socket while it is
-    open, all given back when they go; none of them reaches Ollama."""
+    Time-scaled: a byte every 0.5 s for 3.5 s, header timeout 2 s (60 s by default). Each
+    dribbling socket holds one descriptor until the header timeout closes it, while it still
+    dribbles; none of them reaches Ollama."""
     with fake_process() as fake, proxy_process(fake.url, "--analytics-backend", "none",
-                                               "--ps-interval", "0") as proxy:
+                                               "--ps-interval", "0",
+                                               "--header-timeout", "2") as proxy:
         pid = proxy.proc.pid
         before = open_fds(pid)
         writers = []
@@ -1136,32 +1138,38 @@ async def test_fm21_slow_clients_dribbling_headers(http: aiohttp.ClientSession) 
             _, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
             writer.write(b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
             writers.append(writer)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
 
         async def dribble() -> None:
-            for _ in range(6):
+            for _ in range(7):
                 await asyncio.sleep(0.5)
                 for writer in writers:
-                    writer.write(b"a")
+                    if not writer.transport.is_closing():
+                        writer.write(b"a")
 
         dribbling = asyncio.create_task(dribble())
-        latencies = []
+        latencies, during = [], 0
         while not dribbling.done():
             sent = time.perf_counter()
             async with http.post(proxy.url + "/api/generate",
                                  data=b'{"model":"llama3.2","prompt":"hi"}') as resp:
                 assert resp.status == 200 and b'"done":true' in await resp.read()
             latencies.append(time.perf_counter() - sent)
+            if loop.time() - began < 1.5:
+                during = max(during, open_fds(pid))
             await asyncio.sleep(0.02)
-        during = open_fds(pid)
+        after = open_fds(pid)  # 3.5 s in: closed by the header timeout, though still sending
         for writer in writers:
             writer.close()
-        await settle(lambda: open_fds(pid) <= before + 3, 5.0)
         generates = [r for r in await _fake_requests(http, fake.url)
                      if r["path_qs"] == "/api/generate"]
     print(f"{len(latencies)} requests while 500 sockets dribbled: p99 "
-          f"{_percentile(latencies, 99) * 1e3:.1f} ms; descriptors {before} -> {during}")
+          f"{_percentile(latencies, 99) * 1e3:.1f} ms; descriptors {before} -> {during} -> "
+          f"{after} after the header timeout")
     assert len(latencies) > 20 and _percentile(latencies, 99) < 0.25
     assert before + 500 <= during <= before + 510
+    assert after <= before + 10  # the keep-alive connections of the real requests
     assert len(generates) == len(latencies)  # only the real requests reached Ollama
 
 

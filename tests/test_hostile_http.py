@@ -10,6 +10,7 @@ what reached it (`GET /_fake/requests`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import hashlib
 import socket
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 import aiohttp
 import pytest
 
+from conftest import StartProxy
+from fake_ollama import FakeOllama, Scenario
 from helpers import Process, fake_process, proxy_process, raw_request
 from wire import Reply, parse_replies, startup_done
 
@@ -224,7 +227,7 @@ async def test_bad_chunk_after_good_ones_is_answered_400(stack: Stack, path: str
     Ollama gets no complete request, and the proxy carries on.
 
     aiohttp's C parser loses this error (it never reaches the body being read); without the
-    guard in framing.py the client waits for an answer until it gives up."""
+    guard in connection.py the client waits for an answer until it gives up."""
     async with aiohttp.ClientSession() as http:
         async with http.post(stack.fake.url + "/_fake/reset"):
             pass
@@ -273,3 +276,76 @@ async def test_encoded_request_bodies_reach_ollama_as_sent(stack: Stack, encodin
     assert reply.status == 400  # Ollama's JSON parser on the bytes as sent
     assert seen["headers"]["Content-Encoding"] == encoding
     assert seen["body_sha256"] == hashlib.sha256(sent).hexdigest()
+
+
+# --- request heads that take too long ---------------------------------------------------------
+
+HEAD_TIMEOUT = 0.5
+
+
+async def _dribble(port: int, parts: list[bytes], gap: float, wait: float = 2.0
+                   ) -> tuple[bytes, float]:
+    """Send `parts` `gap` seconds apart (stopping if the proxy closes), then read until it
+    closes or `wait` passes; what came back, and when it closed, from the first byte sent."""
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    got, closed = bytearray(), float("inf")
+    first = loop.time()
+
+    async def read() -> None:
+        nonlocal closed
+        while chunk := await reader.read(65536):
+            got.extend(chunk)
+        closed = loop.time() - first
+
+    reading = asyncio.create_task(read())
+    try:
+        for part in parts:
+            if reading.done():
+                break
+            writer.write(part)
+            await asyncio.sleep(gap)
+        with contextlib.suppress(asyncio.TimeoutError, ConnectionResetError):
+            await asyncio.wait_for(asyncio.shield(reading), wait)
+    finally:
+        reading.cancel()
+        writer.close()
+    return bytes(got), closed
+
+
+async def test_a_request_head_past_the_header_timeout_closes_the_connection(
+        fake: FakeOllama, start_proxy: StartProxy) -> None:
+    """A head dribbled a header line every 0.1 s: closed once its first byte is 0.5 s old,
+    without an answer, and nothing reaches Ollama."""
+    proxy = await start_proxy(fake.url, header_timeout=HEAD_TIMEOUT)
+    head = [b"GET /api/version HTTP/1.1\r\nHost: x\r\n"] + [b"X-Slow: %d\r\n" % n
+                                                            for n in range(30)]
+    reply, closed = await _dribble(proxy.port, head, 0.1)
+    assert reply == b""
+    assert HEAD_TIMEOUT <= closed < HEAD_TIMEOUT + 0.4
+    assert not [r for r in fake.requests if "X-Slow" in r.headers]
+
+
+async def test_the_header_timeout_spares_timely_heads_idle_connections_slow_bodies_and_long_replies(
+        fake: FakeOllama, start_proxy: StartProxy) -> None:
+    """Only a head that has begun and not ended is timed: a head sent over 0.3 s, a keep-alive
+    connection idle for 1 s between requests, a body sent over 1.2 s and a reply streamed for
+    1.2 s all go through with a 0.5 s header timeout."""
+    fake.scenarios["long:latest"] = Scenario(tokens=["a "] * 12, token_delay=0.1)
+    proxy = await start_proxy(fake.url, header_timeout=HEAD_TIMEOUT)
+    version = b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n"
+    last = b"GET /api/version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    body = b'{"model":"long","prompt":"count","stream":true}'
+    post = (b"POST /api/generate HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body))
+    timely = [last[:10], last[10:30], last[30:]]
+    idle = [version, b"", b"", b"", b"", b"", last]  # 1.2 s between the two
+    slow_body = [post] + [body[n:n + 4] for n in range(0, len(body), 4)]
+    streamed, _ = await _dribble(proxy.port, [post + body], 0, wait=2.0)
+    for parts, gap, expect in [(timely, 0.1, 1), (idle, 0.2, 2), (slow_body, 0.1, 1)]:
+        reply, _ = await _dribble(proxy.port, parts, gap, wait=2.0)
+        replies = parse_replies(reply, ["POST" if parts[0].startswith(b"POST") else "GET"] * 2)
+        assert [r.status for r in replies] == [200] * expect, reply
+        assert all(r.complete for r in replies)
+    (long,) = parse_replies(streamed, ["POST"])
+    assert long.status == 200 and long.complete and long.body.count(b"\n") == 13

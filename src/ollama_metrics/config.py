@@ -22,6 +22,7 @@ ENV = {
     "upstream": "OLLAMA_METRICS_UPSTREAM",
     "connect_timeout": "OLLAMA_METRICS_CONNECT_TIMEOUT",
     "idle_timeout": "OLLAMA_METRICS_IDLE_TIMEOUT",
+    "header_timeout": "OLLAMA_METRICS_HEADER_TIMEOUT",
     "max_extra_models": "OLLAMA_METRICS_MAX_EXTRA_MODELS",
     "model_refresh": "OLLAMA_METRICS_MODEL_REFRESH",
     "max_parse_bytes": "OLLAMA_METRICS_MAX_PARSE_BYTES",
@@ -60,6 +61,8 @@ class Config:
     # Seconds the upstream may stay silent mid-reply; None means never cut (the default: model
     # loads and long generations have no upper bound).
     idle_timeout: float | None = None
+    # Seconds a client may take to send a request head, from its first byte; None: no limit.
+    header_timeout: float | None = 60.0
     max_extra_models: int = 20
     model_refresh: float = 60.0
     max_parse_bytes: int = 32 * 1024 * 1024
@@ -101,6 +104,7 @@ class Config:
         upstream: str | None = None,
         connect_timeout: float = 10.0,
         idle_timeout: float = 0.0,
+        header_timeout: float = 60.0,
         max_extra_models: int = 20,
         model_refresh: float = 60.0,
         max_parse_bytes: int = 32 * 1024 * 1024,
@@ -125,7 +129,8 @@ class Config:
         upstream_url = (parse_upstream(upstream) if upstream is not None
                         else connect_url(child_host, child_port))
         for name, value in [("connect_timeout", connect_timeout), ("idle_timeout", idle_timeout),
-                            ("model_refresh", model_refresh), ("shutdown_grace", shutdown_grace)]:
+                            ("header_timeout", header_timeout), ("model_refresh", model_refresh),
+                            ("shutdown_grace", shutdown_grace)]:
             if value < 0:
                 raise ConfigError(name, f"must be zero or more seconds, got {value}")
         if connect_timeout == 0:
@@ -173,6 +178,7 @@ class Config:
             upstream=upstream_url,
             connect_timeout=connect_timeout,
             idle_timeout=idle_timeout or None,
+            header_timeout=header_timeout or None,
             max_extra_models=max_extra_models,
             model_refresh=model_refresh,
             max_parse_bytes=max_parse_bytes,

@@ -33,7 +33,7 @@ from yarl import URL
 
 from .categorize import categorize
 from .config import Config
-from .framing import bad_body
+from .connection import bad_body
 from .interaction import ErrorType, Interaction, Outcome
 from .ollama import Kind, expects_done, read_request, reply_reader, route
 

@@ -24,7 +24,7 @@ from . import probe, upstream
 from .analytics.settings import AnalyticsConfig
 from .app import SESSION, create_app
 from .config import Config, connect_url
-from .framing import Runner
+from .connection import Runner
 from .metrics import new_registry
 from .supervisor import Supervisor
 
@@ -86,9 +86,9 @@ def make_runner(app: web.Application, config: Config) -> web.AppRunner:
     # auto_decompress off: a request body with Content-Encoding goes to Ollama as it came, as
     # every other byte does (decoded, it would reach Ollama still labelled gzip; undecodable, it
     # would be a 500 of the proxy's own).
-    return Runner(app, handler_cancellation=True, access_log=None,
-                  shutdown_timeout=config.shutdown_grace, auto_decompress=False,
-                  logger=_HTTP_LOG)
+    return Runner(app, header_timeout=config.header_timeout, handler_cancellation=True,
+                  access_log=None, shutdown_timeout=config.shutdown_grace,
+                  auto_decompress=False, logger=_HTTP_LOG)
 
 
 async def serve(config: Config, sock: socket.socket, stop: asyncio.Event | None = None,

@@ -43,6 +43,9 @@ def proxy_options(f: F) -> F:
         _option("--idle-timeout", type=float, default=0.0, metavar="SECONDS",
                 help="Cut a reply Ollama stays silent in for this long; 0 never cuts "
                      "(model loads and long generations have no upper bound)."),
+        _option("--header-timeout", type=float, default=60.0, metavar="SECONDS",
+                help="Close a client connection whose request head (request line and "
+                     "headers) takes longer than this to arrive; 0 never does."),
         _option("--max-extra-models", type=int, default=20, metavar="N",
                 help="Model label values allowed beyond those in /api/tags before 'other'."),
         _option("--model-refresh", type=float, default=60.0, metavar="SECONDS",

@@ -349,3 +349,21 @@ async def test_the_header_timeout_spares_timely_heads_idle_connections_slow_bodi
         assert all(r.complete for r in replies)
     (long,) = parse_replies(streamed, ["POST"])
     assert long.status == 200 and long.complete and long.body.count(b"\n") == 13
+
+
+async def test_the_header_timeout_never_cuts_a_reply_in_flight(
+        fake: FakeOllama, start_proxy: StartProxy) -> None:
+    """Bytes of a next head arriving while a 1.2 s reply streams (a stray CRLF after the body,
+    or a pipelined head that stops halfway) do not cut the reply; the unfinished head closes
+    the connection once the reply is done, at once since it is overdue by then."""
+    fake.scenarios["long:latest"] = Scenario(tokens=["a "] * 12, token_delay=0.1)
+    proxy = await start_proxy(fake.url, header_timeout=HEAD_TIMEOUT)
+    body = b'{"model":"long","prompt":"count","stream":true}'
+    post = b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n" % len(body)
+    stray = [post + b"Connection: close\r\n\r\n" + body, b"\r\n"]
+    halfway = [post + b"\r\n" + body, b"GET /api/vers"]
+    for parts in (stray, halfway):
+        reply, closed = await _dribble(proxy.port, parts, 0.1, wait=3.0)
+        (long,) = parse_replies(reply, ["POST"])
+        assert long.status == 200 and long.complete and long.body.count(b"\n") == 13, reply
+        assert closed < 2.0

@@ -10,7 +10,8 @@
   its first byte, as nginx's client_header_timeout does. aiohttp has no such limit, so a
   client sending its head a byte at a time would hold a connection (and a descriptor) for an
   hour. Idle keep-alive connections, bodies however slow, and replies however long are not
-  timed: only a head that has begun and not ended.
+  timed: only a head that has begun and not ended, and a connection is closed for it only
+  between replies, never during one.
 
 `Runner` gives every connection a wrapper around its parser that sees each read. It needs
 aiohttp's connection to keep its parser in `_parser`; if a future aiohttp moves it, a warning
@@ -35,20 +36,61 @@ log = logging.getLogger("ollama_metrics")
 _warned = False
 
 
+class _HeadClock:
+    """Closes connections whose request head began over `timeout` seconds ago and has not
+    ended. One timer per server sweeps the heads in progress (usually none: a head almost always
+    arrives in one read), so a connection costs nothing here unless its head is slow, and one
+    that closes mid-head is let go at the next sweep."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._period = min(1.0, timeout / 4)
+        self._loop = asyncio.get_running_loop()
+        self._heads: dict[RequestHandler, float] = {}  # connection -> when its head began
+        self._timer: asyncio.TimerHandle | None = None
+
+    def begin(self, handler: RequestHandler) -> None:
+        self._heads.setdefault(handler, self._loop.time())
+        if self._timer is None:
+            self._timer = self._loop.call_later(self._period, self._sweep)
+
+    def end(self, handler: RequestHandler) -> None:
+        self._heads.pop(handler, None)
+
+    def _sweep(self) -> None:
+        now = self._loop.time()
+        for handler, since in list(self._heads.items()):
+            if handler.transport is None:  # closed meanwhile
+                del self._heads[handler]
+            elif now - since >= self.timeout and _idle(handler):
+                # Not while a reply is going out: a partial pipelined head, or a stray CRLF
+                # after a body, must not cut the reply in flight. Once it is done, this head
+                # has had its time.
+                del self._heads[handler]
+                log.debug("closing a connection whose request head took more than %ss to "
+                          "arrive", self.timeout)
+                handler.force_close()
+        self._timer = self._loop.call_later(self._period, self._sweep) if self._heads else None
+
+
+def _idle(handler: RequestHandler) -> bool:
+    """Waiting for its next request, as aiohttp's keep-alive timer tells it."""
+    waiter = getattr(handler, "_waiter", None)
+    return waiter is not None and not waiter.done()
+
+
 class _Guard:
     """Delegates to aiohttp's request parser; fails the body in progress when the parser
-    raises, and closes the connection when a request head outlasts the header timeout."""
+    raises, and starts the head clock when a read holds only the beginning of a head."""
 
-    __slots__ = ("_body", "_handler", "_head_since", "_loop", "_parser", "_timeout", "_timer")
+    __slots__ = ("_body", "_clock", "_handler", "_in_head", "_parser")
 
-    def __init__(self, parser: Any, handler: RequestHandler, timeout: float | None) -> None:
+    def __init__(self, parser: Any, handler: RequestHandler, clock: _HeadClock | None) -> None:
         self._parser = parser
         self._handler = handler
-        self._timeout = timeout
-        self._loop = asyncio.get_running_loop()
+        self._clock = clock
         self._body: StreamReader | None = None  # the last body the parser began
-        self._head_since: float | None = None  # when the head being read began
-        self._timer: asyncio.TimerHandle | None = None
+        self._in_head = False  # on the head clock
 
     def feed_data(self, data: bytes) -> Any:
         body = self._body
@@ -56,7 +98,7 @@ class _Guard:
         try:
             result = self._parser.feed_data(data)
         except HttpProcessingError as exc:
-            self._body = self._head_since = None
+            self._body = None
             if in_body and body is not None and body.exception() is None:
                 body.set_exception(RequestPayloadError(f"bad request body: {exc.message}"), exc)
                 # Ended too (reads still raise): aiohttp would otherwise linger to drain the
@@ -66,27 +108,18 @@ class _Guard:
         messages = result[0]
         if messages:
             self._body = messages[-1][1]
-            self._head_since = None
-        elif data and not in_body and self._head_since is None and self._timeout is not None:
-            # Bytes outside any body, and no request from them yet: a head has begun. (When a
-            # body ends mid-read and a head begins after it, the clock starts at its next read.)
-            self._head_since = self._loop.time()
-            if self._timer is None:
-                self._timer = self._loop.call_at(self._head_since + self._timeout, self._expire)
+            if self._in_head and self._clock is not None:
+                self._in_head = False
+                self._clock.end(self._handler)
+        elif (data and not in_body and not self._in_head and self._clock is not None
+              and data.strip(b"\r\n")):
+            # Bytes outside any body (not just the CRLF llhttp allows between requests), and
+            # no request from them yet: a head has begun. A head whose first bytes share a read
+            # with the end of the request before is timed from its next read; one that then
+            # goes silent is an idle connection to aiohttp's keep-alive timer (an hour).
+            self._in_head = True
+            self._clock.begin(self._handler)
         return result
-
-    def _expire(self) -> None:
-        self._timer = None
-        since = self._head_since
-        if since is None or self._timeout is None:
-            return
-        due = since + self._timeout
-        if self._loop.time() < due:  # an earlier head ended in time; this one began later
-            self._timer = self._loop.call_at(due, self._expire)
-            return
-        log.debug("closing a connection whose request head took more than %ss to arrive",
-                  self._timeout)
-        self._handler.force_close()
 
     def message_consumed(self) -> None:  # once a request: spared the __getattr__ lookup
         self._parser.message_consumed()
@@ -95,11 +128,11 @@ class _Guard:
         return getattr(self._parser, name)
 
 
-def _guard(handler: RequestHandler, header_timeout: float | None) -> None:
+def _guard(handler: RequestHandler, clock: _HeadClock | None) -> None:
     global _warned
     parser = getattr(handler, "_parser", None)
     if parser is not None and callable(getattr(parser, "feed_data", None)):
-        handler._parser = _Guard(parser, handler, header_timeout)  # type: ignore[assignment]
+        handler._parser = _Guard(parser, handler, clock)  # type: ignore[assignment]
     elif not _warned:
         _warned = True
         log.warning("this aiohttp keeps no request parser where expected: a chunked request "
@@ -109,10 +142,13 @@ def _guard(handler: RequestHandler, header_timeout: float | None) -> None:
 
 class _Server(web.Server):
     header_timeout: float | None = None
+    _clock: _HeadClock | None = None
 
     def __call__(self) -> RequestHandler:
         handler = super().__call__()
-        _guard(handler, self.header_timeout)
+        if self._clock is None and self.header_timeout is not None:
+            self._clock = _HeadClock(self.header_timeout)
+        _guard(handler, self._clock)
         return handler
 
 

@@ -202,14 +202,17 @@ async def test_basic_auth_from_the_url(loki: LokiReceiver) -> None:
 async def test_refused_entries_are_not_resent(loki: LokiReceiver, store: LokiStore,
                                               caplog: pytest.LogCaptureFixture) -> None:
     """Loki stores the valid entries of a push and answers 400 for the rest: resending would
-    never succeed, so the batch counts as written and the reason is logged."""
+    never succeed, so the ones it ignored are reported refused (from its "total ignored" count)
+    and the reason is logged; a 400 without that count refuses the whole batch."""
     loki.reject_before = int(T0 + 2) * 10**9
     with caplog.at_level(logging.WARNING):
-        await store.write_batch([record(1), record(2), record(3)])
+        assert await store.write_batch([record(1), record(2), record(3)]) == 1
     assert [line["id"] for line in loki.lines()] == ["r0002", "r0003"]
     assert "timestamp too old" in caplog.text
     assert "total ignored: 1 out of 3" in caplog.text
     assert loki.attempts == 1
+    loki.fail_next(1, 400, "error at least one label pair is required per stream")
+    assert await store.write_batch([record(4), record(5)]) == 2
 
 
 async def test_blocked_ingestion_is_not_retried(loki: LokiReceiver, store: LokiStore,
@@ -217,9 +220,8 @@ async def test_blocked_ingestion_is_not_retried(loki: LokiReceiver, store: LokiS
     """Loki's block_ingestion_status_code (260 by default) is a 2xx asking clients not to retry."""
     loki.fail_next(2, 260, "ingestion blocked until 2030-01-01T00:00:00Z")
     with caplog.at_level(logging.WARNING):
-        await store.write_batch([record(1)])
-        await store.write_batch([record(2)])
-        await store.write_batch([record(3)])
+        refused = [await store.write_batch([record(n)]) for n in (1, 2, 3)]
+    assert refused == [1, 1, 0]
     assert [line["id"] for line in loki.lines()] == ["r0003"]
     messages = [r.getMessage() for r in caplog.records]
     assert sum("answered 260" in m and "ingestion blocked" in m for m in messages) == 1
@@ -230,11 +232,11 @@ async def test_too_large_batches_are_split(loki: LokiReceiver, store: LokiStore,
                                            caplog: pytest.LogCaptureFixture) -> None:
     batch = [record(n, response="x" * 3000) for n in range(8)]
     loki.max_body = 8000  # about two records per push
-    await store.write_batch(batch)
+    assert await store.write_batch(batch) == 0
     assert loki.lines() == batch
     assert len(loki.pushes) > 2
-    with caplog.at_level(logging.WARNING):
-        await store.write_batch([record(9, response="y" * 10_000)])  # alone still too large
+    with caplog.at_level(logging.WARNING):  # alone still too large
+        assert await store.write_batch([record(9, response="y" * 10_000)]) == 1
     assert "r0009 is too large" in caplog.text
     assert len(loki.lines()) == 8
 
@@ -271,6 +273,31 @@ async def test_with_sqlite_through_the_recorder(loki: LokiReceiver, tmp_path: Pa
         assert sorted(loki.lines(), key=lambda r: r["id"]) == batch
     finally:
         await recorder.close()
+
+
+async def test_refused_records_count_as_dropped(loki: LokiReceiver, tmp_path: Path) -> None:
+    """Through the recorder: what Loki ignores for good is in ollama_analytics_dropped_total,
+    the rest in writes_total{status="success"}; nothing is sent twice."""
+    settings = AnalyticsConfig.build(analytics_backend="loki", analytics_dir=str(tmp_path),
+                                     analytics_loki_url=loki.url, analytics_retention_days=0,
+                                     analytics_batch_size=10)
+    registry = CollectorRegistry()
+    recorder = Recorder(open_stores(settings), settings, registry)
+    loki.reject_before = int(T0 + 3) * 10**9  # the first three records are too old for Loki
+    await recorder.start()
+    try:
+        for n in range(8):
+            recorder.submit(record(n))
+        await settle(lambda: len(loki.entries) == 5, timeout=5.0)
+        await settle(lambda: registry.get_sample_value(
+            "ollama_analytics_dropped_total", {"backend": "loki"}) == 3, timeout=5.0)
+    finally:
+        await recorder.close()
+    assert registry.get_sample_value("ollama_analytics_writes_total",
+                                     {"backend": "loki", "status": "success"}) == 5
+    assert registry.get_sample_value("ollama_analytics_writes_total",
+                                     {"backend": "loki", "status": "error"}) == 0
+    assert len(loki.entries) == 5
 
 
 @pytest.mark.parametrize(("body", "reason"), [

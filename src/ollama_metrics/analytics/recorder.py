@@ -74,7 +74,8 @@ class Recorder:
             ["backend", "status"], registry=registry)
         self.dropped = Counter(
             "ollama_analytics_dropped_total",
-            "Records not stored: queue full, or still unwritten when shutdown's grace ran out",
+            "Records not stored: queue full, refused by the store, or still unwritten when "
+            "shutdown's grace ran out",
             ["backend"], registry=registry)
         for lane in self._lanes:
             name = lane.store.name
@@ -196,27 +197,29 @@ class Recorder:
 
     async def _write_loop(self, lane: _Lane) -> None:
         if not lane.opened:
-            lane.opened = await self._retry(lane, lane.store.open, "open")
+            lane.opened = await self._retry(lane, lane.store.open, "open") is not None
         while True:
             batch = [await lane.queue.get()]
             while len(batch) < self.settings.batch_size and not lane.queue.empty():
                 batch.append(lane.queue.get_nowait())
             lane.inflight = len(batch)
-            if not await self._retry(lane, partial(lane.store.write_batch, batch), "write",
-                                     len(batch)):
-                self.dropped.labels(lane.store.name).inc(len(batch))
+            refused = await self._retry(lane, partial(lane.store.write_batch, batch), "write",
+                                        len(batch))
+            # Records the store refused for good, or still unwritten when the grace ran out.
+            self.dropped.labels(lane.store.name).inc(len(batch) if refused is None else refused)
             lane.inflight = 0
             for _ in batch:
                 lane.queue.task_done()
 
-    async def _retry(self, lane: _Lane, action: Callable[[], Awaitable[None]], what: str,
-                     n: int = 0) -> bool:
-        """Run `action` until it succeeds (True) or shutdown's grace runs out (False)."""
+    async def _retry(self, lane: _Lane, action: Callable[[], Awaitable[int | None]], what: str,
+                     n: int = 0) -> int | None:
+        """Run `action` until it succeeds or shutdown's grace runs out (None). A write returns
+        how many of its `n` records the store refused for good; success counts the rest."""
         name = lane.store.name
         delay = BACKOFF_START
         while True:
             try:
-                await action()
+                refused = await action() or 0
             except Exception as exc:
                 if n:
                     self.writes.labels(name, "error").inc(n)
@@ -227,17 +230,17 @@ class Recorder:
                 else:
                     log.debug("analytics: %s to %s failed again: %s", what, name, exc)
                 if time.monotonic() + delay > self._deadline:
-                    return False
+                    return None
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX)
                 continue
-            if n:
-                self.writes.labels(name, "success").inc(n)
+            if n > refused:
+                self.writes.labels(name, "success").inc(n - refused)
             if lane.failing_since is not None:
                 log.warning("analytics: %s to %s works again after %.1fs", what, name,
                             time.monotonic() - lane.failing_since)
                 lane.failing_since = None
-            return True
+            return refused
 
     async def _cleanup_loop(self) -> None:
         max_bytes = int(self.settings.max_size_mb * 2**20) or None

@@ -87,8 +87,10 @@ class Store(Protocol):
 
     async def open(self) -> None: ...
 
-    async def write_batch(self, records: list[Record]) -> None:
-        """Write all of `records` or raise; writing the same record twice must be harmless."""
+    async def write_batch(self, records: list[Record]) -> int:
+        """Write `records` or raise (to be retried); writing the same record twice must be
+        harmless. Returns how many of them the store refused for good (0 when all are stored):
+        those are counted as dropped, never sent again."""
 
     async def purge(self, older_than: float | None, max_bytes: int | None) -> int:
         """Delete records that started before `older_than`, then the oldest until the store

@@ -77,8 +77,9 @@ class JsonlStore:
             with open(self._target(day), "ab") as raw, gzip.GzipFile(fileobj=raw, mode="wb") as gz:
                 gz.write(b"".join(lines))
 
-    async def write_batch(self, records: list[Record]) -> None:
+    async def write_batch(self, records: list[Record]) -> int:
         await self._run(self._write, records)
+        return 0
 
     def _purge(self, older_than: float | None, max_bytes: int | None) -> int:
         deleted = 0

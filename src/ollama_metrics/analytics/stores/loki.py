@@ -21,14 +21,16 @@ stream, as Loki before 2.4 rejects out-of-order entries.
 
 Answers, as Promtail treats them ("only retry 429s, 500s and connection-level errors"):
 * 2xx: done. Loki's `block_ingestion_status_code` (260 by default) is also 2xx: the operator has
-  paused ingestion and asks clients not to retry, so it is logged and the batch is let go.
+  paused ingestion and asks clients not to retry, so it is logged and the batch is let go,
+  counted as dropped.
 * 400: Loki's distributor and ingester store every valid entry of a push and answer 400 listing
-  the ones they ignored (too old, too new, too far behind, line too long). Resending would store
-  nothing more and be refused the same way for ever, stalling this store's queue, so the reason
-  is logged as a warning and the batch counts as written. Loki counts those entries in
-  `loki_discarded_samples_total`.
+  the ones they ignored (too old, too new, too far behind, line too long) and, per stream, "total
+  ignored: N out of M". Resending would store nothing more and be refused the same way for
+  ever, stalling this store's queue, so the reason is logged as a warning and the N records
+  (all of the batch, without such a count) are dropped and counted as such; the rest count as
+  written. Loki counts those entries in `loki_discarded_samples_total`.
 * 413 (a proxy's body limit): the batch is split in halves and each pushed; a single record that
-  is still too large is logged and let go.
+  is still too large is logged and dropped.
 * 429, 5xx, any other 4xx (401/403/404: credentials, tenant or URL not right yet), timeouts and
   connection errors: StoreError with Loki's answer, so the recorder retries with back-off.
 
@@ -43,6 +45,7 @@ import base64
 import gzip
 import json
 import logging
+import re
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -95,6 +98,9 @@ def _line(record: Record) -> str:
 def _basic_auth(user: str, password: str) -> str:
     """The Authorization header value (RFC 7617, UTF-8), as aiohttp deprecates BasicAuth."""
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+
+
+_IGNORED = re.compile(r"total ignored: (\d+) out of \d+")
 
 
 def _reason(text: str) -> str:
@@ -156,11 +162,11 @@ class LokiStore:
             for key, values in streams.items()
         ]})
 
-    async def write_batch(self, records: list[Record]) -> None:
-        if records:
-            await self._push(records)
+    async def write_batch(self, records: list[Record]) -> int:
+        return await self._push(records) if records else 0
 
-    async def _push(self, records: list[Record]) -> None:
+    async def _push(self, records: list[Record]) -> int:
+        """Push `records`; how many Loki refused for good (raises for what is worth a retry)."""
         if self._session is None:
             raise RuntimeError("store not open")
         data = self.body(records)
@@ -177,26 +183,34 @@ class LokiStore:
                                else type(exc).__name__)
             raise StoreError(f"cannot push to Loki at {self.url}: {why}") from None
         if 200 <= status < 300:
-            self._accepted(status, text)
-        elif status == 400:
-            log.warning("analytics: Loki refused entries of a batch of %d records, which will not "
-                        "be resent: %s", len(records), _reason(text))
-        elif status == 413 and len(records) > 1:
+            return self._accepted(status, text, len(records))
+        if status == 400:
+            # Loki stores the valid entries of a push and says how many of each stream's it
+            # ignored; without that count, it refused the push as a whole.
+            ignored = [int(n) for n in _IGNORED.findall(text)]
+            refused = min(sum(ignored), len(records)) if ignored else len(records)
+            log.warning("analytics: Loki refused %d of a batch of %d records, which will not "
+                        "be resent: %s", refused, len(records), _reason(text))
+            return refused
+        if status == 413 and len(records) > 1:
             half = len(records) // 2
-            await self._push(records[:half])
-            await self._push(records[half:])
-        elif status == 413:
+            return await self._push(records[:half]) + await self._push(records[half:])
+        if status == 413:
             log.warning("analytics: record %s is too large for Loki at %s (%d bytes), dropped: "
                         "%s", records[0].get("id"), self.url, len(data), _reason(text))
-        else:
-            raise StoreError(f"Loki at {self.url} answered {status}: {_reason(text)}")
+            return 1
+        raise StoreError(f"Loki at {self.url} answered {status}: {_reason(text)}")
 
-    def _accepted(self, status: int, text: str) -> None:
+    def _accepted(self, status: int, text: str, pushed: int) -> int:
+        """A 2xx: 200 and 204 store the push; any other (Loki's block_ingestion_status_code,
+        260 by default) stores nothing and asks not to be retried."""
         if status in (200, 204):
             if self._blocked_status is not None:
                 log.warning("analytics: Loki accepts pushes again")
                 self._blocked_status = None
-        elif self._blocked_status != status:
+            return 0
+        if self._blocked_status != status:
             self._blocked_status = status
             log.warning("analytics: Loki answered %d, not storing what it receives (blocked "
                         "ingestion?): %s", status, _reason(text))
+        return pushed

@@ -183,13 +183,14 @@ class PostgresStore:
             raise RuntimeError("store not open")
         return self._pool_
 
-    async def write_batch(self, records: list[Record]) -> None:
+    async def write_batch(self, records: list[Record]) -> int:
         if not records:
-            return
+            return 0
         rows = [_params(r) for r in records]
         async with self._pool().connection() as conn, conn.transaction(), \
                 conn.cursor() as cur:
             await cur.executemany(_INSERT, rows)
+        return 0
 
     async def purge(self, older_than: float | None, max_bytes: int | None) -> int:
         """Delete records that started before `older_than`; returns how many.

@@ -235,7 +235,7 @@ class SqliteStore:
             raise RuntimeError("store not open")
         return self._write_db
 
-    async def write_batch(self, records: list[Record]) -> None:
+    async def write_batch(self, records: list[Record]) -> int:
         rows = [_params(r) for r in records]
 
         def write() -> None:
@@ -249,6 +249,7 @@ class SqliteStore:
                 raise
 
         await self._on_writer(write)
+        return 0
 
     async def purge(self, older_than: float | None, max_bytes: int | None) -> int:
         def purge() -> int:

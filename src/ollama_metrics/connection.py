@@ -14,8 +14,10 @@
   between replies, never during one.
 
 `Runner` gives every connection a wrapper around its parser that sees each read. It needs
-aiohttp's connection to keep its parser in `_parser`; if a future aiohttp moves it, a warning
-says so once and connections run unguarded (tests/test_hostile_http.py fails on that).
+aiohttp's connection to keep its parser in `_parser`, and tells an idle connection by its
+`_waiter` as aiohttp's keep-alive timer does; if a future aiohttp moves the first, a warning says
+so once and connections run unguarded; without the second, no head is ever timed out. Either
+way tests/test_hostile_http.py fails.
 """
 
 from __future__ import annotations

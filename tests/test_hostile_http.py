@@ -191,98 +191,6 @@ async def test_big_header_reaches_ollama_whole(stack: Stack) -> None:
     assert seen["headers"]["X-Big"] == "b" * 60_000
 
 
-async def _slowly(port: int, parts: list[bytes], wait: float) -> bytes:
-    """Send `parts` a little apart, then read until the proxy closes, for up to `wait` seconds."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    got = bytearray()
-    try:
-        for part in parts:
-            writer.write(part)
-            await writer.drain()
-            await asyncio.sleep(0.1)
-        deadline = asyncio.get_running_loop().time() + wait
-        while chunk := await asyncio.wait_for(reader.read(65536),
-                                              deadline - asyncio.get_running_loop().time()):
-            got += chunk
-    except (asyncio.TimeoutError, ConnectionResetError):
-        pass
-    finally:
-        writer.close()
-    return bytes(got)
-
-
-BLOB = "/api/blobs/sha256:" + "0" * 64
-
-
-def _bad_chunk_late(path: str) -> list[bytes]:
-    """A chunked body whose framing breaks after good chunks have gone on to Ollama."""
-    return [b"POST %s HTTP/1.1\r\nHost: x\r\n%s\r\n2\r\n{}\r\n" % (path.encode(), CHUNKED),
-            b"zz\r\n", b"0\r\n\r\n"]
-
-
-@pytest.mark.parametrize("path", ["/api/generate", BLOB], ids=["parsed", "streamed"])
-async def test_bad_chunk_after_good_ones_is_answered_400(stack: Stack, path: str) -> None:
-    """A chunk size gone bad after the body has begun: 400 and the connection closes, whether
-    the proxy was reading the body itself (a prompt) or streaming it on to Ollama (a blob).
-    Ollama gets no complete request, and the proxy carries on.
-
-    aiohttp's C parser loses this error (it never reaches the body being read); without the
-    guard in connection.py the client waits for an answer until it gives up."""
-    async with aiohttp.ClientSession() as http:
-        async with http.post(stack.fake.url + "/_fake/reset"):
-            pass
-        loop = asyncio.get_running_loop()
-        sent = loop.time()
-        reply = await _slowly(stack.proxy.port, _bad_chunk_late(path), 3.0)
-        took = loop.time() - sent
-        await asyncio.sleep(0.2)
-        async with http.get(stack.fake.url + "/_fake/requests") as resp:
-            seen = await resp.json()
-        async with http.get(stack.proxy.url + "/api/version") as resp:
-            assert resp.status == 200
-    (answer,) = parse_replies(reply)
-    assert answer.status == 400, reply
-    assert (answer.header("Connection") or "").lower() == "close"
-    assert took < 2.0  # answered at once, not when the client gave up
-    assert len(seen) <= 1
-    assert all(r["status"] in (None, 400) or r["disconnected"] for r in seen), seen
-    _assert_quiet(stack)
-
-
-async def test_bad_chunk_in_a_pipelined_request_fails_that_request_only(stack: Stack) -> None:
-    """Two requests in one go, the second's body breaking once the first is answered: the first
-    gets its reply, the second its 400, and the connection closes after it."""
-    first = b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n"
-    second = _bad_chunk_late("/api/generate")
-    reply = await _slowly(stack.proxy.port, [first + second[0], *second[1:]], 3.0)
-    statuses = [r.status for r in parse_replies(reply, ["GET", "POST"])]
-    assert statuses == [200, 400], reply
-    _assert_quiet(stack)
-
-
-@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br"])
-async def test_encoded_request_bodies_reach_ollama_as_sent(stack: Stack, encoding: str) -> None:
-    """A body with a Content-Encoding goes on as it came, header and bytes, as everything else
-    does: Ollama answers it as it would directly, and a bogus one is no fault of the proxy's."""
-    sent = gzip.compress(b'{"model":"llama3.2"}') if encoding == "gzip" else b"not really"
-    async with aiohttp.ClientSession() as http:
-        async with http.post(stack.fake.url + "/_fake/reset"):
-            pass
-        request = _post(b"Content-Encoding: %s\r\nContent-Length: %d\r\n"
-                        % (encoding.encode(), len(sent)), sent)
-        (reply,) = parse_replies(await raw_request(stack.proxy.port, request, timeout=0.5))
-        async with http.get(stack.fake.url + "/_fake/requests") as resp:
-            (seen,) = await resp.json()
-    assert reply.status == 400  # Ollama's JSON parser on the bytes as sent
-    assert seen["headers"]["Content-Encoding"] == encoding
-    assert seen["body_sha256"] == hashlib.sha256(sent).hexdigest()
-
-
-# --- request heads that take too long ---------------------------------------------------------
-
-HEAD_TIMEOUT = 0.5
-
-
 async def _dribble(port: int, parts: list[bytes], gap: float, wait: float = 2.0
                    ) -> tuple[bytes, float]:
     """Send `parts` `gap` seconds apart (stopping if the proxy closes), then read until it
@@ -311,6 +219,78 @@ async def _dribble(port: int, parts: list[bytes], gap: float, wait: float = 2.0
         reading.cancel()
         writer.close()
     return bytes(got), closed
+
+
+BLOB = "/api/blobs/sha256:" + "0" * 64
+
+
+def _bad_chunk_late(path: str) -> list[bytes]:
+    """A chunked body whose framing breaks after good chunks have gone on to Ollama."""
+    return [b"POST %s HTTP/1.1\r\nHost: x\r\n%s\r\n2\r\n{}\r\n" % (path.encode(), CHUNKED),
+            b"zz\r\n", b"0\r\n\r\n"]
+
+
+@pytest.mark.parametrize("path", ["/api/generate", BLOB], ids=["parsed", "streamed"])
+async def test_bad_chunk_after_good_ones_is_answered_400(stack: Stack, path: str) -> None:
+    """A chunk size gone bad after the body has begun: 400 and the connection closes, whether
+    the proxy was reading the body itself (a prompt) or streaming it on to Ollama (a blob).
+    Ollama gets no complete request, and the proxy carries on.
+
+    aiohttp's C parser loses this error (it never reaches the body being read); without the
+    guard in connection.py the client waits for an answer until it gives up."""
+    async with aiohttp.ClientSession() as http:
+        async with http.post(stack.fake.url + "/_fake/reset"):
+            pass
+        loop = asyncio.get_running_loop()
+        sent = loop.time()
+        reply, _ = await _dribble(stack.proxy.port, _bad_chunk_late(path), 0.1, 3.0)
+        took = loop.time() - sent
+        await asyncio.sleep(0.2)
+        async with http.get(stack.fake.url + "/_fake/requests") as resp:
+            seen = await resp.json()
+        async with http.get(stack.proxy.url + "/api/version") as resp:
+            assert resp.status == 200
+    (answer,) = parse_replies(reply)
+    assert answer.status == 400, reply
+    assert (answer.header("Connection") or "").lower() == "close"
+    assert took < 2.0  # answered at once, not when the client gave up
+    assert len(seen) <= 1
+    assert all(r["status"] in (None, 400) or r["disconnected"] for r in seen), seen
+    _assert_quiet(stack)
+
+
+async def test_bad_chunk_in_a_pipelined_request_fails_that_request_only(stack: Stack) -> None:
+    """Two requests in one go, the second's body breaking once the first is answered: the first
+    gets its reply, the second its 400, and the connection closes after it."""
+    first = b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n"
+    second = _bad_chunk_late("/api/generate")
+    reply, _ = await _dribble(stack.proxy.port, [first + second[0], *second[1:]], 0.1, 3.0)
+    statuses = [r.status for r in parse_replies(reply, ["GET", "POST"])]
+    assert statuses == [200, 400], reply
+    _assert_quiet(stack)
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br"])
+async def test_encoded_request_bodies_reach_ollama_as_sent(stack: Stack, encoding: str) -> None:
+    """A body with a Content-Encoding goes on as it came, header and bytes, as everything else
+    does: Ollama answers it as it would directly, and a bogus one is no fault of the proxy's."""
+    sent = gzip.compress(b'{"model":"llama3.2"}') if encoding == "gzip" else b"not really"
+    async with aiohttp.ClientSession() as http:
+        async with http.post(stack.fake.url + "/_fake/reset"):
+            pass
+        request = _post(b"Content-Encoding: %s\r\nContent-Length: %d\r\n"
+                        % (encoding.encode(), len(sent)), sent)
+        (reply,) = parse_replies(await raw_request(stack.proxy.port, request, timeout=0.5))
+        async with http.get(stack.fake.url + "/_fake/requests") as resp:
+            (seen,) = await resp.json()
+    assert reply.status == 400  # Ollama's JSON parser on the bytes as sent
+    assert seen["headers"]["Content-Encoding"] == encoding
+    assert seen["body_sha256"] == hashlib.sha256(sent).hexdigest()
+
+
+# --- request heads that take too long ---------------------------------------------------------
+
+HEAD_TIMEOUT = 0.5
 
 
 async def test_a_request_head_past_the_header_timeout_closes_the_connection(

@@ -37,6 +37,10 @@ log = logging.getLogger("ollama_metrics")
 
 _warned = False
 
+# What reading a request body raises when the body broke its framing: aiohttp's C parser's
+# error as this module delivers it, or the pure-Python parser's own.
+BAD_BODY = (RequestPayloadError, HttpProcessingError)
+
 
 class _HeadClock:
     """Closes connections whose request head began over `timeout` seconds ago and has not

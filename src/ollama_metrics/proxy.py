@@ -27,13 +27,12 @@ from typing import Any, Protocol
 import aiohttp
 import orjson
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 from yarl import URL
 
 from .categorize import categorize
 from .config import Config
-from .connection import bad_body
+from .connection import BAD_BODY, bad_body
 from .interaction import ErrorType, Interaction, Outcome
 from .ollama import Kind, expects_done, read_request, reply_reader, route
 
@@ -164,7 +163,7 @@ class Proxy:
         )
         try:
             body = await self._request_body(request, kind, i)
-        except (web.RequestPayloadError, HttpProcessingError) as exc:
+        except BAD_BODY as exc:
             return bad_body(exc)  # never reached Ollama: nothing to record
         tokens = [o.started(i) for o in self._observers]
         try:
@@ -249,7 +248,7 @@ class Proxy:
                               "not answer in time")
         except (aiohttp.ClientError, OSError, ValueError) as exc:  # ValueError: unsendable URL
             broken = request.content.exception()
-            if isinstance(broken, (web.RequestPayloadError, HttpProcessingError)):
+            if isinstance(broken, BAD_BODY):
                 # The client's body broke its framing midway through the upload; Ollama got a
                 # request cut short, which it drops. The fault and the answer are the client's.
                 i.outcome, i.error_type, i.http_status = Outcome.ERROR, ErrorType.HTTP_4XX, 400

@@ -35,6 +35,7 @@ from .config import Config
 from .connection import BAD_BODY, bad_body
 from .interaction import ErrorType, Interaction, Outcome
 from .ollama import Kind, expects_done, read_request, reply_reader, route
+from .relay import relay_chunked
 
 log = logging.getLogger(__name__)
 
@@ -282,12 +283,14 @@ class Proxy:
             body = upstream.content
             if not body.total_bytes and not body.is_eof():
                 await response.write(b"")  # nothing to coalesce with: headers go now
-            async for chunk in body.iter_any():
-                now = time.perf_counter()
-                await response.write(chunk)
-                # Counted as delivered, so a reply cut short (by either side) records its part.
-                i.response_bytes += len(chunk)
-                reader.feed(chunk, now)
+            if not await relay_chunked(request, response, upstream, reader, i):
+                async for chunk in body.iter_any():
+                    now = time.perf_counter()
+                    await response.write(chunk)
+                    # Counted as delivered, so a reply cut short (by either side) records its
+                    # part.
+                    i.response_bytes += len(chunk)
+                    reader.feed(chunk, now)
             reader.close()
             self._settle(i, kind, content_type, status)
             await response.write_eof()

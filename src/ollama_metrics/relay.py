@@ -1,0 +1,178 @@
+"""Chunked replies relayed from inside aiohttp's parser callback: the proxy's streaming fast path.
+
+A streamed reply (NDJSON or SSE, chunked) goes out frame by frame. The plain way, a task that
+awaits `content.iter_any()` and then `response.write()`, wakes a task and builds futures and
+coroutines for every frame: at a few hundred streams that was half of the proxy's CPU per frame.
+Here the upstream reply's StreamReader is switched to a subclass whose `feed_data` writes each
+chunk to the client's socket the moment aiohttp's parser has decoded it, then tees it to the
+ReplyReader. The handler only waits for the end of the reply, or, when the client reads slower
+than Ollama writes, for the client's socket to drain: reading from Ollama pauses meanwhile (as
+aiohttp's own StreamReader pauses it when its buffer is full), so nothing piles up here.
+
+Contract, the same as the plain path's: bytes, order and chunking unchanged (each chunk as it
+was decoded, never merged or held); the headers leave with the first bytes; the reply's end,
+an upstream failure or timeout, and a client gone away reach the handler as they would have
+through `iter_any()` and `write()`.
+
+It relies on aiohttp's parser calling `feed_data`, `feed_eof` and `set_exception` on the reply's
+StreamReader, and on that class allowing its instances' class to be switched (checked once, at
+import). Replies it cannot take (not chunked, already ended, another reader type, or a future
+aiohttp whose StreamReader cannot be switched) go the plain way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.streams import StreamReader
+
+from .interaction import Interaction
+from .ollama import ReplyReader
+
+
+class _Forwarding(StreamReader):
+    """A reply's StreamReader while its chunks are forwarded as they are fed."""
+
+    __slots__ = ()
+
+    def feed_data(self, data: bytes, size: int = 0) -> bool:
+        relay = _relays.get(id(self))
+        if relay is None:
+            return super().feed_data(data, size)
+        if data:
+            self.total_bytes += len(data)
+            relay.forward(data)
+        return False
+
+    def feed_eof(self) -> None:
+        super().feed_eof()  # runs aiohttp's end-of-reply callbacks: the connection goes back
+        relay = _relays.get(id(self))
+        if relay is not None:
+            relay.end(None)
+
+    def set_exception(self, exc: BaseException, *args: Any) -> None:
+        super().set_exception(exc, *args)
+        relay = _relays.get(id(self))
+        if relay is not None:
+            relay.end(exc)
+
+    def begin_http_chunk_receiving(self) -> None:
+        if id(self) not in _relays:
+            super().begin_http_chunk_receiving()
+
+    def end_http_chunk_receiving(self) -> None:
+        if id(self) not in _relays:
+            super().end_http_chunk_receiving()
+
+
+def _switchable() -> bool:
+    probe = StreamReader.__new__(StreamReader)
+    try:
+        probe.__class__ = _Forwarding
+    except TypeError:
+        return False
+    return True
+
+
+_SWITCHABLE = _switchable()
+_relays: dict[int, _Relay] = {}  # id(StreamReader) -> its relay, while it relays
+
+
+class _Relay:
+    __slots__ = ("_client", "_ended", "_error", "_i", "_paused", "_tee", "_transport", "_upstream",
+                 "_waiter")
+
+    def __init__(self, transport: asyncio.Transport, request: web.Request,
+                 upstream: ResponseHandler, tee: ReplyReader,
+                 i: Interaction) -> None:
+        self._transport = transport
+        self._client = request.protocol
+        self._upstream = upstream
+        self._tee = tee
+        self._i = i
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False  # reading from Ollama paused until the client catches up
+        self._ended = False
+        self._error: BaseException | None = None
+
+    def forward(self, data: bytes) -> None:
+        if self._ended:
+            return
+        transport = self._transport
+        if transport.is_closing():
+            self.end(ConnectionResetError("Cannot write to closing transport"))
+            return
+        now = time.perf_counter()
+        transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        # Counted as delivered, so a reply cut short (by either side) records its part.
+        self._i.response_bytes += len(data)
+        self._tee.feed(data, now)
+        if self._client.writing_paused and not self._paused:
+            self._paused = True
+            self._upstream.pause_reading()
+            self._wake()
+
+    def end(self, error: BaseException | None) -> None:
+        if not self._ended:
+            self._ended, self._error = True, error
+            self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def wait(self, writer: AbstractStreamWriter) -> None:
+        """Until the reply has ended; raises what ended it, if not its end."""
+        loop = asyncio.get_running_loop()
+        while not self._ended:
+            if self._paused:
+                await writer.drain()  # raises if the client goes away meanwhile
+                self._paused = False
+                self._upstream.resume_reading()
+                continue
+            self._waiter = loop.create_future()
+            await self._waiter
+        if self._error is not None:
+            raise self._error
+
+
+async def relay_chunked(request: web.Request, response: web.StreamResponse,
+                        upstream: aiohttp.ClientResponse, tee: ReplyReader, i: Interaction
+                        ) -> bool:
+    """Relay the rest of `upstream`'s reply to `response` (prepared, chunked) on the fast path.
+
+    False, having done nothing, when the reply cannot take it: the caller relays it the plain
+    way. Raises as the plain way would: aiohttp's client errors and timeouts for Ollama's side,
+    ConnectionResetError for the client's."""
+    body = upstream.content
+    transport = request.transport
+    connection = upstream.connection
+    if not (_SWITCHABLE and type(body) is StreamReader and transport is not None
+            and connection is not None and connection.protocol is not None
+            and response.headers.get("Transfer-Encoding") == "chunked" and not body.is_eof()):
+        return False
+    # What arrived with the headers goes first, and the headers with it (they leave together,
+    # as they left Ollama). No await between emptying the buffer and switching the reader, so
+    # nothing fed meanwhile can overtake it.
+    while chunk := body.read_nowait():
+        now = time.perf_counter()
+        await response.write(chunk)
+        i.response_bytes += len(chunk)
+        tee.feed(chunk, now)
+    if body.is_eof():
+        return True
+    relay = _Relay(transport, request, connection.protocol, tee, i)
+    _relays[id(body)] = relay
+    body.__class__ = _Forwarding
+    try:
+        await relay.wait(request.writer)
+    finally:
+        del _relays[id(body)]
+        body.__class__ = StreamReader
+    return True

@@ -15,6 +15,7 @@ import argparse
 import importlib.metadata
 import importlib.util
 import json
+import math
 import os
 import platform
 import shlex
@@ -40,6 +41,7 @@ from report import (
 )
 from targets import (
     ALL_TARGETS,
+    DIRECT,
     NGINX,
     NGINX_CANDIDATES,
     PROXY,
@@ -58,6 +60,9 @@ TTFT_PATH = (
     f"{GENERATE_PATH}?first_delay_ms={TTFT_FIRST_DELAY_MS}"
     f"&chunk_delay_ms={TTFT_CHUNK_DELAY_MS}&chunks={TTFT_CHUNKS}"
 )
+STREAMS_CHUNKS = 63  # and the final line: 64 frames, as in failure mode 19
+STREAMS_CHUNK_DELAY_MS = 20
+STREAMS_PATH = f"{GENERATE_PATH}?chunk_delay_ms={STREAMS_CHUNK_DELAY_MS}&chunks={STREAMS_CHUNKS}"
 INSTALL_HINT = "{tool} not found: install the Debian package `{tool}` (apt-get install {tool})"
 
 
@@ -66,6 +71,7 @@ class Settings:
     duration_s: float
     repeats: int
     ttft_samples: int
+    streams: int
     targets: tuple[str, ...]
     emit_json: bool
     proxy_args: tuple[str, ...] = ()
@@ -89,7 +95,10 @@ def parse_args(argv: list[str] | None) -> Settings:
     add("--duration", type=float, default=5.0, help="seconds per wrk run (default: 5)")
     add("--repeats", type=int, default=3, help="interleaved rounds, medians reported (default: 3)")
     add("--ttft-samples", type=int, default=200, help="requests per TTFT run (default: 200)")
-    add("--quick", action="store_true", help="smoke mode: 1 round, 1 s wrk runs, 20 TTFT samples")
+    add("--streams", type=int, default=200,
+        help="concurrent streamed generates per streams run (default: 200)")
+    add("--quick", action="store_true",
+        help="smoke mode: 1 round, 1 s wrk runs, 20 TTFT samples, 50 streams")
     add("--json", action="store_true", help="also print the results as one JSON object")
     add("--proxy-args", default="", metavar="ARGS",
         help="extra options for `ollama-metrics serve`, e.g. '--analytics-backend none' to "
@@ -105,11 +114,12 @@ def parse_args(argv: list[str] | None) -> Settings:
     if unknown:
         parser.error(f"unknown target(s): {', '.join(sorted(unknown))}")
     if args.quick:
-        args.duration, args.repeats, args.ttft_samples = 1.0, 1, 20
-    if args.duration <= 0 or args.repeats < 1 or args.ttft_samples < 1:
-        parser.error("--duration, --repeats and --ttft-samples must be positive")
+        args.duration, args.repeats, args.ttft_samples, args.streams = 1.0, 1, 20, 50
+    if args.duration <= 0 or min(args.repeats, args.ttft_samples, args.streams) < 1:
+        parser.error("--duration, --repeats, --ttft-samples and --streams must be positive")
     targets = tuple(t for t in ALL_TARGETS if t in wanted or t == ALL_TARGETS[0])
-    return Settings(args.duration, args.repeats, args.ttft_samples, targets, args.json,
+    return Settings(args.duration, args.repeats, args.ttft_samples, args.streams, targets,
+                    args.json,
                     tuple(shlex.split(args.proxy_args)))
 
 
@@ -124,7 +134,7 @@ def find_tools(settings: Settings) -> Tools | str:
     nginx = shutil.which("nginx") or next(on_disk, "")
     if not nginx and NGINX in settings.targets:
         missing.append(INSTALL_HINT.format(tool="nginx"))
-    for module in ("aiohttp", "uvloop"):
+    for module in ("aiohttp", "uvloop", "psutil"):
         if importlib.util.find_spec(module) is None:
             missing.append(f"Python package {module} not found: pip install {module}")
     return "\n".join(missing) if missing else Tools(wrk, nginx)
@@ -162,7 +172,10 @@ def header(settings: Settings, machine: dict[str, Any]) -> str:
         f"@32 conns/2 threads, POST {GENERATE_PATH} stream:false;",
         f"         {s.ttft_samples} sequential streamed generates for TTFT (first chunk after "
         f"{TTFT_FIRST_DELAY_MS} ms, {TTFT_CHUNKS} chunks {TTFT_CHUNK_DELAY_MS} ms apart;",
-        "         TTFT = request sent -> first NDJSON line received)",
+        "         TTFT = request sent -> first NDJSON line received);",
+        f"         {s.streams} concurrent streamed generates of {STREAMS_CHUNKS + 1} frames "
+        f"{STREAMS_CHUNK_DELAY_MS} ms apart (stretch = gap at the",
+        "         client minus gap at the upstream; hop CPU = the proxy's CPU time per frame)",
         "targets: direct = the fake Ollama (aiohttp+uvloop, 1 process);",
         "         nginx = worker_processes 1: the Python proxy is a single process too, so one",
         "         nginx worker is the fair comparison;",
@@ -189,8 +202,10 @@ def progress(text: str) -> None:
 
 def run_rounds(settings: Settings, tools: Tools, targets: list[Target]) -> Results:
     # Imported here so that a missing uvloop is reported by find_tools (exit 2), not a traceback.
+    import psutil
     import uvloop
 
+    from streams import measure_streams
     from ttft import measure_ttft
 
     results = Results(tuple(t.name for t in targets))
@@ -222,10 +237,30 @@ def run_rounds(settings: Settings, tools: Tools, targets: list[Target]) -> Resul
         note = f"  [{r.errors} failed streams]" if r.errors else ""
         return f"median {r.median_ms:.3f} ms, p99 {r.p99_ms:.3f} ms{note}"
 
+    def streams(target: Target) -> str:
+        hop = psutil.Process(target.child.process.pid) if target.name != DIRECT else None
+
+        def cpu_s() -> float:
+            if hop is None:
+                return math.nan
+            return sum(sum(p.cpu_times()[:2]) for p in (hop, *hop.children(recursive=True)))
+
+        before = cpu_s()
+        r = uvloop.run(measure_streams("127.0.0.1", target.port, STREAMS_PATH, settings.streams))
+        per_frame_us = (cpu_s() - before) / r.frames * 1e6 if r.frames else math.nan
+        results.add(target.name, "stretch_p99_ms", r.stretch_p99_ms)
+        results.add(target.name, "frame_cpu_us", per_frame_us)
+        errors = results.errors_for(target.name)
+        errors.streams += r.failed
+        errors.first_stream_error = errors.first_stream_error or r.first_error
+        note = f"  [{r.failed} failed streams]" if r.failed else ""
+        return f"stretch p99 {r.stretch_p99_ms:.3f} ms, {per_frame_us:.1f} us CPU/frame{note}"
+
     phases: list[tuple[str, Callable[[Target], str]]] = [
         ("latency @1 conn", latency),
         ("throughput @32 conns", throughput),
         ("TTFT", ttft),
+        ("streams", streams),
     ]
     for round_no in range(1, settings.repeats + 1):
         for phase, measure in phases:

@@ -27,7 +27,7 @@ TRACEBACK = "Traceback (most recent call last):"
 class Metric:
     key: str
     label: str
-    unit: str  # "ms" (lower is better) or "req/s" (higher is better)
+    unit: str  # "ms" or "us" (lower is better) or "req/s" (higher is better)
 
 
 METRICS = (
@@ -36,6 +36,8 @@ METRICS = (
     Metric("rps", "req/s @32 conns", "req/s"),
     Metric("ttft_median_ms", "TTFT median ms", "ms"),
     Metric("ttft_p99_ms", "TTFT p99 ms", "ms"),
+    Metric("stretch_p99_ms", "frame gap stretch p99 ms @streams", "ms"),
+    Metric("frame_cpu_us", "hop CPU us per frame @streams", "us"),
 )
 
 
@@ -45,10 +47,12 @@ class Errors:
     socket: int = 0  # wrk: connect/read/write errors and timeouts
     ttft: int = 0  # TTFT client: failed or malformed streams
     first_ttft_error: str = ""
+    streams: int = 0  # streams run: failed or malformed streams
+    first_stream_error: str = ""
 
     @property
     def total(self) -> int:
-        return self.status + self.socket + self.ttft
+        return self.status + self.socket + self.ttft + self.streams
 
 
 @dataclass
@@ -73,6 +77,8 @@ def _fmt(value: float, unit: str) -> str:
         return "-"
     if unit == "+ms":
         return f"{value:+.3f}"
+    if unit == "us":
+        return f"{value:.1f}"
     return f"{value:,.0f}" if unit == "req/s" else f"{value:.3f}"
 
 
@@ -102,13 +108,17 @@ def render_table(results: Results) -> str:
 
 def render_errors(results: Results) -> str:
     lines = [
-        "errors (wrk: non-2xx/3xx responses, socket errors incl. timeouts; failed TTFT streams):"
+        "errors (wrk: non-2xx/3xx responses, socket errors incl. timeouts; failed TTFT and "
+        "streams-run streams):"
     ]
     for target in results.targets:
         e = results.errors_for(target)
-        line = f"  {target:<15} non-2xx/3xx {e.status}  socket {e.socket}  ttft {e.ttft}"
+        line = (f"  {target:<15} non-2xx/3xx {e.status}  socket {e.socket}  ttft {e.ttft}  "
+                f"streams {e.streams}")
         if e.first_ttft_error:
             line += f"  (first TTFT error: {e.first_ttft_error[:160]})"
+        if e.first_stream_error:
+            line += f"  (first streams error: {e.first_stream_error[:160]})"
         lines.append(line)
     return "\n".join(lines)
 

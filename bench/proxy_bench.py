@@ -341,6 +341,8 @@ def run(settings: Settings, tools: Tools) -> int:
             "repeats": settings.repeats,
             "ttft_samples": settings.ttft_samples,
             "ttft_path": TTFT_PATH,
+            "streams": settings.streams,
+            "streams_path": STREAMS_PATH,
             "targets": list(settings.targets),
         }
         print(json.dumps(to_json(results, config, machine)))

@@ -12,6 +12,7 @@ import pytest
 from conftest import StartProxy
 from fake_ollama import FakeOllama, Scenario
 from helpers import RunningProxy, settle
+from ollama_metrics import relay
 
 GENERATE = b'{"model":"slow","prompt":"Tell me a story"}'
 
@@ -166,3 +167,12 @@ async def test_clients_vanishing_at_any_moment_log_no_errors(
     await settle(lambda: proxy.sample("ollama_active_requests", model="quick") == 0, 5.0)
     async with http.get(proxy.url + "/api/version") as resp:
         assert resp.status == 200
+
+
+def test_streamed_replies_can_take_the_fast_path_with_this_aiohttp() -> None:
+    """relay.py relays a streamed reply from inside aiohttp's parser callback by switching the
+    reply's StreamReader to a subclass. With an aiohttp where that switch is refused, every reply
+    would still be relayed, only the slower way: fail here rather than let an upgrade make the
+    proxy quietly slower. (What the fast path must do, the streaming, disconnect, timeout and
+    slow-reader tests check through it.)"""
+    assert relay.AVAILABLE

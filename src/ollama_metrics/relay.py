@@ -80,7 +80,7 @@ def _switchable() -> bool:
     return True
 
 
-_SWITCHABLE = _switchable()
+AVAILABLE = _switchable()  # False: every reply goes the plain way
 _relays: dict[int, _Relay] = {}  # id(StreamReader) -> its relay, while it relays
 
 
@@ -140,6 +140,12 @@ class _Relay:
             await self._waiter
         if self._error is not None:
             raise self._error
+        if self._paused:
+            # The reply ended while reading was paused for the client: its connection is
+            # already back in the pool, and must read again for the next request. (aiohttp
+            # 3.14 pauses its parser too, so no end arrives while paused; earlier ones can.)
+            self._paused = False
+            self._upstream.resume_reading()
 
 
 async def relay_chunked(request: web.Request, response: web.StreamResponse,
@@ -153,7 +159,7 @@ async def relay_chunked(request: web.Request, response: web.StreamResponse,
     body = upstream.content
     transport = request.transport
     connection = upstream.connection
-    if not (_SWITCHABLE and type(body) is StreamReader and transport is not None
+    if not (AVAILABLE and type(body) is StreamReader and transport is not None
             and connection is not None and connection.protocol is not None
             and response.headers.get("Transfer-Encoding") == "chunked" and not body.is_eof()):
         return False

@@ -35,7 +35,7 @@ from .config import Config
 from .connection import BAD_BODY, bad_body
 from .interaction import ErrorType, Interaction, Outcome
 from .ollama import Kind, expects_done, read_request, reply_reader, route
-from .relay import relay_chunked
+from .relay import relay_body
 
 log = logging.getLogger(__name__)
 
@@ -280,17 +280,7 @@ class Proxy:
         reader = reply_reader(content_type, i, self._parse_cap)
         try:
             await response.prepare(request)
-            body = upstream.content
-            if not body.total_bytes and not body.is_eof():
-                await response.write(b"")  # nothing to coalesce with: headers go now
-            if not await relay_chunked(request, response, upstream, reader, i):
-                async for chunk in body.iter_any():
-                    now = time.perf_counter()
-                    await response.write(chunk)
-                    # Counted as delivered, so a reply cut short (by either side) records its
-                    # part.
-                    i.response_bytes += len(chunk)
-                    reader.feed(chunk, now)
+            await relay_body(request, response, upstream, reader, i)
             reader.close()
             self._settle(i, kind, content_type, status)
             await response.write_eof()

@@ -1,8 +1,8 @@
-"""Chunked replies relayed from inside aiohttp's parser callback: the proxy's streaming fast path.
+"""A reply's body relayed to the client chunk by chunk, with the proxy's streaming fast path.
 
 A streamed reply (NDJSON or SSE, chunked) goes out frame by frame. The plain way, a task that
 awaits `content.iter_any()` and then `response.write()`, wakes a task and builds futures and
-coroutines for every frame: at a few hundred streams that was half of the proxy's CPU per frame.
+coroutines for every frame: about a third of the proxy's CPU per frame (52 us, now 36).
 Here the upstream reply's StreamReader is switched to a subclass whose `feed_data` writes each
 chunk to the client's socket the moment aiohttp's parser has decoded it, then tees it to the
 ReplyReader. The handler only waits for the end of the reply, or, when the client reads slower
@@ -110,8 +110,7 @@ class _Relay:
             return
         now = time.perf_counter()
         transport.write(b"%x\r\n%b\r\n" % (len(data), data))
-        # Counted as delivered, so a reply cut short (by either side) records its part.
-        self._i.response_bytes += len(data)
+        self._i.response_bytes += len(data)  # as _send counts
         self._tee.feed(data, now)
         if self._client.writing_paused and not self._paused:
             self._paused = True
@@ -148,31 +147,32 @@ class _Relay:
             self._upstream.resume_reading()
 
 
-async def relay_chunked(request: web.Request, response: web.StreamResponse,
-                        upstream: aiohttp.ClientResponse, tee: ReplyReader, i: Interaction
-                        ) -> bool:
-    """Relay the rest of `upstream`'s reply to `response` (prepared, chunked) on the fast path.
+async def relay_body(request: web.Request, response: web.StreamResponse,
+                     upstream: aiohttp.ClientResponse, tee: ReplyReader, i: Interaction) -> None:
+    """Relay `upstream`'s body to `response` (prepared), each chunk as it comes, tee'd.
 
-    False, having done nothing, when the reply cannot take it: the caller relays it the plain
-    way. Raises as the plain way would: aiohttp's client errors and timeouts for Ollama's side,
-    ConnectionResetError for the client's."""
+    A chunked reply takes the fast path; any other (a Content-Length body, a reply already
+    ended, one aiohttp reads some other way) goes the plain way. Raises as the plain way does:
+    aiohttp's client errors and timeouts for Ollama's side, ConnectionResetError for the
+    client's."""
     body = upstream.content
+    if not body.total_bytes and not body.is_eof():
+        await response.write(b"")  # nothing to coalesce with: headers go now
     transport = request.transport
     connection = upstream.connection
     if not (AVAILABLE and type(body) is StreamReader and transport is not None
             and connection is not None and connection.protocol is not None
-            and response.headers.get("Transfer-Encoding") == "chunked" and not body.is_eof()):
-        return False
+            and response.headers.get("Transfer-Encoding") == "chunked"):
+        async for chunk in body.iter_any():
+            await _send(response, chunk, tee, i)
+        return
     # What arrived with the headers goes first, and the headers with it (they leave together,
-    # as they left Ollama). No await between emptying the buffer and switching the reader, so
-    # nothing fed meanwhile can overtake it.
+    # as they left Ollama). The reader is switched the moment it is found empty, with no await
+    # in between, so nothing fed meanwhile can overtake what was already read.
     while chunk := body.read_nowait():
-        now = time.perf_counter()
-        await response.write(chunk)
-        i.response_bytes += len(chunk)
-        tee.feed(chunk, now)
+        await _send(response, chunk, tee, i)
     if body.is_eof():
-        return True
+        return
     relay = _Relay(transport, request, connection.protocol, tee, i)
     _relays[id(body)] = relay
     body.__class__ = _Forwarding
@@ -181,4 +181,12 @@ async def relay_chunked(request: web.Request, response: web.StreamResponse,
     finally:
         del _relays[id(body)]
         body.__class__ = StreamReader
-    return True
+
+
+async def _send(response: web.StreamResponse, chunk: bytes, tee: ReplyReader, i: Interaction
+                ) -> None:
+    now = time.perf_counter()
+    await response.write(chunk)
+    # Counted as delivered, so a reply cut short (by either side) records its part.
+    i.response_bytes += len(chunk)
+    tee.feed(chunk, now)

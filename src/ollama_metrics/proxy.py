@@ -280,7 +280,8 @@ class Proxy:
         reader = reply_reader(content_type, i, self._parse_cap)
         try:
             await response.prepare(request)
-            await relay_body(request, response, upstream, reader, i)
+            await relay_body(request, response, upstream, reader, i,
+                             fast=not self._config.idle_timeout)
             reader.close()
             self._settle(i, kind, content_type, status)
             await response.write_eof()

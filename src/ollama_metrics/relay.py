@@ -9,15 +9,16 @@ ReplyReader. The handler only waits for the end of the reply, or, when the clien
 than Ollama writes, for the client's socket to drain: reading from Ollama pauses meanwhile (as
 aiohttp's own StreamReader pauses it when its buffer is full), so nothing piles up here.
 
-Contract, the same as the plain path's: bytes, order and chunking unchanged (each chunk as it
-was decoded, never merged or held); the headers leave with the first bytes; the reply's end,
-an upstream failure or timeout, and a client gone away reach the handler as they would have
-through `iter_any()` and `write()`.
+Contract, the same as the plain path's: bytes and order unchanged, each chunk sent as soon as
+it was decoded (what is buffered when the body starts goes out at once, in one write); the
+headers leave with the first bytes; the reply's end, an upstream failure or timeout, and a
+client gone away reach the handler as they would have through `iter_any()` and `write()`.
 
 It relies on aiohttp's parser calling `feed_data`, `feed_eof` and `set_exception` on the reply's
-StreamReader, and on that class allowing its instances' class to be switched (checked once, at
-import). Replies it cannot take (not chunked, already ended, another reader type, or a future
-aiohttp whose StreamReader cannot be switched) go the plain way.
+StreamReader, on that class allowing its instances' class to be switched, and on the C parser
+pausing with the connection (checked once, at import). Replies it cannot take (not chunked,
+already ended, another reader type, an idle timeout set, or an aiohttp without those) go the
+plain way.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import time
 from typing import Any
 
 import aiohttp
-from aiohttp import web
+from aiohttp import http_parser, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.streams import StreamReader
@@ -72,6 +73,12 @@ class _Forwarding(StreamReader):
 
 
 def _switchable() -> bool:
+    # The C parser stops the moment reading pauses and keeps the rest for the resume. The
+    # pure-Python one (no C extensions) acts on a pause only at its next chunk, so a read that
+    # ended on a chunk boundary would be parked in it, unread, until more data came (for the
+    # last read of a reply: for ever). The fast path is for the C parser only.
+    if http_parser.HttpResponseParser is http_parser.HttpResponseParserPy:
+        return False
     probe = StreamReader.__new__(StreamReader)
     try:
         probe.__class__ = _Forwarding
@@ -139,20 +146,19 @@ class _Relay:
             await self._waiter
         if self._error is not None:
             raise self._error
-        if self._paused:
-            # The reply ended while reading was paused for the client: its connection is
-            # already back in the pool, and must read again for the next request. (aiohttp
-            # 3.14 pauses its parser too, so no end arrives while paused; earlier ones can.)
-            self._paused = False
-            self._upstream.resume_reading()
 
 
 async def relay_body(request: web.Request, response: web.StreamResponse,
-                     upstream: aiohttp.ClientResponse, tee: ReplyReader, i: Interaction) -> None:
+                     upstream: aiohttp.ClientResponse, tee: ReplyReader, i: Interaction,
+                     fast: bool = True) -> None:
     """Relay `upstream`'s body to `response` (prepared), each chunk as it comes, tee'd.
 
-    A chunked reply takes the fast path; any other (a Content-Length body, a reply already
-    ended, one aiohttp reads some other way) goes the plain way. Raises as the plain way does:
+    A chunked reply takes the fast path if `fast`; any other (a Content-Length body, a reply
+    already ended, one aiohttp reads some other way) goes the plain way. The proxy passes
+    `fast=False` when an idle timeout is set: aiohttp re-arms its read timer on resuming a
+    connection even when the parser pauses it again at once, so a client reading slower than
+    the timeout would get the reply cut as Ollama's silence, and a pooled connection could
+    keep the timer. Raises as the plain way does:
     aiohttp's client errors and timeouts for Ollama's side, ConnectionResetError for the
     client's."""
     body = upstream.content
@@ -160,7 +166,7 @@ async def relay_body(request: web.Request, response: web.StreamResponse,
         await response.write(b"")  # nothing to coalesce with: headers go now
     transport = request.transport
     connection = upstream.connection
-    if not (AVAILABLE and type(body) is StreamReader and transport is not None
+    if not (fast and AVAILABLE and type(body) is StreamReader and transport is not None
             and connection is not None and connection.protocol is not None
             and response.headers.get("Transfer-Encoding") == "chunked"):
         async for chunk in body.iter_any():

@@ -18,7 +18,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from . import __version__, ps, upstream
+from . import __version__, control, ps, upstream
 from .analytics.api import AnalyticsApi, require_token
 from .analytics.recorder import Recorder
 from .analytics.settings import AnalyticsConfig
@@ -105,7 +105,7 @@ def _recording(recorder: Recorder) -> Callable[[web.Application], AsyncIterator[
 async def _test(request: web.Request) -> web.Response:
     """The original proxy's health route: is the proxy up, and does Ollama answer?"""
     config, analytics = request.app[CONFIG], request.app[ANALYTICS]
-    health = await upstream.check(request.app[SESSION], config)
+    health = await control.health(request.app[SESSION], config.upstream)
     body = {
         "status": "ok" if health.ok else "degraded",
         "proxy": {"name": "ollama-metrics", "version": __version__, "listen": config.listen},

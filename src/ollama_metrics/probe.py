@@ -9,19 +9,16 @@ http_proxy and friends; these are local addresses.
 from __future__ import annotations
 
 import enum
-import json
 import socket
 import sys
 import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
 from yarl import URL
 
+from . import control
 from .config import Config
-
-_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class OllamaInTheWay(Exception):
@@ -47,29 +44,16 @@ class Answer:
         return bool(self.health.get("upstream", {}).get("reachable"))
 
 
-def get_json(url: URL | str, timeout: float = 3.0) -> tuple[int, Any]:
-    """(status, parsed JSON body or None). Raises OSError when nothing answers."""
-    try:
-        with _opener.open(str(url), timeout=timeout) as resp:
-            status, body = resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        status, body = exc.code, exc.read()
-    try:
-        return status, json.loads(body)
-    except ValueError:
-        return status, None
-
-
 def identify(base: URL, timeout: float = 3.0) -> Answer:
     try:
-        status, body = get_json(base.joinpath("test"), timeout)
+        status, body = control.get_json(base.joinpath("test"), timeout)
     except (OSError, urllib.error.URLError):
         return Answer(Who.NOTHING)
     if isinstance(body, dict) and isinstance(body.get("proxy"), dict) and \
             body["proxy"].get("name") == "ollama-metrics":
         return Answer(Who.PROXY, body["proxy"].get("version"), body)
     try:
-        status, body = get_json(base.joinpath("api/version"), timeout)
+        status, body = control.get_json(base.joinpath("api/version"), timeout)
     except (OSError, urllib.error.URLError):
         return Answer(Who.OTHER)
     if status == 200 and isinstance(body, dict) and isinstance(body.get("version"), str):

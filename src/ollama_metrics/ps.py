@@ -12,49 +12,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import aiohttp
-import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge
 
-from . import upstream
+from . import control
 from .config import Config
 
 log = logging.getLogger(__name__)
-
-# Go's RFC 3339 with up to nine fractional digits, which datetime (3.10) does not read.
-_GO_TIME = re.compile(r"^(.{19})(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$")
-
-
-def parse_go_time(text: str) -> float | None:
-    """Seconds since the epoch of a Go time.Time in JSON, or None when unreadable."""
-    m = _GO_TIME.match(text)
-    if m is None:
-        return None
-    base, fraction, zone = m.groups()
-    try:
-        moment = datetime.fromisoformat(base + ("+00:00" if zone == "Z" else zone))
-    except ValueError:
-        return None
-    return moment.timestamp() + (float("0." + fraction) if fraction else 0.0)
-
-
-def _by_name(models: list[Any]) -> dict[str, dict[str, Any]]:
-    """The well-formed entries of an /api/ps `models` list, by model name."""
-    seen: dict[str, dict[str, Any]] = {}
-    for m in models:
-        if isinstance(m, dict):
-            name = m.get("model") or m.get("name")
-            if isinstance(name, str) and name:
-                seen[name] = m
-    return seen
 
 
 def _number(value: Any) -> float | int | None:
@@ -70,16 +40,16 @@ class Loaded:
     checked_at: float | None = None  # when the latest poll ended, answered or not
     models: list[dict[str, Any]] = field(default_factory=list)
 
-    def update(self, models: list[Any], version: str | None, now: float) -> None:
+    def update(self, models: dict[str, dict[str, Any]], version: str | None, now: float
+               ) -> None:
         self.up, self.version, self.checked_at = True, version, now
         self.models = [{
             "name": name,
             "size": _number(m.get("size")),
             "size_vram": _number(m.get("size_vram")),
             "context_length": _number(m.get("context_length")),
-            "expires_at": parse_go_time(m["expires_at"]) if isinstance(
-                m.get("expires_at"), str) else None,
-        } for name, m in _by_name(models).items()]
+            "expires_at": control.expires_at(m),
+        } for name, m in models.items()]
 
     def down(self, now: float) -> None:
         self.up, self.checked_at, self.models = False, now, []
@@ -124,10 +94,10 @@ class ModelGauges:
             self.info.labels(version).set(1)
         self._version = version
 
-    def update(self, models: list[Any], now: float) -> None:
-        """Set the gauges from the `models` of an /api/ps answer."""
+    def update(self, models: dict[str, dict[str, Any]], now: float) -> None:
+        """Set the gauges from the models of an /api/ps answer."""
         self.up.set(1)
-        self._show(_by_name(models), now)
+        self._show(models, now)
 
     def _show(self, models: dict[str, dict[str, Any]], now: float = 0.0) -> None:
         for gone in self._models - models.keys():
@@ -141,19 +111,10 @@ class ModelGauges:
                 value = m.get(key)
                 if isinstance(value, (int, float)):
                     gauge.labels(name).set(value)
-            expires = parse_go_time(m["expires_at"]) if isinstance(
-                m.get("expires_at"), str) else None
+            expires = control.expires_at(m)
             if expires is not None:
                 self.expires.labels(name).set(max(0.0, expires - now))
         self._models = set(models)
-
-
-async def _get(session: aiohttp.ClientSession, config: Config, path: str) -> Any:
-    url = config.upstream.joinpath(path)
-    async with session.get(url, timeout=aiohttp.ClientTimeout(total=5)) as resp:
-        if resp.status != 200:
-            raise aiohttp.ClientResponseError(resp.request_info, (), status=resp.status)
-        return orjson.loads(await resp.read())
 
 
 async def poll(session: aiohttp.ClientSession, config: Config, gauges: ModelGauges,
@@ -163,19 +124,16 @@ async def poll(session: aiohttp.ClientSession, config: Config, gauges: ModelGaug
     version: str | None = None
     while True:
         try:
-            body = await _get(session, config, "api/ps")
+            models = await control.running(session, config.upstream)
             if not was_up:
-                version = (await upstream.check(session, config)).version
+                version = (await control.health(session, config.upstream)).version
                 gauges.version(version)
-            models = body.get("models") or []
             gauges.update(models, time.time())
             loaded.update(models, version, time.time())
             was_up = True
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, orjson.JSONDecodeError,
-                AttributeError) as exc:
+        except control.Unanswered as exc:
             if was_up:
-                log.info("Ollama stopped answering /api/ps at %s: %s", config.upstream,
-                         exc or type(exc).__name__)
+                log.info("Ollama stopped answering /api/ps at %s: %s", config.upstream, exc)
             gauges.down()
             loaded.down(time.time())
             was_up = False

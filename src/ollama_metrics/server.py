@@ -20,7 +20,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CollectorRegistry
 
-from . import probe, upstream
+from . import control, probe
 from .analytics.settings import AnalyticsConfig
 from .app import SESSION, create_app
 from .config import Config, connect_url
@@ -151,7 +151,7 @@ async def _serve_app(config: Config, sock: socket.socket, stop: asyncio.Event,
     log.info("ollama-metrics listening on http://%s:%s, forwarding to %s",
              f"[{host}]" if ":" in host else host, port, config.upstream)
     _announce_analytics(config, analytics)
-    health = await upstream.check(app[SESSION], config)
+    health = await control.health(app[SESSION], config.upstream)
     if health.ok:
         log.info("Ollama %s answers at %s", health.version or "(unknown version)", config.upstream)
     else:

@@ -12,10 +12,9 @@ from typing import Any
 
 from yarl import URL
 
-from . import probe
+from . import control, probe
 from .config import Config
 from .passthrough import proxy_url
-from .ps import parse_go_time
 
 
 @dataclass(frozen=True)
@@ -35,13 +34,8 @@ class Status:
         return self.proxy.who is probe.Who.PROXY and self.ollama_up
 
 
-def _loaded(base: URL) -> list[dict[str, Any]]:
-    try:
-        status, body = probe.get_json(base.joinpath("api/ps"))
-    except OSError:
-        return []
-    models = body.get("models") if status == 200 and isinstance(body, dict) else None
-    return [m for m in models if isinstance(m, dict)] if isinstance(models, list) else []
+def _loaded(base: URL, up: bool) -> list[dict[str, Any]]:
+    return list(control.running_now(base).values()) if up else []
 
 
 def gather(config: Config) -> Status:
@@ -52,13 +46,13 @@ def gather(config: Config) -> Status:
         up = proxy.health.get("upstream") or {}
         reachable = bool(up.get("reachable"))
         return Status(url, proxy, str(up.get("url")), reachable, up.get("version"),
-                      up.get("error"), _loaded(url) if reachable else [], metrics_url,
+                      up.get("error"), _loaded(url, reachable), metrics_url,
                       proxy.health.get("analytics"))
     direct = probe.identify(config.upstream)
     reachable = direct.who is probe.Who.OLLAMA
     return Status(url, proxy, str(config.upstream), reachable, direct.version,
                   None if reachable else f"{direct.who.value} answers there",
-                  _loaded(config.upstream) if reachable else [], metrics_url)
+                  _loaded(config.upstream, reachable), metrics_url)
 
 
 def _size(n: Any) -> str:
@@ -71,7 +65,7 @@ def _model_line(m: dict[str, Any], now: float) -> str:
     where = ""
     if isinstance(size, (int, float)) and isinstance(vram, (int, float)) and size > 0:
         where = f", {round(100 * vram / size)}% GPU"
-    expires = parse_go_time(m["expires_at"]) if isinstance(m.get("expires_at"), str) else None
+    expires = control.expires_at(m)
     until = f", unloads in {max(0, round(expires - now))}s" if expires is not None else ""
     return f"{name} ({_size(size)}{where}, context {m.get('context_length', '?')}{until})"
 

@@ -34,7 +34,7 @@ from typing import Any
 import aiohttp
 from prometheus_client import CollectorRegistry, Counter
 
-from . import probe, upstream
+from . import control, probe, upstream
 from .config import Config, parse_listen
 from .passthrough import find_ollama, ollama_environ
 
@@ -236,7 +236,7 @@ class Supervisor:
                 raise OllamaFailedToStart(
                     f"ollama serve exited with {describe_exit(proc.returncode)} while starting: "
                     f"{self._last_words()}")
-            health = await upstream.check(session, self.config, timeout=1.0)
+            health = await control.health(session, self.config.upstream, timeout=1.0)
             if health.ok:
                 log.info("Ollama %s answers at %s", health.version or "", self.config.ollama_host)
                 return

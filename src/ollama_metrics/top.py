@@ -19,18 +19,17 @@ import sys
 import textwrap
 import time
 import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any, NoReturn, TextIO
 
+from . import control
+
 FETCH_TIMEOUT = 2.0
 ONCE_HEIGHT = 1000  # --once prints the whole frame: no screen to fit
 MODEL_WIDTH = (8, 40)  # the model column takes the room left, within these bounds
 GAP = " "  # right-aligned numbers pad themselves; 80 columns hold every table
-
-_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 Snapshot = dict[str, Any]
 Key = Callable[[float], str]  # waits up to that many seconds for a key; "" when none came
@@ -63,7 +62,7 @@ def fetch(url: str, token: str | None = None, recent: int = 20,
         headers["Authorization"] = f"Bearer {token}"
     request = urllib.request.Request(f"{url}/analytics/live?recent={recent}", headers=headers)
     try:
-        with _opener.open(request, timeout=timeout) as resp:
+        with control.open_url(request, timeout) as resp:
             body = resp.read()
     except urllib.error.HTTPError as exc:
         exc.close()

@@ -1,4 +1,4 @@
-"""The one connection pool to Ollama, and what the proxy asks Ollama for itself.
+"""The one connection pool to Ollama, and the model names kept in step with /api/tags.
 
 One ClientSession for the process: pooled keep-alive connections with no limit on their number
 (Ollama queues requests itself), no total timeout, no cookie jar, no automatic headers,
@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
 
 import aiohttp
-import orjson
 
+from . import control
 from .config import Config
 from .labels import ModelLabels
 
@@ -41,51 +40,11 @@ def open_session(config: Config) -> aiohttp.ClientSession:
     )
 
 
-@dataclass(frozen=True)
-class Health:
-    ok: bool
-    version: str | None = None
-    error: str | None = None
-
-
-async def check(session: aiohttp.ClientSession, config: Config, timeout: float = 3.0) -> Health:
-    """Whether Ollama answers GET /api/version, and with which version."""
-    url = config.upstream.joinpath("api/version")
-    try:
-        async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-            body = await resp.read()
-            if resp.status != 200:
-                return Health(False, error=f"GET /api/version answered {resp.status}")
-            version = orjson.loads(body).get("version")
-            return Health(True, version=version if isinstance(version, str) else None)
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, orjson.JSONDecodeError,
-            AttributeError) as exc:
-        return Health(False, error=str(exc) or type(exc).__name__)
-
-
-async def model_names(session: aiohttp.ClientSession, config: Config) -> list[str] | None:
-    """The names Ollama lists in /api/tags, or None when it does not answer sensibly."""
-    url = config.upstream.joinpath("api/tags")
-    try:
-        async with session.get(url, timeout=aiohttp.ClientTimeout(total=10)) as resp:
-            if resp.status != 200:
-                return None
-            models = orjson.loads(await resp.read()).get("models") or []
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, orjson.JSONDecodeError,
-            AttributeError):
-        return None
-    names: list[str] = []
-    for m in models:
-        if isinstance(m, dict):
-            names.extend(v for v in (m.get("name"), m.get("model")) if isinstance(v, str))
-    return names
-
-
 async def refresh_models(session: aiohttp.ClientSession, config: Config, labels: ModelLabels
                          ) -> None:
     """Keep the model label set in step with /api/tags, forever (cancel to stop)."""
     while True:
-        names = await model_names(session, config)
+        names = await control.model_names(session, config.upstream)
         if names is not None:
             labels.set_known(names)
         else:

@@ -124,10 +124,12 @@ async def test_static_files_never_leave_their_directory(guarded: RunningProxy) -
     sources = [p.read_bytes() for p in Path(__file__).parents[1].glob("src/ollama_metrics/**/*.py")]
     passwd = Path("/etc/passwd").read_bytes() if Path("/etc/passwd").exists() else b"root:x:"
     (ok,) = parse_replies(await raw_request(guarded.port, b"GET /analytics/static/app.css "
-                                            b"HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
+                                            b"HTTP/1.1\r\nHost: localhost\r\n"
+                                            b"Connection: close\r\n\r\n"))
     assert (ok.status, ok.body) == (200, files["app.css"].body)  # the route does serve files
     for path in TRAVERSALS:
-        raw = await raw_request(guarded.port, b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close"
+        raw = await raw_request(guarded.port, b"GET %s HTTP/1.1\r\nHost: localhost\r\n"
+                                              b"Connection: close"
                                 b"\r\n\r\n" % path.encode(), timeout=2.0)
         (reply,) = parse_replies(raw)
         assert reply.status in (400, 404), (path, reply.status)
@@ -169,10 +171,11 @@ async def test_prompt_text_never_in_the_log_at_info(tmp_path: Path) -> None:
                                        data=(prompt % "slow").encode())
                 await resp.content.readline()
                 resp.close()  # a client that leaves mid-stream
-            for broken in (b"POST /api/generate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: "
+            for broken in (b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: "
                            b"chunked\r\n\r\n" + MARKER.encode() + b"\r\n\r\n",
                            b"POST /api/generate?" + MARKER.encode() + b" HTTP/1.1 x\r\n\r\n",
-                           b"POST /api/chat HTTP/1.1\r\nHost: x\r\nX-Prompt: " + MARKER.encode()
+                           b"POST /api/chat HTTP/1.1\r\nHost: localhost\r\n"
+                           b"X-Prompt: " + MARKER.encode()
                            + b"\x00\r\n\r\n"):
                 for port in (proxy.port, orphan.port):
                     assert (await raw_request(port, broken, timeout=1.0)).startswith(

@@ -20,6 +20,7 @@ whose answer (CORS preflight) is the one that counts.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 
@@ -61,7 +62,8 @@ def interface_addresses() -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
     for addrs in psutil.net_if_addrs().values():
         for a in addrs:
             if a.family in (socket.AF_INET, socket.AF_INET6):
-                found.add(ipaddress.ip_address(a.address.split("%")[0]))
+                with contextlib.suppress(ValueError):  # as Go's ParseCIDR failing: skipped
+                    found.add(ipaddress.ip_address(a.address.split("%")[0]))
     return found
 
 

@@ -25,14 +25,14 @@ FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-u
 
 
 @contextmanager
-def chromium(width: int = 1280, height: int = 800) -> Iterator[WebDriver]:
+def chromium(width: int = 1280, height: int = 800, *flags: str) -> Iterator[WebDriver]:
     browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
     assert browser and driver, \
         "Chromium is missing: apt-get install -y chromium chromium-driver"
     with tempfile.TemporaryDirectory(prefix="ollama-metrics-chromium-") as profile:
         options = Options()
         options.binary_location = browser
-        for flag in FLAGS:
+        for flag in (*FLAGS, *flags):
             options.add_argument(flag)
         options.add_argument(f"--user-data-dir={profile}")
         options.add_argument(f"--window-size={width},{height}")

@@ -61,14 +61,14 @@ async def start_proxy() -> AsyncIterator[StartProxy]:
 
     async def start(upstream: str, analytics: AnalyticsConfig | None = None,
                     **settings: Any) -> RunningProxy:
-        config = Config.build(listen="127.0.0.1:0", upstream=upstream, **settings)
+        config = Config.build(upstream=upstream, **{"listen": "127.0.0.1:0", **settings})
         registry = new_registry()
         app = create_app(config, registry, analytics)
         runner = make_runner(app, config)
         await runner.setup()
         runners.append(runner)
         sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((config.listen_host, 0))  # reached at 127.0.0.1 either way
         await web.SockSite(runner, sock).start()
         port = sock.getsockname()[1]
         return RunningProxy(f"http://127.0.0.1:{port}", port, registry, config, app)

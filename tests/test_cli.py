@@ -49,6 +49,11 @@ def test_port_in_use_names_the_port() -> None:
      "the proxy's own address"),
     (["--listen", "0.0.0.0:4000", "--upstream", "http://localhost:4000"], {},
      "the proxy's own address"),
+    # An empty token is no token: refused, not read as "authentication off".
+    ([], {"ANALYTICS_TOKEN": ""}, "--analytics-token (ANALYTICS_TOKEN): is empty"),
+    ([], {"ANALYTICS_TOKEN": " \t "}, "--analytics-token (ANALYTICS_TOKEN): is empty"),
+    (["--analytics-token", ""], {}, "--analytics-token (ANALYTICS_TOKEN): is empty"),
+    (["--analytics-token", "   "], {}, "--analytics-token (ANALYTICS_TOKEN): is empty"),
 ])
 def test_bad_config_fails_at_start_naming_the_setting(
     args: list[str], env: dict[str, str], named: str, monkeypatch: pytest.MonkeyPatch,

@@ -155,7 +155,7 @@ TRAVERSALS = [
 async def test_nothing_outside_static_is_served(fake: FakeOllama, start_proxy: StartProxy,
                                                 tmp_path: Path, path: str) -> None:
     proxy = await start_proxy(fake.url, analytics=_analytics(tmp_path))
-    raw = await raw_request(proxy.port, f"GET {path} HTTP/1.1\r\nHost: x\r\n"
+    raw = await raw_request(proxy.port, f"GET {path} HTTP/1.1\r\nHost: localhost\r\n"
                                         "Connection: close\r\n\r\n".encode())
     status = int(raw.split(b" ", 2)[1])
     assert status == 404, raw[:300]

@@ -402,16 +402,19 @@ async def test_fm08_upstream_errors_relayed_verbatim(
 # --- 9. Origin and Host -------------------------------------------------------------------------
 
 async def test_fm09_origin_forwarded_host_rewritten(fake: FakeOllama, proxy: RunningProxy,
+                                                    start_proxy: StartProxy,
                                                     http: aiohttp.ClientSession) -> None:
     """Request with `Origin: http://evil` ⇒ forwarded unchanged, mock's 403 relayed; mock asserts
-    `Host` equals the upstream authority."""
+    `Host` equals the upstream authority. A LAN name reaches a proxy listening beyond loopback
+    (on loopback the proxy refuses it itself, as Ollama would: test_hosts.py)."""
     async with http.post(proxy.url + "/api/generate", data=b'{"model":"llama3.2","prompt":"x"}',
                          headers={"Origin": "http://evil"}) as resp:
         assert (resp.status, await resp.read()) == (403, b"")
     (seen,) = [r for r in fake.requests if r.path_qs == "/api/generate"]
     assert seen.headers["Origin"] == "http://evil"
     assert seen.headers["Host"] == fake.url.removeprefix("http://")
-    async with http.get(proxy.url + "/api/tags?lan", headers={"Host": "gpu-box.lan:11434"}) as r:
+    lan = await start_proxy(fake.url, listen="0.0.0.0:0")
+    async with http.get(lan.url + "/api/tags?lan", headers={"Host": "gpu-box.lan:11434"}) as r:
         assert r.status == 200  # a LAN name at the proxy is no Host Ollama refuses
     (seen,) = [r for r in fake.requests if r.path_qs == "/api/tags?lan"]
     assert seen.headers["Host"] == fake.url.removeprefix("http://")
@@ -1233,14 +1236,17 @@ async def test_fm21_slow_reader_is_not_buffered_for() -> None:
 # --- 22. Smuggling and parser probes ------------------------------------------------------------
 
 FM22_PROBES = {
-    "CL and TE together": b"POST /api/show HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+    "CL and TE together": b"POST /api/show HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4\r\n"
                           b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /api/ps HTTP/1.1\r\n"
-                          b"Host: x\r\n\r\n",
-    "obfuscated TE": b"POST /api/show HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked\r\n\r\n"
-                     b"0\r\n\r\nGET /api/ps HTTP/1.1\r\nHost: x\r\n\r\n",
-    "LF in chunk extension": b"POST /api/show HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked"
+                          b"Host: localhost\r\n\r\n",
+    "obfuscated TE": b"POST /api/show HTTP/1.1\r\nHost: localhost\r\n"
+                     b"Transfer-Encoding: xchunked\r\n\r\n"
+                     b"0\r\n\r\nGET /api/ps HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    "LF in chunk extension": b"POST /api/show HTTP/1.1\r\nHost: localhost\r\n"
+                             b"Transfer-Encoding: chunked"
                              b"\r\n\r\n2;a=\nGET /api/ps HTTP/1.1\r\n{}\r\n0\r\n\r\n",
-    "header line over 64 KiB": b"GET /api/tags HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000
+    "header line over 64 KiB": b"GET /api/tags HTTP/1.1\r\nHost: localhost\r\n"
+                               b"X-Big: " + b"a" * 70_000
                                + b"\r\n\r\n",
 }
 

@@ -25,7 +25,7 @@ from fake_ollama import FakeOllama, Scenario
 from helpers import Process, fake_process, proxy_process, raw_request
 from wire import Reply, parse_replies, startup_done
 
-SMUGGLED = b"GET /api/ps HTTP/1.1\r\nHost: x\r\n\r\n"
+SMUGGLED = b"GET /api/ps HTTP/1.1\r\nHost: localhost\r\n\r\n"
 
 
 @dataclass
@@ -70,7 +70,7 @@ def _assert_quiet(stack: Stack) -> None:
 
 
 def _post(headers: bytes, body: bytes, target: bytes = b"/api/show") -> bytes:
-    return b"POST %s HTTP/1.1\r\nHost: x\r\n%s\r\n%s" % (target, headers, body)
+    return b"POST %s HTTP/1.1\r\nHost: localhost\r\n%s\r\n%s" % (target, headers, body)
 
 
 CHUNKED = b"Transfer-Encoding: chunked\r\n"
@@ -99,18 +99,19 @@ REFUSED = {
     "Content-Length negative": _post(b"Content-Length: -1\r\n", b"{}"),
     "Content-Length overflows": _post(b"Content-Length: " + b"9" * 30 + b"\r\n", b"{}"),
     "Content-Length space before colon": _post(b"Content-Length : 2\r\n", b"{}"),
-    "header line of 70 KB": b"GET /api/tags HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000
+    "header line of 70 KB": b"GET /api/tags HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 70_000
                             + b"\r\n\r\n",
-    "request line of 70 KB": b"GET /api/tags?" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
-    "200 headers": b"GET /api/tags HTTP/1.1\r\nHost: x\r\n"
+    "request line of 70 KB": b"GET /api/tags?" + b"a" * 70_000
+                             + b" HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    "200 headers": b"GET /api/tags HTTP/1.1\r\nHost: localhost\r\n"
                    + b"".join(b"X-H%d: v\r\n" % n for n in range(200)) + b"\r\n",
-    "NUL in a header": b"GET /api/tags HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n",
-    "CR in a header": b"GET /api/tags HTTP/1.1\r\nHost: x\r\nX-A: a\rb\r\n\r\n",
+    "NUL in a header": b"GET /api/tags HTTP/1.1\r\nHost: localhost\r\nX-A: a\x00b\r\n\r\n",
+    "CR in a header": b"GET /api/tags HTTP/1.1\r\nHost: localhost\r\nX-A: a\rb\r\n\r\n",
     "no Host": b"GET /api/tags HTTP/1.1\r\n\r\n",
     "two Hosts": b"GET /api/tags HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
-    "target with userinfo": b"GET @127.0.0.1:1/api/tags HTTP/1.1\r\nHost: x\r\n\r\n",
-    "target without slash": b"GET 0/api/tags HTTP/1.1\r\nHost: x\r\n\r\n",
-    "HTTP/9.9": b"GET /api/tags HTTP/9.9\r\nHost: x\r\n\r\n",
+    "target with userinfo": b"GET @127.0.0.1:1/api/tags HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    "target without slash": b"GET 0/api/tags HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    "HTTP/9.9": b"GET /api/tags HTTP/9.9\r\nHost: localhost\r\n\r\n",
     "TLS handshake": bytes.fromhex("16030100a5010000a10303") + bytes(range(32)) * 4,
 }
 
@@ -146,28 +147,29 @@ PASSED = {
                         [404], [("POST", "/api/show", 2)]),
     "chunked trailer": (_post(CHUNKED, b"2\r\n{}\r\n0\r\nX-Trailer: 1\r\n\r\n"),
                         [404], [("POST", "/api/show", 2)]),
-    "HTTP/1.0 with TE": (b"POST /api/show HTTP/1.0\r\nHost: x\r\n" + CHUNKED
+    "HTTP/1.0 with TE": (b"POST /api/show HTTP/1.0\r\nHost: localhost\r\n" + CHUNKED
                          + b"\r\n2\r\n{}\r\n0\r\n\r\n", [404], [("POST", "/api/show", 2)]),
-    "header line of 10 KB": (b"GET /api/tags HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 10_000
+    "header line of 10 KB": (b"GET /api/tags HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 10_000
                              + b"\r\n\r\n", [200], [("GET", "/api/tags", 0)]),
-    "three pipelined": (b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n"
-                        b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n" + SMUGGLED,
+    "three pipelined": (b"GET /api/version HTTP/1.1\r\nHost: localhost\r\n\r\n"
+                        b"GET /api/tags HTTP/1.1\r\nHost: localhost\r\n\r\n" + SMUGGLED,
                         [200, 200, 200],
                         [("GET", "/api/version", 0), ("GET", "/api/tags", 0),
                          ("GET", "/api/ps", 0)]),
     "a request inside a body": (_post(b"Content-Length: %d\r\n" % len(SMUGGLED), SMUGGLED,
                                       b"/api/generate"),
                                 [400], [("POST", "/api/generate", len(SMUGGLED))]),
-    "GET with a body": (b"GET /api/tags HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+    "GET with a body": (b"GET /api/tags HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s"
                         % (len(SMUGGLED), SMUGGLED), [200], [("GET", "/api/tags", len(SMUGGLED))]),
-    "absolute form": (b"GET http://127.0.0.1:1/api/tags?x=1 HTTP/1.1\r\nHost: x\r\n\r\n",
+    "absolute form": (b"GET http://127.0.0.1:1/api/tags?x=1 HTTP/1.1\r\nHost: localhost\r\n\r\n",
                       [200], [("GET", "/api/tags?x=1", 0)]),
     "Expect: 100-continue": (_post(b"Expect: 100-continue\r\nContent-Length: 2\r\n", b"{}"),
                              [100, 404], [("POST", "/api/show", 2)]),
-    "h2c upgrade": (b"GET /api/tags HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+    "h2c upgrade": (b"GET /api/tags HTTP/1.1\r\nHost: localhost\r\n"
+                    b"Connection: Upgrade, HTTP2-Settings\r\n"
                     b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n",
                     [200], [("GET", "/api/tags", 0)]),
-    "OPTIONS *": (b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n", [404], []),
+    "OPTIONS *": (b"OPTIONS * HTTP/1.1\r\nHost: localhost\r\n\r\n", [404], []),
     "CONNECT": (b"CONNECT 127.0.0.1:1 HTTP/1.1\r\nHost: 127.0.0.1:1\r\n\r\n", [404], []),
 }
 
@@ -226,7 +228,7 @@ BLOB = "/api/blobs/sha256:" + "0" * 64
 
 def _bad_chunk_late(path: str) -> list[bytes]:
     """A chunked body whose framing breaks after good chunks have gone on to Ollama."""
-    return [b"POST %s HTTP/1.1\r\nHost: x\r\n%s\r\n2\r\n{}\r\n" % (path.encode(), CHUNKED),
+    return [b"POST %s HTTP/1.1\r\nHost: localhost\r\n%s\r\n2\r\n{}\r\n" % (path.encode(), CHUNKED),
             b"zz\r\n", b"0\r\n\r\n"]
 
 
@@ -262,7 +264,7 @@ async def test_bad_chunk_after_good_ones_is_answered_400(stack: Stack, path: str
 async def test_bad_chunk_in_a_pipelined_request_fails_that_request_only(stack: Stack) -> None:
     """Two requests in one go, the second's body breaking once the first is answered: the first
     gets its reply, the second its 400, and the connection closes after it."""
-    first = b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n"
+    first = b"GET /api/version HTTP/1.1\r\nHost: localhost\r\n\r\n"
     second = _bad_chunk_late("/api/generate")
     reply, _ = await _dribble(stack.proxy.port, [first + second[0], *second[1:]], 0.1, 3.0)
     statuses = [r.status for r in parse_replies(reply, ["GET", "POST"])]
@@ -298,7 +300,7 @@ async def test_a_request_head_past_the_header_timeout_closes_the_connection(
     """A head dribbled a header line every 0.1 s: closed once its first byte is 0.5 s old,
     without an answer, and nothing reaches Ollama."""
     proxy = await start_proxy(fake.url, header_timeout=HEAD_TIMEOUT)
-    head = [b"GET /api/version HTTP/1.1\r\nHost: x\r\n"] + [b"X-Slow: %d\r\n" % n
+    head = [b"GET /api/version HTTP/1.1\r\nHost: localhost\r\n"] + [b"X-Slow: %d\r\n" % n
                                                             for n in range(30)]
     reply, closed = await _dribble(proxy.port, head, 0.1)
     assert reply == b""
@@ -313,10 +315,10 @@ async def test_the_header_timeout_spares_timely_heads_idle_connections_slow_bodi
     1.2 s all go through with a 0.5 s header timeout."""
     fake.scenarios["long:latest"] = Scenario(tokens=["a "] * 12, token_delay=0.1)
     proxy = await start_proxy(fake.url, header_timeout=HEAD_TIMEOUT)
-    version = b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n"
-    last = b"GET /api/version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    version = b"GET /api/version HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    last = b"GET /api/version HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
     body = b'{"model":"long","prompt":"count","stream":true}'
-    post = (b"POST /api/generate HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    post = (b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
             b"Content-Length: %d\r\n\r\n" % len(body))
     timely = [last[:10], last[10:30], last[30:]]
     idle = [version, b"", b"", b"", b"", b"", last]  # 1.2 s between the two
@@ -339,7 +341,7 @@ async def test_the_header_timeout_never_cuts_a_reply_in_flight(
     fake.scenarios["long:latest"] = Scenario(tokens=["a "] * 12, token_delay=0.1)
     proxy = await start_proxy(fake.url, header_timeout=HEAD_TIMEOUT)
     body = b'{"model":"long","prompt":"count","stream":true}'
-    post = b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n" % len(body)
+    post = b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n" % len(body)
     stray = [post + b"Connection: close\r\n\r\n" + body, b"\r\n"]
     halfway = [post + b"\r\n" + body, b"GET /api/vers"]
     for parts in (stray, halfway):

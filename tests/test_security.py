@@ -62,6 +62,42 @@ async def test_every_analytics_route_needs_the_token(guarded: RunningProxy,
         assert "set-cookie" not in {k.lower() for k in resp.headers}
 
 
+# Bytes that are no UTF-8 (aiohttp hands them on surrogate-escaped), where a credential goes.
+MALFORMED = [b"Authorization: Bearer \xff\xfe", b"Authorization: \xff\xfe",
+             b"Authorization: Bearer " + TOKEN.encode() + b"\xff",
+             b"Cookie: ollama_metrics_token=\xff\xfe", b"Cookie: \xff\xfe",
+             b"Cookie: a=\xff; ollama_metrics_token=\xc3(", b"Cookie: ollama_metrics_token"]
+
+
+async def test_malformed_credential_bytes_are_refused_not_an_error(
+    fake: FakeOllama, start_proxy: StartProxy, tmp_path: Path,
+) -> None:
+    """401 on every guarded route, never a 500 (no traceback: the autouse check)."""
+    proxy = await start_proxy(fake.url, analytics=AnalyticsConfig.build(
+        analytics_dir=str(tmp_path), analytics_token=TOKEN, analytics_protect_metrics=True))
+    for path in ("/analytics/search", "/analytics/stats", "/analytics/live", "/analytics",
+                 "/metrics"):
+        for header in MALFORMED:
+            (reply,) = parse_replies(await raw_request(
+                proxy.port, b"GET %s HTTP/1.1\r\nHost: localhost\r\n%s\r\n"
+                            b"Connection: close\r\n\r\n" % (path.encode(), header)))
+            assert reply.status == 401, (path, header)
+
+
+async def test_the_bearer_scheme_is_case_insensitive(guarded: RunningProxy,
+                                                     http: aiohttp.ClientSession) -> None:
+    for value in (f"bearer {TOKEN}", f"BEARER {TOKEN}", f"BeArEr {TOKEN}", f"Bearer  {TOKEN}"):
+        async with http.get(guarded.url + "/analytics/stats",
+                            headers={"Authorization": value}) as resp:
+            assert resp.status == 200, value
+    for value in ("Bearer", "Bearer ", f"Bearer{TOKEN}", f"Basic {TOKEN}", f"Token {TOKEN}",
+                  f"Bearer {TOKEN}x", f"Bearer {TOKEN[:-1]}", f"Bearer {TOKEN.upper()}",
+                  f"Bearer {TOKEN} {TOKEN}"):
+        async with http.get(guarded.url + "/analytics/stats",
+                            headers={"Authorization": value}) as resp:
+            assert resp.status == 401, value
+
+
 # Every quote between two other characters: bound, SQLite's trace shows the value with its
 # quotes doubled, so the value as sent only appears in a statement if it was pasted into the SQL.
 INJECTIONS = ["x' OR '1'='1", "x') OR 1=1 --", "llama3.2' UNION SELECT * FROM sqlite_master --",
@@ -124,10 +160,12 @@ async def test_static_files_never_leave_their_directory(guarded: RunningProxy) -
     sources = [p.read_bytes() for p in Path(__file__).parents[1].glob("src/ollama_metrics/**/*.py")]
     passwd = Path("/etc/passwd").read_bytes() if Path("/etc/passwd").exists() else b"root:x:"
     (ok,) = parse_replies(await raw_request(guarded.port, b"GET /analytics/static/app.css "
-                                            b"HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
+                                            b"HTTP/1.1\r\nHost: localhost\r\n"
+                                            b"Connection: close\r\n\r\n"))
     assert (ok.status, ok.body) == (200, files["app.css"].body)  # the route does serve files
     for path in TRAVERSALS:
-        raw = await raw_request(guarded.port, b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close"
+        raw = await raw_request(guarded.port, b"GET %s HTTP/1.1\r\nHost: localhost\r\n"
+                                              b"Connection: close"
                                 b"\r\n\r\n" % path.encode(), timeout=2.0)
         (reply,) = parse_replies(raw)
         assert reply.status in (400, 404), (path, reply.status)
@@ -169,10 +207,11 @@ async def test_prompt_text_never_in_the_log_at_info(tmp_path: Path) -> None:
                                        data=(prompt % "slow").encode())
                 await resp.content.readline()
                 resp.close()  # a client that leaves mid-stream
-            for broken in (b"POST /api/generate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: "
+            for broken in (b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: "
                            b"chunked\r\n\r\n" + MARKER.encode() + b"\r\n\r\n",
                            b"POST /api/generate?" + MARKER.encode() + b" HTTP/1.1 x\r\n\r\n",
-                           b"POST /api/chat HTTP/1.1\r\nHost: x\r\nX-Prompt: " + MARKER.encode()
+                           b"POST /api/chat HTTP/1.1\r\nHost: localhost\r\n"
+                           b"X-Prompt: " + MARKER.encode()
                            + b"\x00\r\n\r\n"):
                 for port in (proxy.port, orphan.port):
                     assert (await raw_request(port, broken, timeout=1.0)).startswith(

@@ -152,7 +152,8 @@ async def test_clients_vanishing_at_any_moment_log_no_errors(
     """Like wrk stopping with requests in flight: each client closes at a different instant."""
     fake.scenarios["quick:latest"] = Scenario(first_delay=0.01, token_delay=0.002)
     body = b'{"model":"quick","prompt":"hi"}'
-    request = (b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    request = (b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\n"
+               b"Content-Type: application/json\r\n"
                b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
 
     async def vanish(after: float, half_close: bool) -> None:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
+from conftest import StartProxy
 from fake_ollama import FakeOllama, Scenario
 from helpers import RunningProxy, raw_request
 from ollama_metrics.ollama import route
@@ -118,14 +119,20 @@ async def test_streams_default_by_route(proxy: RunningProxy, http: aiohttp.Clien
 
 
 async def test_host_rewritten_origin_kept(fake: FakeOllama, proxy: RunningProxy,
+                                          start_proxy: StartProxy,
                                           http: aiohttp.ClientSession) -> None:
-    # Reaching the proxy by a LAN name must not trip Ollama's loopback Host check...
+    # Reaching a proxy that listens beyond loopback by a LAN name must not trip Ollama's
+    # loopback Host check...
     lan = {"Host": "gpu-box.example.com:11434"}
     async with http.get(fake.url + "/api/tags", headers=lan) as resp:
         assert resp.status == 403  # the fake, like Ollama, refuses that Host directly
-    async with http.get(proxy.url + "/api/tags", headers=lan) as resp:
+    wide = await start_proxy(fake.url, listen="0.0.0.0:0")
+    async with http.get(wide.url + "/api/tags", headers=lan) as resp:
         assert resp.status == 200
     assert fake.requests[-1].headers["Host"] == fake.url.removeprefix("http://")
+    # ...while on loopback the proxy refuses it itself, as Ollama would (test_hosts.py).
+    async with http.get(proxy.url + "/api/tags", headers=lan) as resp:
+        assert (resp.status, await resp.read()) == (403, b"")
     # ...while Origin reaches Ollama unchanged, so its CORS verdict (an empty 403) is relayed.
     async with http.get(proxy.url + "/api/tags", headers={"Origin": "http://evil.example"}) as r:
         assert (r.status, await r.read()) == (403, b"")

@@ -1,5 +1,6 @@
 """The composition root: create_app(config) wires routes, state and long-lived resources.
 
+Every route sits behind Ollama's Host check when the proxy listens on loopback (hosts.py).
 Routes: GET {metrics_path} (Prometheus), GET /test (health of proxy and upstream), the
 /analytics/* API and the dashboard page at /analytics, and everything else, any method, to the
 proxy. Resources live in cleanup_ctx: the upstream session and the background refresh of model
@@ -18,7 +19,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from . import __version__, control, ps, upstream
+from . import __version__, control, hosts, ps, upstream
 from .analytics.api import AnalyticsApi, require_token
 from .analytics.recorder import Recorder
 from .analytics.settings import AnalyticsConfig
@@ -51,6 +52,8 @@ def create_app(config: Config, registry: CollectorRegistry | None = None,
     app[CONFIG] = config
     app[METRICS] = metrics
     app[ANALYTICS] = analytics
+    if config.listens_on_loopback:  # Ollama's rule: beyond loopback, Host is not checked
+        app.middlewares.append(hosts.check_host())
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         session = upstream.open_session(config)

@@ -38,17 +38,25 @@ COOKIE = "ollama_metrics_token"
 def cookie_value(token: str) -> str:
     """What the dashboard's cookie holds: derived from the token, so the browser never stores
     the token itself (the cookie opens /analytics only; the token may also open /metrics)."""
-    return hmac.new(token.encode(), b"ollama-metrics dashboard cookie", hashlib.sha256
-                    ).hexdigest()
+    return hmac.new(token.encode("utf-8", "surrogateescape"), b"ollama-metrics dashboard cookie",
+                    hashlib.sha256).hexdigest()
+
+
+def same_secret(given: str, expected: str) -> bool:
+    """Equal, in time that depends on neither value (their digests are compared, so not even on
+    the length). Undecodable header bytes arrive surrogate-escaped: they compare, as unequal."""
+    def digest(text: str) -> bytes:
+        return hashlib.sha256(text.encode("utf-8", "surrogateescape")).digest()
+
+    return hmac.compare_digest(digest(given), digest(expected))
 
 
 def authorized(token: str, request: web.Request) -> bool:
-    """Does the request carry `Authorization: Bearer <token>`, or, on /analytics routes, the
-    dashboard's cookie?"""
-    given = request.headers.get("Authorization", "").encode()
-    bearer = hmac.compare_digest(given, f"Bearer {token}".encode())
-    cookie = hmac.compare_digest(request.cookies.get(COOKIE, "").encode(),
-                                 cookie_value(token).encode())
+    """Does the request carry `Authorization: Bearer <token>` (the scheme in any case, as RFC
+    9110 has it), or, on /analytics routes, the dashboard's cookie?"""
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    bearer = same_secret(given.lstrip(" "), token) and scheme.lower() == "bearer"
+    cookie = same_secret(request.cookies.get(COOKIE, ""), cookie_value(token))
     return bearer or (cookie and (request.path + "/").startswith("/analytics/"))
 
 

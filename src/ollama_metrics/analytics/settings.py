@@ -135,7 +135,12 @@ class AnalyticsConfig:
             except re.error as exc:
                 raise _error("analytics_redact_pattern",
                              f"not a valid regular expression: {text!r} ({exc})") from None
-        token = (analytics_token or "").strip() or None
+        if analytics_token is not None and not analytics_token.strip():
+            # An empty ANALYTICS_TOKEN= reads as "no token" elsewhere: refuse it rather than
+            # serve every stored prompt to anyone while the user believes them guarded.
+            raise _error("analytics_token", "is empty or blank: give a token, or leave the setting "
+                         "out to run without one")
+        token = analytics_token.strip() if analytics_token is not None else None
         return cls(
             backends=backends,
             dir=Path(analytics_dir).expanduser(),

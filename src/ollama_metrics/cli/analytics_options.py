@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -28,6 +29,17 @@ class _Lines(_ParamType):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
                 ) -> str:
         return str(value)
+
+
+class _SetEvenIfEmpty(click.Option):
+    """click reads an empty environment variable as unset; for the token, `ANALYTICS_TOKEN=`
+    must reach the settings, which refuse it, rather than turn authentication off."""
+
+    def resolve_envvar_value(self, ctx: click.Context) -> str | None:
+        value = super().resolve_envvar_value(ctx)
+        if value is None and isinstance(self.envvar, str):
+            return os.environ.get(self.envvar)
+        return value
 
 
 def _option(name: str, **kwargs: Any) -> Callable[[F], F]:
@@ -69,8 +81,8 @@ def analytics_options(f: F) -> F:
         _option("--analytics-redact-pattern", type=_Lines(), multiple=True,
                 help="Also mask matches of this regex (repeatable; one per line in the "
                      "variable)."),
-        _option("--analytics-token", default=None, metavar="TOKEN",
-                help="Require 'Authorization: Bearer TOKEN' on analytics routes."),
+        _option("--analytics-token", default=None, metavar="TOKEN", cls=_SetEvenIfEmpty,
+                help="Require 'Authorization: Bearer TOKEN' on analytics routes (not empty)."),
         _option("--analytics-protect-metrics/--no-analytics-protect-metrics", default=False,
                 help="Require the token on the metrics route too."),
         _option("--analytics-queue-size", type=int, default=10_000, metavar="N",

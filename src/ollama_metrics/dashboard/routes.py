@@ -17,7 +17,6 @@ served without the token (the 401 page uses the stylesheet).
 from __future__ import annotations
 
 import hashlib
-import hmac
 import sys
 from dataclasses import dataclass
 from importlib import resources
@@ -25,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from ..analytics.api import COOKIE, authorized, cookie_value
+from ..analytics.api import COOKIE, authorized, cookie_value, same_secret
 
 if TYPE_CHECKING:
     if sys.version_info >= (3, 11):
@@ -114,7 +113,7 @@ def routes(token: str | None) -> list[web.RouteDef]:
     async def page(request: web.Request) -> web.StreamResponse:
         given = request.query.get("token")
         if given is not None:
-            if token is not None and not hmac.compare_digest(given.encode(), token.encode()):
+            if token is not None and not same_secret(given, token):
                 return _unauthorized("The token in the address is not the analytics token.")
             response = _respond(302, b"", _TYPES[".txt"], Location=PAGE)
             if token is not None:

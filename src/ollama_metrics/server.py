@@ -20,11 +20,11 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CollectorRegistry
 
-from . import probe, upstream
+from . import probe, relay, upstream
 from .analytics.settings import AnalyticsConfig
 from .app import SESSION, create_app
 from .config import Config, connect_url
-from .connection import Runner
+from .connection import Runner, verify
 from .metrics import new_registry
 from .supervisor import Supervisor
 
@@ -150,6 +150,9 @@ async def _serve_app(config: Config, sock: socket.socket, stop: asyncio.Event,
     host, port = sock.getsockname()[:2]
     log.info("ollama-metrics listening on http://%s:%s, forwarding to %s",
              f"[{host}]" if ":" in host else host, port, config.upstream)
+    if relay.UNAVAILABLE is not None:
+        log.info("streamed replies take the plain relay (%s): correct, with more CPU per frame",
+                 relay.UNAVAILABLE)
     _announce_analytics(config, analytics)
     health = await upstream.check(app[SESSION], config)
     if health.ok:
@@ -214,9 +217,11 @@ def run(config: Config, environ: Mapping[str, str],
         analytics: AnalyticsConfig | None = None) -> None:
     """Bind, then serve on uvloop where available.
 
-    Raises before serving anything: probe.OllamaInTheWay when an Ollama holds the listen address,
-    PortInUse when anything else does, and the Supervisor's errors when Ollama cannot be started.
+    Raises before serving anything: internals.Unsupported when this aiohttp cannot take the
+    request guard, probe.OllamaInTheWay when an Ollama holds the listen address, PortInUse when
+    anything else does, and the Supervisor's errors when Ollama cannot be started.
     """
+    verify()
     lift_open_file_limit()
     try:
         sock = bind(config)

@@ -25,6 +25,7 @@ from .analytics.settings import AnalyticsConfig
 from .app import SESSION, create_app
 from .config import Config, connect_url
 from .connection import Runner, verify
+from .descriptors import Watch, lift_open_file_limit
 from .metrics import new_registry
 from .supervisor import Supervisor
 
@@ -147,6 +148,8 @@ async def _serve_app(config: Config, sock: socket.socket, stop: asyncio.Event,
     runner = make_runner(app, config)
     await runner.setup()
     await web.SockSite(runner, sock).start()
+    descriptors = Watch(sock.fileno())
+    descriptors.start()
     host, port = sock.getsockname()[:2]
     log.info("ollama-metrics listening on http://%s:%s, forwarding to %s",
              f"[{host}]" if ":" in host else host, port, config.upstream)
@@ -166,6 +169,7 @@ async def _serve_app(config: Config, sock: socket.socket, stop: asyncio.Event,
         await stop.wait()
     finally:
         log.info("shutting down (up to %ss for requests in flight)", config.shutdown_grace)
+        descriptors.stop()
         await runner.cleanup()
 
 
@@ -182,35 +186,6 @@ def _announce_analytics(config: Config, analytics: AnalyticsConfig | None) -> No
             "listening on %s, beyond this machine, with no ANALYTICS_TOKEN: anyone who can reach "
             "it can read stored prompts at /analytics. Set --analytics-token (ANALYTICS_TOKEN), "
             "or listen on 127.0.0.1.", config.listen)
-
-
-_FEW_FILES = 4096  # under this, a few hundred streams (two descriptors each) exhaust the limit
-
-
-def lift_open_file_limit() -> None:
-    """Raise the soft limit on open files to the hard one, as every Go program does at start
-    (Ollama among them). Each exchange in flight holds two descriptors here, one in Ollama: left
-    at a desktop's usual soft limit (1,024 on Linux, 256 on macOS), the proxy would refuse
-    connections at a few hundred concurrent streams that Ollama alone would take."""
-    try:
-        import resource
-    except ImportError:  # Windows: no such limit on sockets
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    # macOS refuses a soft limit over OPEN_MAX (10,240) whatever the hard limit says.
-    target = min(hard, 10240) if sys.platform == "darwin" else hard
-    if soft != resource.RLIM_INFINITY and (target == resource.RLIM_INFINITY or target > soft):
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (ValueError, OSError) as exc:
-            log.debug("cannot raise the open-file limit from %d to %d: %s", soft, target, exc)
-        else:
-            log.debug("open-file limit raised from %d to %d", soft, target)
-            soft = target
-    if soft != resource.RLIM_INFINITY and soft < _FEW_FILES:
-        log.warning("this process may open only %d files, and each request in flight takes two: "
-                    "raise the hard limit (ulimit -Hn, or LimitNOFILE= for a systemd service) to "
-                    "proxy more than a few hundred at once", soft)
 
 
 def run(config: Config, environ: Mapping[str, str],

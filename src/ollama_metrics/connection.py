@@ -46,9 +46,10 @@ BAD_BODY = (RequestPayloadError, HttpProcessingError)
 
 class _HeadClock:
     """Closes connections whose request head began over `timeout` seconds ago and has not
-    ended. One timer per server sweeps the heads in progress (usually none: a head almost always
-    arrives in one read), so a connection costs nothing here unless its head is slow, and one
-    that closes mid-head is let go at the next sweep."""
+    ended. One timer per server sweeps the heads in progress; a connection costs a dict entry
+    from accept to its first request (well under a microsecond), and a later head one only if it
+    is slow. The dict is in order of beginning, so a sweep looks only at the heads overdue and
+    the first one not: 10,000 silent connections cost it nothing until they are due."""
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
@@ -67,10 +68,15 @@ class _HeadClock:
 
     def _sweep(self) -> None:
         now = self._loop.time()
-        for handler, since in list(self._heads.items()):
+        overdue = []
+        for handler, since in self._heads.items():  # oldest first
+            if now - since < self.timeout:
+                break
+            overdue.append(handler)
+        for handler in overdue:
             if handler.transport is None:  # closed meanwhile
                 del self._heads[handler]
-            elif now - since >= self.timeout and internals.awaiting_request(handler):
+            elif internals.awaiting_request(handler):
                 # Not while a reply is going out: a partial pipelined head, or a stray CRLF
                 # after a body, must not cut the reply in flight. Once it is done, this head
                 # has had its time.

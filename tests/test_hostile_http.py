@@ -308,6 +308,25 @@ async def test_a_request_head_past_the_header_timeout_closes_the_connection(
     assert not [r for r in fake.requests if "X-Slow" in r.headers]
 
 
+@pytest.mark.uvloop
+async def test_connections_that_send_nothing_are_closed_after_the_header_timeout(
+        fake: FakeOllama, start_proxy: StartProxy) -> None:
+    """As nginx's client_header_timeout: a new connection's first head is timed from accept, so
+    200 connections that never send a byte are closed, unanswered, once they are 0.5 s old
+    (aiohttp alone keeps them an hour), while a connection opened with them and silent for 0.3 s
+    before its request is served."""
+    proxy = await start_proxy(fake.url, header_timeout=HEAD_TIMEOUT)
+    late = b"GET /api/version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    silent = [_dribble(proxy.port, [], 0, wait=3.0) for _ in range(200)]
+    results = await asyncio.gather(_dribble(proxy.port, [b"", late], 0.3), *silent)
+    (served, _), closings = results[0], results[1:]
+    assert [r.status for r in parse_replies(served)] == [200]
+    assert all(reply == b"" for reply, _ in closings)
+    closed = sorted(when for _, when in closings)
+    assert closed[-1] < 3.0, closed  # every one closed by the proxy, none left open
+    assert closed[0] >= HEAD_TIMEOUT * 0.9, closed  # and none before its time
+
+
 async def test_the_header_timeout_spares_timely_heads_idle_connections_slow_bodies_and_long_replies(
         fake: FakeOllama, start_proxy: StartProxy) -> None:
     """Only a head that has begun and not ended is timed: a head sent over 0.3 s, a keep-alive

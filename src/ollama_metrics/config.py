@@ -61,7 +61,8 @@ class Config:
     # Seconds the upstream may stay silent mid-reply; None means never cut (the default: model
     # loads and long generations have no upper bound).
     idle_timeout: float | None = None
-    # Seconds a client may take to send a request head, from its first byte; None: no limit.
+    # Seconds a client may take to send a request head (a new connection's first from accept,
+    # later ones from their first byte); None: no limit.
     header_timeout: float | None = 60.0
     max_extra_models: int = 20
     model_refresh: float = 60.0

@@ -6,18 +6,17 @@
   the handler, and Ollama behind it, would wait for the rest of the body until the client gave
   up. Here the body in progress fails with the error, as the pure-Python parser does (with its
   own HttpProcessingError first), so the proxy answers 400 and Ollama drops its half request.
-- **A request head must arrive within the header timeout** (`--header-timeout`), counted from
-  its first byte, as nginx's client_header_timeout does. aiohttp has no such limit, so a
-  client sending its head a byte at a time would hold a connection (and a descriptor) for an
-  hour. Idle keep-alive connections, bodies however slow, and replies however long are not
-  timed: only a head that has begun and not ended, and a connection is closed for it only
-  between replies, never during one.
+- **A request head must arrive within the header timeout** (`--header-timeout`), as nginx's
+  client_header_timeout does: a new connection's first head counted from accept, so one that
+  sends nothing is closed too, and a later head on a keep-alive connection from its first
+  byte. aiohttp has no such limit, so a client sending nothing, or its head a byte at a time,
+  would hold a connection (and a descriptor) for an hour. Idle keep-alive connections (left to
+  aiohttp's keep-alive timer), bodies however slow, and replies however long are not timed,
+  and a connection is closed for its head only between replies, never during one.
 
-`Runner` gives every connection a wrapper around its parser that sees each read. It needs
-aiohttp's connection to keep its parser in `_parser`, and tells an idle connection by its
-`_waiter` as aiohttp's keep-alive timer does; if a future aiohttp moves the first, a warning says
-so once and connections run unguarded; without the second, no head is ever timed out. Either
-way tests/test_hostile_http.py fails.
+`Runner` gives every connection a wrapper around its parser that sees each read, through the
+aiohttp internals named in internals.py. `verify` checks at start that they are there; without
+them the proxy does not run (a connection that still cannot be guarded is closed, not served).
 """
 
 from __future__ import annotations
@@ -33,9 +32,12 @@ from aiohttp.web import RequestPayloadError
 from aiohttp.web_exceptions import HTTPBadRequest
 from aiohttp.web_protocol import RequestHandler
 
+from . import internals
+from .internals import Unsupported
+
 log = logging.getLogger("ollama_metrics")
 
-_warned = False
+_unguarded_logged = False
 
 # What reading a request body raises when the body broke its framing: aiohttp's C parser's
 # error as this module delivers it, or the pure-Python parser's own.
@@ -44,9 +46,10 @@ BAD_BODY = (RequestPayloadError, HttpProcessingError)
 
 class _HeadClock:
     """Closes connections whose request head began over `timeout` seconds ago and has not
-    ended. One timer per server sweeps the heads in progress (usually none: a head almost always
-    arrives in one read), so a connection costs nothing here unless its head is slow, and one
-    that closes mid-head is let go at the next sweep."""
+    ended. One timer per server sweeps the heads in progress; a connection costs a dict entry
+    from accept to its first request (well under a microsecond), and a later head one only if it
+    is slow. The dict is in order of beginning, so a sweep looks only at the heads overdue and
+    the first one not: 10,000 silent connections cost it nothing until they are due."""
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
@@ -65,10 +68,15 @@ class _HeadClock:
 
     def _sweep(self) -> None:
         now = self._loop.time()
-        for handler, since in list(self._heads.items()):
+        overdue = []
+        for handler, since in self._heads.items():  # oldest first
+            if now - since < self.timeout:
+                break
+            overdue.append(handler)
+        for handler in overdue:
             if handler.transport is None:  # closed meanwhile
                 del self._heads[handler]
-            elif now - since >= self.timeout and _idle(handler):
+            elif internals.awaiting_request(handler):
                 # Not while a reply is going out: a partial pipelined head, or a stray CRLF
                 # after a body, must not cut the reply in flight. Once it is done, this head
                 # has had its time.
@@ -79,15 +87,10 @@ class _HeadClock:
         self._timer = self._loop.call_later(self._period, self._sweep) if self._heads else None
 
 
-def _idle(handler: RequestHandler) -> bool:
-    """Waiting for its next request, as aiohttp's keep-alive timer tells it."""
-    waiter = getattr(handler, "_waiter", None)
-    return waiter is not None and not waiter.done()
-
-
 class _Guard:
     """Delegates to aiohttp's request parser; fails the body in progress when the parser
-    raises, and starts the head clock when a read holds only the beginning of a head."""
+    raises, and starts the head clock when a read holds only the beginning of a head (a new
+    connection is on the clock from accept until its first request)."""
 
     __slots__ = ("_body", "_clock", "_handler", "_in_head", "_parser")
 
@@ -96,7 +99,7 @@ class _Guard:
         self._handler = handler
         self._clock = clock
         self._body: StreamReader | None = None  # the last body the parser began
-        self._in_head = False  # on the head clock
+        self._in_head = clock is not None  # on the head clock (from accept, for a new one)
 
     def feed_data(self, data: bytes) -> Any:
         body = self._body
@@ -134,28 +137,46 @@ class _Guard:
         return getattr(self._parser, name)
 
 
-def _guard(handler: RequestHandler, clock: _HeadClock | None) -> None:
-    global _warned
-    parser = getattr(handler, "_parser", None)
-    if parser is not None and callable(getattr(parser, "feed_data", None)):
-        handler._parser = _Guard(parser, handler, clock)  # type: ignore[assignment]
-    elif not _warned:
-        _warned = True
-        log.warning("this aiohttp keeps no request parser where expected: a chunked request "
-                    "body whose framing breaks midway waits for the client to close, and "
-                    "request heads have no timeout")
+def _guard(handler: RequestHandler, clock: _HeadClock | None) -> bool:
+    """Wrap the connection's parser; False if this aiohttp keeps none where expected."""
+    parser = internals.request_parser(handler)
+    if parser is None or not callable(getattr(parser, "feed_data", None)):
+        return False
+    internals.set_request_parser(handler, _Guard(parser, handler, clock))
+    return True
 
 
 class _Server(web.Server):
+    """aiohttp's Server (the switch of class in `Runner.setup` is all that changes): guards
+    each connection it makes, and times its first head from accept."""
+
     header_timeout: float | None = None
     _clock: _HeadClock | None = None
 
     def __call__(self) -> RequestHandler:
+        global _unguarded_logged
         handler = super().__call__()
         if self._clock is None and self.header_timeout is not None:
             self._clock = _HeadClock(self.header_timeout)
-        _guard(handler, self._clock)
+        if not _guard(handler, self._clock):
+            # verify() passed at start, so this should not happen; if it does, the
+            # connection closes unserved rather than served without the guard.
+            handler.force_close()
+            if not _unguarded_logged:
+                _unguarded_logged = True
+                log.error("closing connections: %s", Unsupported("RequestHandler._parser"))
         return handler
+
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        if self._clock is not None:
+            self._clock.begin(handler)
+
+    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None
+                        ) -> None:
+        super().connection_lost(handler, exc)
+        if self._clock is not None:
+            self._clock.end(handler)
 
 
 class Runner(web.AppRunner):
@@ -167,12 +188,51 @@ class Runner(web.AppRunner):
         super().__init__(app, **kwargs)
         self.header_timeout = header_timeout
 
-    async def _make_server(self) -> web.Server:
-        server = await super()._make_server()
-        server.__class__ = _Server  # the protocol factory is all that changes
+    async def setup(self) -> None:
+        await super().setup()
+        server = self.server
+        assert server is not None
+        if not internals.switch_class(server, _Server):
+            raise Unsupported("a web.Server whose class can be switched to a subclass")
         assert isinstance(server, _Server)
         server.header_timeout = self.header_timeout
-        return server
+
+
+async def _never(request: web.BaseRequest) -> web.StreamResponse:
+    raise AssertionError("the probe connection serves nothing")
+
+
+_PROBE_REQUEST = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def verify(server_class: type[web.Server] = web.Server,
+           handler_class: type[RequestHandler] = RequestHandler) -> None:
+    """Raise Unsupported, naming what is missing, unless this aiohttp lets the guard and head
+    clock be installed: checked on a connection built as aiohttp builds one, never connected.
+    (The classes are parameters so that the check itself can be tested.)"""
+    loop = asyncio.new_event_loop()
+    try:
+        server = server_class(_never, loop=loop)
+        if not internals.switch_class(server, _Server):
+            raise Unsupported("a web.Server whose class can be switched to a subclass")
+        for hook in ("connection_made", "connection_lost"):
+            if not callable(getattr(server_class, hook, None)):
+                raise Unsupported(f"web.Server.{hook} (called by each connection)")
+        handler = handler_class(server, loop=loop)
+        if not internals.has_waiter(handler):
+            raise Unsupported("RequestHandler._waiter (set while a connection is idle)")
+        if not _guard(handler, None):
+            raise Unsupported("RequestHandler._parser (the connection's request parser)")
+        guarded: Any = internals.request_parser(handler)
+        try:
+            messages = guarded.feed_data(_PROBE_REQUEST)[0]
+        except Exception as exc:  # any way a changed parser fails is the same answer
+            raise Unsupported(f"a request parser that reads requests as 3.14's does ({exc!r})"
+                              ) from None
+        if len(messages) != 1:
+            raise Unsupported("a request parser that returns the requests it read")
+    finally:
+        loop.close()
 
 
 def bad_body(exc: Exception) -> web.Response:

@@ -14,11 +14,10 @@ it was decoded (what is buffered when the body starts goes out at once, in one w
 headers leave with the first bytes; the reply's end, an upstream failure or timeout, and a
 client gone away reach the handler as they would have through `iter_any()` and `write()`.
 
-It relies on aiohttp's parser calling `feed_data`, `feed_eof` and `set_exception` on the reply's
-StreamReader, on that class allowing its instances' class to be switched, and on the C parser
-pausing with the connection (checked once, at import). Replies it cannot take (not chunked,
-already ended, another reader type, an idle timeout set, or an aiohttp without those) go the
-plain way.
+It relies on the aiohttp internals internals.py lists under the fast path (checked once, at
+import: `UNAVAILABLE` says why not, and the proxy logs it at start). Replies it cannot take (not
+chunked, already ended, another reader type, an idle timeout set, or an aiohttp without those)
+go the plain way.
 """
 
 from __future__ import annotations
@@ -28,11 +27,12 @@ import time
 from typing import Any
 
 import aiohttp
-from aiohttp import http_parser, web
+from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.streams import StreamReader
 
+from . import internals
 from .interaction import Interaction
 from .ollama import ReplyReader
 
@@ -72,22 +72,21 @@ class _Forwarding(StreamReader):
             super().end_http_chunk_receiving()
 
 
-def _switchable() -> bool:
+def _unavailable() -> str | None:
+    """Why the fast path cannot be used with this aiohttp, None if it can."""
     # The C parser stops the moment reading pauses and keeps the rest for the resume. The
     # pure-Python one (no C extensions) acts on a pause only at its next chunk, so a read that
     # ended on a chunk boundary would be parked in it, unread, until more data came (for the
     # last read of a reply: for ever). The fast path is for the C parser only.
-    if http_parser.HttpResponseParser is http_parser.HttpResponseParserPy:
-        return False
-    probe = StreamReader.__new__(StreamReader)
-    try:
-        probe.__class__ = _Forwarding
-    except TypeError:
-        return False
-    return True
+    if not internals.c_response_parser():
+        return "aiohttp's C extensions are off"
+    if not internals.switch_class(StreamReader.__new__(StreamReader), _Forwarding):
+        return "aiohttp's StreamReader no longer takes a subclass as its class"
+    return None
 
 
-AVAILABLE = _switchable()  # False: every reply goes the plain way
+UNAVAILABLE = _unavailable()
+AVAILABLE = UNAVAILABLE is None  # False: every reply goes the plain way
 _relays: dict[int, _Relay] = {}  # id(StreamReader) -> its relay, while it relays
 
 
@@ -181,12 +180,12 @@ async def relay_body(request: web.Request, response: web.StreamResponse,
         return
     relay = _Relay(transport, request, connection.protocol, tee, i)
     _relays[id(body)] = relay
-    body.__class__ = _Forwarding
+    internals.switch_class(body, _Forwarding)  # cannot fail: AVAILABLE checked it
     try:
         await relay.wait(request.writer)
     finally:
         del _relays[id(body)]
-        body.__class__ = StreamReader
+        internals.switch_class(body, StreamReader)
 
 
 async def _send(response: web.StreamResponse, chunk: bytes, tee: ReplyReader, i: Interaction

@@ -20,11 +20,12 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CollectorRegistry
 
-from . import control, probe
+from . import control, probe, relay
 from .analytics.settings import AnalyticsConfig
 from .app import SESSION, create_app
 from .config import Config, connect_url
-from .connection import Runner
+from .connection import Runner, verify
+from .descriptors import Watch, lift_open_file_limit
 from .metrics import new_registry
 from .supervisor import Supervisor
 
@@ -147,9 +148,14 @@ async def _serve_app(config: Config, sock: socket.socket, stop: asyncio.Event,
     runner = make_runner(app, config)
     await runner.setup()
     await web.SockSite(runner, sock).start()
+    descriptors = Watch(sock.fileno())
+    descriptors.start()
     host, port = sock.getsockname()[:2]
     log.info("ollama-metrics listening on http://%s:%s, forwarding to %s",
              f"[{host}]" if ":" in host else host, port, config.upstream)
+    if relay.UNAVAILABLE is not None:
+        log.info("streamed replies take the plain relay (%s): correct, with more CPU per frame",
+                 relay.UNAVAILABLE)
     _announce_analytics(config, analytics)
     health = await control.health(app[SESSION], config.upstream)
     if health.ok:
@@ -163,6 +169,7 @@ async def _serve_app(config: Config, sock: socket.socket, stop: asyncio.Event,
         await stop.wait()
     finally:
         log.info("shutting down (up to %ss for requests in flight)", config.shutdown_grace)
+        descriptors.stop()
         await runner.cleanup()
 
 
@@ -181,42 +188,15 @@ def _announce_analytics(config: Config, analytics: AnalyticsConfig | None) -> No
             "or listen on 127.0.0.1.", config.listen)
 
 
-_FEW_FILES = 4096  # under this, a few hundred streams (two descriptors each) exhaust the limit
-
-
-def lift_open_file_limit() -> None:
-    """Raise the soft limit on open files to the hard one, as every Go program does at start
-    (Ollama among them). Each exchange in flight holds two descriptors here, one in Ollama: left
-    at a desktop's usual soft limit (1,024 on Linux, 256 on macOS), the proxy would refuse
-    connections at a few hundred concurrent streams that Ollama alone would take."""
-    try:
-        import resource
-    except ImportError:  # Windows: no such limit on sockets
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    # macOS refuses a soft limit over OPEN_MAX (10,240) whatever the hard limit says.
-    target = min(hard, 10240) if sys.platform == "darwin" else hard
-    if soft != resource.RLIM_INFINITY and (target == resource.RLIM_INFINITY or target > soft):
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (ValueError, OSError) as exc:
-            log.debug("cannot raise the open-file limit from %d to %d: %s", soft, target, exc)
-        else:
-            log.debug("open-file limit raised from %d to %d", soft, target)
-            soft = target
-    if soft != resource.RLIM_INFINITY and soft < _FEW_FILES:
-        log.warning("this process may open only %d files, and each request in flight takes two: "
-                    "raise the hard limit (ulimit -Hn, or LimitNOFILE= for a systemd service) to "
-                    "proxy more than a few hundred at once", soft)
-
-
 def run(config: Config, environ: Mapping[str, str],
         analytics: AnalyticsConfig | None = None) -> None:
     """Bind, then serve on uvloop where available.
 
-    Raises before serving anything: probe.OllamaInTheWay when an Ollama holds the listen address,
-    PortInUse when anything else does, and the Supervisor's errors when Ollama cannot be started.
+    Raises before serving anything: internals.Unsupported when this aiohttp cannot take the
+    request guard, probe.OllamaInTheWay when an Ollama holds the listen address, PortInUse when
+    anything else does, and the Supervisor's errors when Ollama cannot be started.
     """
+    verify()
     lift_open_file_limit()
     try:
         sock = bind(config)

@@ -21,6 +21,7 @@ EXIT_FAILED = 1
 EXIT_PORT_IN_USE = 3
 EXIT_OLLAMA_IN_THE_WAY = 4
 EXIT_OLLAMA_PORT_TAKEN = 5
+EXIT_UNSUPPORTED_AIOHTTP = 6
 EXIT_NO_OLLAMA = 127
 
 
@@ -32,6 +33,7 @@ def fail(message: str, code: int) -> NoReturn:
 @contextlib.contextmanager
 def start_errors() -> Iterator[None]:
     """Expected failures to start, as a message and an exit status (no traceback)."""
+    from ..internals import Unsupported
     from ..passthrough import OllamaNotFound, ProxyNotStarted
     from ..probe import OllamaInTheWay
     from ..server import PortInUse
@@ -47,6 +49,8 @@ def start_errors() -> Iterator[None]:
         fail(str(exc), EXIT_OLLAMA_PORT_TAKEN)
     except OllamaNotFound as exc:
         fail(str(exc), EXIT_NO_OLLAMA)
+    except Unsupported as exc:
+        fail(str(exc), EXIT_UNSUPPORTED_AIOHTTP)
     except (OllamaFailedToStart, ProxyNotStarted) as exc:
         fail(str(exc), EXIT_FAILED)
 

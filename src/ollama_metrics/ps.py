@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from . import upstream
 from .config import Config
+from .printable import printable
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ async def poll(session: aiohttp.ClientSession, config: Config, gauges: ModelGaug
                 AttributeError) as exc:
             if was_up:
                 log.info("Ollama stopped answering /api/ps at %s: %s", config.upstream,
-                         exc or type(exc).__name__)
+                         printable(exc or type(exc).__name__))
             gauges.down()
             loaded.down(time.time())
             was_up = False

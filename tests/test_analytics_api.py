@@ -234,6 +234,26 @@ async def test_export(api: RunningProxy, http: aiohttp.ClientSession) -> None:
     assert rows[0] == FIELD_NAMES and len(rows) == 25
 
 
+async def test_csv_export_neutralises_formulas(api: RunningProxy,
+                                               http: aiohttp.ClientSession) -> None:
+    await _seed_extra(api, [record(
+        40, model="+m", prompt="=cmd|' /C calc'!A0", response="-2+3", error="@SUM(A1)",
+        user_agent="\tTAB", client_ip="\rCR", path="/api/=chat", duration=-1.5, ttft=-0.25,
+        completion_tokens=-3, messages=[{"role": "user", "content": "=1+1"}])])
+    async with http.get(api.url + "/analytics/export", params={"format": "csv",
+                                                                "model": "+m"},
+                        headers=AUTH) as resp:
+        header, row = csv.reader(io.StringIO(await resp.text()))
+    cells = dict(zip(header, row, strict=True))
+    assert (cells["model"], cells["prompt"], cells["response"], cells["error"],
+            cells["user_agent"], cells["client_ip"]) == (
+        "'+m", "'=cmd|' /C calc'!A0", "'-2+3", "'@SUM(A1)", "'\tTAB", "'\rCR")
+    assert cells["path"] == "/api/=chat"  # only a leading character makes a formula
+    assert (cells["duration"], cells["ttft"], cells["completion_tokens"]) == (
+        "-1.5", "-0.25", "-3")  # numbers stay numbers
+    assert orjson.loads(cells["messages"]) == [{"role": "user", "content": "=1+1"}]
+
+
 @pytest.mark.parametrize(("params", "reason"), [
     ({"start_time": "yesterday"}, "start_time: expected unix seconds"),
     ({"end_time": "-5"}, "end_time: expected unix seconds"),

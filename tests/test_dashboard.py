@@ -173,6 +173,11 @@ async def test_dashboard_redirects_to_the_page(fake: FakeOllama, start_proxy: St
     async with http.get(proxy.url + "/dashboard", params={"token": TOKEN},
                         allow_redirects=False) as resp:
         assert resp.headers["Location"] == f"/analytics?token={TOKEN}"
+    # The query goes on as it came, still encoded: a decoded CR/LF cannot make a header.
+    raw = await raw_request(proxy.port, b"GET /dashboard?token=a%0d%0aSet-Cookie:%20x=y%26z "
+                            b"HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 302 ")
+    assert b"\r\nLocation: /analytics?token=a%0d%0aSet-Cookie:%20x=y%26z\r\n" in raw
 
 
 async def test_token_cookie_flow(fake: FakeOllama, start_proxy: StartProxy,

@@ -35,6 +35,7 @@ from .config import Config
 from .connection import BAD_BODY, bad_body
 from .interaction import ErrorType, Interaction, Outcome
 from .ollama import Kind, expects_done, read_request, reply_reader, route
+from .printable import printable
 from .relay import relay_body
 
 log = logging.getLogger(__name__)
@@ -318,7 +319,7 @@ class Proxy:
               ) -> web.Response:
         i.outcome, i.error_type, i.error, i.http_status = (
             Outcome.UPSTREAM_ERROR, error_type, message, status)
-        log.warning("%s %s: %s", i.method, i.path, message)
+        log.warning("%s %s: %s", i.method, printable(i.path), printable(message))
         return web.Response(
             status=status,
             body=orjson.dumps({"error": message}),

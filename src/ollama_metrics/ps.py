@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from . import control
 from .config import Config
+from .printable import printable
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,8 @@ async def poll(session: aiohttp.ClientSession, config: Config, gauges: ModelGaug
             was_up = True
         except control.Unanswered as exc:
             if was_up:
-                log.info("Ollama stopped answering /api/ps at %s: %s", config.upstream, exc)
+                log.info("Ollama stopped answering /api/ps at %s: %s", config.upstream,
+                         printable(str(exc)))
             gauges.down()
             loaded.down(time.time())
             was_up = False

@@ -27,6 +27,7 @@ from .config import Config, connect_url
 from .connection import Runner, verify
 from .descriptors import Watch, lift_open_file_limit
 from .metrics import new_registry
+from .printable import printable
 from .supervisor import Supervisor
 
 log = logging.getLogger("ollama_metrics")
@@ -74,7 +75,7 @@ class _QuietBadRequests(logging.Filter):
         else:
             return True  # anything else is a real fault: keep it loud
         record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-        record.msg, record.args = "bad request (%s)", (why,)
+        record.msg, record.args = "bad request (%s)", (printable(why),)
         record.exc_info, record.exc_text = None, None
         return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
 

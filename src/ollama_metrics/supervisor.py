@@ -37,6 +37,7 @@ from prometheus_client import CollectorRegistry, Counter
 from . import control, probe, upstream
 from .config import Config, parse_listen
 from .passthrough import find_ollama, ollama_environ
+from .printable import printable
 
 log = logging.getLogger("ollama_metrics.supervisor")
 
@@ -221,7 +222,7 @@ class Supervisor:
 
     def _last_words(self) -> str:
         lines = [line.strip() for line in self._tail.splitlines() if line.strip()]
-        return lines[-1] if lines else "(no output)"
+        return printable(lines[-1]) if lines else "(no output)"
 
     async def _until_healthy(self) -> None:
         proc, session = self._proc, self._session

@@ -186,9 +186,22 @@ def csv_line(values: list[Any]) -> bytes:
     return out.getvalue().encode()
 
 
+# A spreadsheet reads a cell starting with one of these as a formula (`=cmd|' /C calc'!A0`).
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """OWASP's rule against CSV injection: text starting like a formula gets a leading `'`, so a
+    spreadsheet shows it as text. Numbers stay numbers (-1.5 is not a formula); JSON fields
+    start with `[`, `{` or `"`, or are numbers."""
+    if isinstance(value, str) and value.startswith(_FORMULA):
+        return "'" + value
+    return value
+
+
 def csv_row(record: dict[str, Any]) -> bytes:
     return csv_line([
         orjson.dumps(record[name]).decode() if name in JSON_FIELDS and record[name] is not None
-        else record[name]
+        else csv_cell(record[name])
         for name in FIELD_NAMES
     ])

@@ -15,6 +15,9 @@ from dataclasses import dataclass, replace
 from ..categorize import CATEGORIES
 
 MAX_LIMIT = 1000
+# Times are unix seconds from 1970 to the end of year 9999: finite, and far from overflowing
+# when a range or a bucket is computed from them.
+MAX_TIME = 253_402_300_799.0
 DEFAULT_LIMIT = 100
 
 # Filter values for `status`: the stored outcomes, plus the metric names the original used.
@@ -68,7 +71,10 @@ def parse_since(value: str, now: float | None = None) -> float:
     if not m:
         raise BadQuery(f"since: expected a duration like 15m, 1h or 7d, got {value!r}")
     seconds = float(m.group(1)) * _UNIT[m.group(2) or "s"]
-    return (time.time() if now is None else now) - seconds
+    now = time.time() if now is None else now
+    if seconds > now:  # an infinite or merely very long duration alike
+        raise BadQuery(f"since: reaches back before 1970 (at most {int(now)}s), got {value!r}")
+    return now - seconds
 
 
 def _number(params: Mapping[str, str], name: str) -> float | None:
@@ -79,8 +85,8 @@ def _number(params: Mapping[str, str], name: str) -> float | None:
         value = float(raw)
     except ValueError:
         raise BadQuery(f"{name}: expected unix seconds, got {raw!r}") from None
-    if value != value or value in (float("inf"), float("-inf")) or value < 0:
-        raise BadQuery(f"{name}: expected unix seconds, got {raw!r}")
+    if not 0 <= value <= MAX_TIME:  # NaN and infinities included
+        raise BadQuery(f"{name}: expected unix seconds from 0 to {MAX_TIME:.0f}, got {raw!r}")
     return value
 
 

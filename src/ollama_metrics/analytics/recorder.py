@@ -22,6 +22,7 @@ from functools import partial
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from ..interaction import Interaction
+from ..printable import printable
 from . import record
 from .privacy import Privacy
 from .settings import AnalyticsConfig
@@ -226,9 +227,9 @@ class Recorder:
                 if lane.failing_since is None:
                     lane.failing_since = time.monotonic()
                     log.warning("analytics: %s to %s failed, retrying: %s", what, name,
-                                exc or type(exc).__name__)
+                                printable(exc or type(exc).__name__))
                 else:
-                    log.debug("analytics: %s to %s failed again: %s", what, name, exc)
+                    log.debug("analytics: %s to %s failed again: %s", what, name, printable(exc))
                 if time.monotonic() + delay > self._deadline:
                     return None
                 await asyncio.sleep(delay)
@@ -253,7 +254,8 @@ class Recorder:
                 try:
                     deleted = await lane.store.purge(older, max_bytes)
                 except Exception as exc:
-                    log.warning("analytics: cleanup of %s failed: %s", lane.store.name, exc)
+                    log.warning("analytics: cleanup of %s failed: %s", lane.store.name,
+                                printable(exc))
                     continue
                 if deleted:
                     log.info("analytics: removed %s from %s", f"{deleted} old records"

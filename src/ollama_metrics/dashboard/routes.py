@@ -134,7 +134,10 @@ def routes(token: str | None) -> list[web.RouteDef]:
         return _respond(200, found.body, found.content_type, **headers)
 
     async def dashboard(request: web.Request) -> web.StreamResponse:
-        location = PAGE + (f"?{request.query_string}" if request.query_string else "")
+        # The query as it came, still percent-encoded: decoded, a %0a would be a raw newline in
+        # the Location header, which aiohttp refuses to write (the connection was dropped).
+        query = request.rel_url.raw_query_string
+        location = PAGE + (f"?{query}" if query else "")
         return _respond(302, b"", _TYPES[".txt"], Location=location)
 
     return [

@@ -56,6 +56,7 @@ from yarl import URL
 
 from ... import __version__
 from ...labels import ModelLabels
+from ...printable import printable
 from . import Record, StoreError
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ _IGNORED = re.compile(r"total ignored: (\d+) out of \d+")
 
 
 def _reason(text: str) -> str:
-    text = " ".join(text.split())
+    text = printable(" ".join(text.split()))  # Loki may echo a record's labels: a model name
     return text if len(text) <= MAX_REASON else text[:MAX_REASON] + "…"
 
 

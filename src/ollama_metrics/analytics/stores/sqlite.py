@@ -13,6 +13,7 @@ served a burst returns to its resting size.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import sqlite3
@@ -245,7 +246,11 @@ class SqliteStore:
                 db.executemany(_INSERT, rows)
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                # On a full disk SQLite has already rolled the transaction back, and a second
+                # ROLLBACK would replace "database or disk is full" with "cannot rollback".
+                if db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
                 raise
 
         await self._on_writer(write)

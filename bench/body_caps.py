@@ -2,16 +2,18 @@
 
     python bench/body_caps.py                              # this tree's code only
     python bench/body_caps.py --baseline-src ../main/src   # and another tree's, side by side
+    python bench/body_caps.py --analytics-backend none     # the request path alone
 
 Each code tree runs `python -m ollama_metrics serve` (analytics on, SQLite, defaults otherwise)
-in front of tests/fake_ollama.py. A thread pings the proxy with a small non-streamed
-/api/generate every 5 ms on one keep-alive connection; a stall is the longest ping while the
-load runs. Loads:
+in front of tests/fake_ollama.py. A thread pings the proxy every 5 ms on one keep-alive
+connection with GET /analytics/loaded, which the proxy answers itself: the fake upstream
+is busy parsing the same large bodies, so a ping through it would time the fake, not the proxy.
+A stall is the longest ping while the load runs. Loads, in this order:
 
-- `chat N x 30 MB`: N concurrent /api/chat bodies of ~750k short messages each (the shape that
-  is slow to parse: many small objects), sent at once.
 - `40 x 20 MB model`: forty /api/generate one after another naming a 20 MB model, which Ollama's
   404 echoes; then GET /analytics/live?recent=500.
+- `chat N x 30 MB`: N concurrent /api/chat bodies of ~750k short messages each (the shape that
+  is slow to parse: many small objects), sent at once.
 
 Rows: max ping ms (the stall; the quiet row is the floor), the proxy's peak RSS rise, its RSS
 rise once idle after the attack, the database's growth and the live snapshot's size. A report,
@@ -55,8 +57,7 @@ class Pinger:
         conn = http.client.HTTPConnection("127.0.0.1", self._port, timeout=60)
         while not self._stop.is_set():
             t = time.perf_counter()
-            conn.request("POST", "/api/generate", body=PING,
-                         headers={"Content-Type": "application/json"})
+            conn.request("GET", "/analytics/loaded")
             conn.getresponse().read()
             self._samples.append((t, time.perf_counter() - t))
             time.sleep(0.005)
@@ -123,7 +124,7 @@ def db_size(directory: Path) -> int:
     return sum(f.stat().st_size for f in directory.glob("interactions.db*"))
 
 
-async def measure(src: str, quick: bool) -> dict[str, str]:
+async def measure(src: str, quick: bool, backend: str) -> dict[str, str]:
     rows: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="body-caps-") as scratch:
         children = Children(Path(scratch))
@@ -135,7 +136,8 @@ async def measure(src: str, quick: bool) -> dict[str, str]:
             data = Path(scratch) / "analytics"
             proxy = children.spawn("proxy", [
                 sys.executable, "-m", "ollama_metrics", "serve", "--listen", f"127.0.0.1:{port}",
-                "--upstream", f"http://127.0.0.1:{fake_port}", "--analytics-dir", str(data)],
+                "--upstream", f"http://127.0.0.1:{fake_port}", "--analytics-dir", str(data),
+                "--analytics-backend", backend],
                 env={**os.environ, "PYTHONPATH": src})
             wait_for_port(proxy, port, 20)
             url = f"http://127.0.0.1:{port}"
@@ -146,20 +148,6 @@ async def measure(src: str, quick: bool) -> dict[str, str]:
                 try:
                     await asyncio.sleep(1.0)
                     rows["quiet: max ping ms"] = f"{pinger.window(0, time.perf_counter()):.1f}"
-                    body = chat_body()
-                    for n in (1, 8):
-                        await asyncio.sleep(1.0)
-                        rss.reset()
-                        base = rss.now()
-                        start = time.perf_counter()
-                        await asyncio.gather(*(post(http, url + "/api/chat", body)
-                                               for _ in range(n)))
-                        end = time.perf_counter()
-                        rows[f"chat {n} x 30 MB: max ping ms"] = \
-                            f"{pinger.window(start, end):.1f}"
-                        rows[f"chat {n} x 30 MB: peak RSS rise MiB"] = \
-                            f"{(rss.peak() - base) / MIB:.0f}"
-                    del body
                     await asyncio.sleep(2.0)
                     base, db_base = rss.now(), db_size(data)
                     body = model_body()
@@ -181,6 +169,20 @@ async def measure(src: str, quick: bool) -> dict[str, str]:
                     end = time.perf_counter()
                     rows["live?recent=500: bytes"] = str(size)
                     rows["live?recent=500: max ping ms"] = f"{pinger.window(start, end):.1f}"
+                    body = chat_body()
+                    for n in (1, 8):
+                        await asyncio.sleep(1.0)
+                        rss.reset()
+                        base = rss.now()
+                        start = time.perf_counter()
+                        await asyncio.gather(*(post(http, url + "/api/chat", body)
+                                               for _ in range(n)))
+                        end = time.perf_counter()
+                        rows[f"chat {n} x 30 MB: max ping ms"] = \
+                            f"{pinger.window(start, end):.1f}"
+                        rows[f"chat {n} x 30 MB: peak RSS rise MiB"] = \
+                            f"{(rss.peak() - base) / MIB:.0f}"
+                    del body
                 finally:
                     pinger.stop()
                     rss.stop()
@@ -193,6 +195,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--baseline-src", help="another tree's src/ to measure first")
     parser.add_argument("--quick", action="store_true", help="5 huge model names, not 40")
+    parser.add_argument("--analytics-backend", default="sqlite",
+                        help="the proxy's --analytics-backend (none: no records built)")
     args = parser.parse_args()
     trees = {"this tree": str(ROOT / "src")}
     if args.baseline_src:
@@ -200,7 +204,7 @@ def main() -> int:
     results = {}
     for name, src in trees.items():
         print(f"measuring {name} ({src})", file=sys.stderr)
-        results[name] = asyncio.run(measure(src, args.quick))
+        results[name] = asyncio.run(measure(src, args.quick, args.analytics_backend))
     names = list(results)
     width = max(len(r) for r in results[names[-1]])
     print(f"{'metric':<{width}}  " + "  ".join(f"{n:>12}" for n in names))

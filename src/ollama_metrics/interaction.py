@@ -36,6 +36,11 @@ class ErrorType(str, Enum):
     HTTP_5XX = "http_5xx"
 
 
+# Caps on text a client or the upstream controls, in characters. A model name is short
+# ("namespace/name:tag"); an error is a sentence, but Ollama's 404 echoes the requested name,
+# so a 20 MB name would otherwise be kept twice: in the live list, the label path and the store.
+CAPS = {"model": 256, "error": 1024}
+
 _counter = itertools.count()
 _PID = os.getpid() & 0xFFFF
 
@@ -92,6 +97,25 @@ class Interaction:
     error_type: ErrorType | None = None
     error: str | None = None
     prompt_category: str = "other"
+    # Fields cut to their cap in CAPS ("model", "error"), and "request_json" when the request
+    # body was forwarded without being read (larger than max_parse_bytes, or over the budget
+    # of bodies parsed at once): what the record marks as truncated.
+    capped: set[str] = field(default_factory=set)
+
+    def clip(self, name: str, text: str) -> str:
+        """`text` cut to the cap of field `name` (a key of CAPS), the cut noted in `capped`."""
+        limit = CAPS[name]
+        if len(text) <= limit:
+            return text
+        self.capped.add(name)
+        return text[:limit]
+
+    def apply_caps(self) -> None:
+        """Cut every capped field that was set directly, for the observers' sake."""
+        if self.model is not None:
+            self.model = self.clip("model", self.model)
+        if self.error is not None:
+            self.error = self.clip("error", self.error)
 
     @property
     def duration(self) -> float:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 NONE = "none"
 OTHER = "other"
-MAX_NAME = 200  # Ollama names are short; anything longer is not a model name worth a series
+# Ollama names are short; anything longer is not a model name worth a series. Below the
+# Interaction's cap on model names (interaction.CAPS), so a name cut to that cap is never a label.
+MAX_NAME = 200
 
 
 class ModelLabels:

@@ -2,7 +2,9 @@
 
 An observer like the others: `started` puts the Interaction in the in-flight table, `finished`
 moves a short summary of it to a bounded ring. Nothing here is stored or holds prompt text; the
-snapshot is computed when someone asks (GET /analytics/live), never per request.
+snapshot is computed when someone asks (GET /analytics/live), never per request. Every value kept
+or shown is bounded (model names arrive capped, see interaction.CAPS), and so is the snapshot:
+at most `keep` recent entries and ACTIVE_SHOWN requests in flight (`active_count` has them all).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from .interaction import Interaction
 from .metrics import STATUS
 
 RATE_WINDOW = 60.0  # seconds over which per-model rates are computed
+ACTIVE_SHOWN = 1000  # requests in flight listed in a snapshot, the longest-running first
 
 
 class Live:
@@ -55,6 +58,8 @@ class Live:
             "chunks": i.chunks,
         } for i in list(self._active.values())]
         active.sort(key=lambda a: -a["elapsed"])
+        count = len(active)
+        del active[ACTIVE_SHOWN:]
         window = [r for r in self._recent if (r["ended_at"] or 0) >= now - RATE_WINDOW]
         models: dict[str, dict[str, Any]] = {}
         for r in window:
@@ -69,7 +74,8 @@ class Live:
         return {
             "time": now,
             "active": active,
-            "recent": list(self._recent)[-recent:][::-1],
+            "active_count": count,
+            "recent": list(self._recent)[-recent:][::-1] if recent > 0 else [],
             "models": sorted(models.values(), key=lambda m: -m["requests"]),
             "window_seconds": RATE_WINDOW,
         }

@@ -149,7 +149,7 @@ def read_request(body: bytes | bytearray, interaction: Interaction) -> None:
     interaction.request_json = data
     model = data.get("model", data.get("name"))  # "name" is /api/show's deprecated alias
     if isinstance(model, str) and model:
-        interaction.model = model
+        interaction.model = interaction.clip("model", model)
     stream = data.get("stream")
     if isinstance(stream, bool):
         interaction.stream = stream
@@ -195,7 +195,7 @@ class ReplyReader:
         i = self.i
         error = obj.get("error")
         if error is not None:
-            i.error = error if isinstance(error, str) else _error_message(error)
+            i.error = i.clip("error", error if isinstance(error, str) else _error_message(error))
             return
         message = obj.get("message")
         if isinstance(message, dict):
@@ -231,7 +231,7 @@ class ReplyReader:
         i = self.i
         error = obj.get("error")
         if error is not None:
-            i.error = _error_message(error)
+            i.error = i.clip("error", _error_message(error))
             return
         choices = obj.get("choices")
         if isinstance(choices, list):
@@ -376,7 +376,8 @@ class SseReader(_LineReader):
             if isinstance(usage, dict):
                 i.eval_count = _int(usage.get("output_tokens"), i.eval_count)
         elif event in ("response.failed", "error"):
-            i.error = _error_message(obj.get("error") or obj.get("response") or event)
+            i.error = i.clip("error",
+                             _error_message(obj.get("error") or obj.get("response") or event))
 
 
 class JsonReader(ReplyReader):

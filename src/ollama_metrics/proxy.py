@@ -3,7 +3,12 @@
 Contract:
 - Request bodies stream to the upstream as they arrive. Only a JSON body on a route that names a
   model, and no larger than `max_parse_bytes`, is read first so it can be parsed (for the model,
-  stream flag and prompt); blob uploads and everything else are never held in memory.
+  stream flag and prompt); blob uploads and everything else are never held in memory. Bodies
+  held for parsing share a budget (twice `max_parse_bytes`, held until their exchange ends): one
+  that does not fit goes on unread, like a larger one, and is marked. Bodies above
+  `PARSE_INLINE` are parsed on a thread of their own, one at a time, so the loop serves other
+  requests between parses (orjson holds the GIL while it parses: a thread bounds the stall to
+  one parse, it does not remove it).
 - Replies stream back chunk by chunk with their status, reason, headers and bytes unchanged, less
   hop-by-hop headers. A reply keeps its Content-Length when it had one and is chunked otherwise.
 - Host is rewritten to the upstream's authority (Ollama's loopback Host check would 403 a LAN
@@ -22,6 +27,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 import aiohttp
@@ -49,6 +55,8 @@ _HOP_BY_HOP = frozenset((
 _PROMPT_KINDS = (Kind.GENERATE, Kind.OPENAI, Kind.OPENAI_EVENTS, Kind.EMBED, Kind.OPENAI_EMBED)
 _WHOLE = 1 << 16  # request bodies read whole up to this size are sent as one bytes object
 _SLICE = 1 << 18  # larger ones in slices of this size
+PARSE_INLINE = 1 << 16  # request bodies up to this size are parsed on the loop: a thread hop
+# costs more than their parse
 
 
 class Observer(Protocol):
@@ -105,6 +113,9 @@ class Proxy:
         self._base = str(config.upstream).rstrip("/")
         self._upstream_name = str(config.upstream)
         self._parse_cap = config.max_parse_bytes
+        self._parse_budget = 2 * config.max_parse_bytes  # bytes of bodies held for parsing at once
+        self._parse_held = 0
+        self._parser: ThreadPoolExecutor | None = None  # started with the first large body
         self._inflight: set[asyncio.Task[Any]] = set()  # handlers of exchanges in flight
         self._cutting = False
 
@@ -126,17 +137,22 @@ class Proxy:
             for task in self._inflight:
                 task.cancel()
             await asyncio.wait(set(self._inflight), timeout=5.0)
+        if self._parser is not None:
+            self._parser.shutdown(wait=False)
+            self._parser = None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         task = asyncio.current_task()
         assert task is not None  # aiohttp runs each request's handler in a task of its own
         self._inflight.add(task)
+        held = [0]  # bytes of the parse budget this exchange holds, until it ends
         try:
-            return await self._handle(request)
+            return await self._handle(request, held)
         finally:
             self._inflight.discard(task)
+            self._parse_held -= held[0]
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
+    async def _handle(self, request: web.Request, held: list[int]) -> web.StreamResponse:
         coding = request.headers.get("Transfer-Encoding")
         if coding is not None and coding.strip().lower() != "chunked":
             # aiohttp lets an empty or layered coding (`gzip, chunked`) through, reading such a
@@ -164,7 +180,7 @@ class Proxy:
             stream=kind.streams_by_default,
         )
         try:
-            body = await self._request_body(request, kind, i)
+            body = await self._request_body(request, kind, i, held)
         except BAD_BODY as exc:
             return bad_body(exc)  # never reached Ollama: nothing to record
         tokens = [o.started(i) for o in self._observers]
@@ -180,6 +196,7 @@ class Proxy:
             i.ended_at = time.time()
             if kind in _PROMPT_KINDS:
                 i.prompt_category = categorize(i.prompt or "")
+            i.apply_caps()
             for observer, token in zip(self._observers, tokens, strict=True):
                 try:
                     observer.finished(i, token)
@@ -188,13 +205,17 @@ class Proxy:
                                   i.method, i.endpoint)
 
     async def _request_body(
-        self, request: web.Request, kind: Kind, i: Interaction
+        self, request: web.Request, kind: Kind, i: Interaction, held: list[int]
     ) -> bytearray | AsyncIterator[bytes | memoryview] | aiohttp.StreamReader | None:
         if not request.body_exists:
             return None
         length = request.content_length
-        if not kind.reads_request or (length is not None and length > self._parse_cap):
+        if not kind.reads_request:
             i.request_bytes = length or 0
+            return request.content
+        if length is not None and not self._hold(length, held):
+            i.request_bytes = length
+            i.capped.add("request_json")
             return request.content
         # Read up to the cap; a body that turns out larger goes on as a stream, unparsed. One
         # growing buffer, not a list of chunks joined at the end: a 20 MB body is held once.
@@ -203,11 +224,30 @@ class Proxy:
             chunk = await request.content.readany()
             if not chunk:
                 i.request_bytes = len(body)
-                read_request(body, i)
+                await self._parse(body, i)
                 return body
             body += chunk
+            if length is None and not self._hold(len(body) - held[0], held):
+                break  # chunked, and past what the budget has left
         i.request_bytes = length or 0
+        i.capped.add("request_json")
         return _chain(body, request.content)
+
+    def _hold(self, size: int, held: list[int]) -> bool:
+        """Take `size` bytes of the parse budget for this exchange, if it has them."""
+        if size > self._parse_cap - held[0] or self._parse_held + size > self._parse_budget:
+            return False
+        self._parse_held += size
+        held[0] += size
+        return True
+
+    async def _parse(self, body: bytearray, i: Interaction) -> None:
+        if len(body) <= PARSE_INLINE:
+            read_request(body, i)
+            return
+        if self._parser is None:
+            self._parser = ThreadPoolExecutor(1, thread_name_prefix="request-parse")
+        await asyncio.get_running_loop().run_in_executor(self._parser, read_request, body, i)
 
     async def _exchange(
         self,

@@ -112,7 +112,7 @@ class Privacy:
         return scrubbed[:limit] + TRUNCATED, True
 
     def scrub(self, value: str) -> str:
-        """Redaction alone (used for error messages, which are kept at every level)."""
+        """Redaction alone, whatever the level and length."""
         lowered = value.lower()
         for guards, pattern, replacement in self._rules:
             if not guards or any(g in lowered for g in guards):

@@ -315,8 +315,8 @@ def build(i: Interaction, privacy: Privacy, capped: Iterable[str] = ()) -> Recor
     if i.embedding_dims is not None or i.endpoint in ("/api/embed", "/v1/embeddings"):
         prompt = _input_text(body) or prompt
     error = None
-    if i.error:
-        error, cut = privacy.clip(i.error, ERROR_CHARS)  # kept at every level, to diagnose
+    if i.error and privacy.keeps_text:  # not cut to `truncated`'s length: it is a diagnosis
+        error, cut = privacy.clip(i.error, ERROR_CHARS)
         if cut:
             b.marks.add("error")
     record: Record = {

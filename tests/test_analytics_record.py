@@ -258,7 +258,9 @@ async def test_tool_calls_options_and_images_are_capped(
 
 
 def test_caps_are_settings_checked_at_start() -> None:
-    for setting, value in [("analytics_max_messages", 1), ("analytics_max_record_kb", 8)]:
-        with pytest.raises(ConfigError) as info:
-            AnalyticsConfig.build(**{setting: value})
-        assert info.value.setting == setting
+    with pytest.raises(ConfigError) as info:
+        AnalyticsConfig.build(analytics_max_messages=1)
+    assert info.value.setting == "analytics_max_messages"
+    with pytest.raises(ConfigError) as info:
+        AnalyticsConfig.build(analytics_max_record_kb=8)
+    assert info.value.setting == "analytics_max_record_kb"

@@ -171,7 +171,8 @@ class _Builder:
                 continue
             role = m.get("role")
             message: dict[str, Any] = {
-                "role": role if role in _ROLES else self.name(role, "messages.role")}
+                "role": role if isinstance(role, str) and role in _ROLES
+                else self.name(role, "messages.role")}
             own: list[dict[str, Any]] = []
             content = self.content(m.get("content"), own)
             self.slot(message, "content", "messages.content", content)

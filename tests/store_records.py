@@ -52,8 +52,9 @@ def full_record(n: int = 0, **changes: Any) -> Record:
         "response_bytes": 5678,
         "done_reason": "stop",
         "embedding_dims": None,
-        "truncated": False,
+        "truncated": True,
         "capture": "full",
+        "truncated_fields": ["messages", "options"],
     }
     assert set(record) == set(FIELD_NAMES), "a field was added: give it a value here"
     record.update(changes)

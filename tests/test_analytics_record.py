@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import io
 import time
 from typing import Any
 
 import aiohttp
 import ollama
 import openai
+import orjson
 import pytest
 from openai.types.chat import ChatCompletionSystemMessageParam, ChatCompletionUserMessageParam
 
@@ -17,6 +20,7 @@ from conftest import StartProxy
 from fake_ollama import FakeOllama, Scenario
 from helpers import RunningProxy
 from ollama_metrics.analytics.settings import AnalyticsConfig
+from ollama_metrics.config import ConfigError
 
 EXACT = Scenario(tokens=["The", " sky", " is", " blue"], prompt_eval_count=26, eval_count=4,
                  load_duration=6_338_219_291, prompt_eval_duration=130_079_000,
@@ -180,3 +184,83 @@ async def test_cancelled_is_recorded(fake: FakeOllama, proxy: RunningProxy,
     (r,) = await records(proxy, http, 1)
     assert r["outcome"] == "cancelled"
     assert r["response"].startswith("a")
+
+
+def _message(content: str) -> bytes:
+    return b'{"role":"user","content":"%s"}' % content.encode()
+
+
+async def test_a_million_messages_store_a_bounded_marked_record(
+        fake: FakeOllama, start_proxy: StartProxy, http: aiohttp.ClientSession,
+        tmp_path: Any) -> None:
+    proxy = await start_proxy(fake.url, analytics=AnalyticsConfig.build(
+        analytics_backend="sqlite,jsonl", analytics_dir=str(tmp_path)))
+    n = 1_000_000
+    body = (b'{"model":"llama3.2","stream":false,"messages":[' + _message("first") + b","
+            + b",".join([_message("hi")] * (n - 2)) + b"," + _message("last") + b"]}")
+    async with http.post(proxy.url + "/api/chat", data=io.BytesIO(body)) as resp:
+        assert resp.status == 200
+    (r,) = await records(proxy, http, 1, timeout=30)
+    messages = r["messages"]
+    assert len(messages) == 101  # the first 50, the marker, the last 50
+    assert messages[0]["content"] == "first" and messages[-1]["content"] == "last"
+    assert messages[50] == {"elided": n - 100}
+    assert r["truncated"] is True and r["truncated_fields"] == ["messages"]
+    assert len(orjson.dumps(r)) < 16 * 1024
+    (line,) = gzip.decompress(next(tmp_path.glob("*.jsonl.gz")).read_bytes()).splitlines()
+    assert orjson.loads(line)["truncated_fields"] == ["messages"]  # in every store's output
+
+
+async def test_record_size_cap_shares_the_room_between_texts(
+        fake: FakeOllama, start_proxy: StartProxy, http: aiohttp.ClientSession,
+        tmp_path: Any) -> None:
+    proxy = await start_proxy(fake.url, analytics=AnalyticsConfig.build(
+        analytics_dir=str(tmp_path), analytics_max_record_kb=64))
+    messages = [{"role": "user", "content": "keep me whole"}] + [
+        {"role": "user", "content": f"{n} " + "y" * 20_000} for n in range(10)]
+    async with http.post(proxy.url + "/api/chat", json={
+            "model": "llama3.2", "stream": False, "messages": messages}) as resp:
+        assert resp.status == 200
+    (r,) = await records(proxy, http, 1)
+    assert len(orjson.dumps(r)) <= 64 * 1024
+    contents = [m["content"] for m in r["messages"]]
+    assert contents[0] == "keep me whole"  # short texts whole, long ones an equal share
+    assert {len(c) for c in contents[1:]} == {len(contents[1])}
+    assert all(c.endswith("…[truncated]") for c in contents[1:])
+    assert r["prompt"].endswith("…[truncated]")  # the last message, as `prompt`, too
+    assert r["truncated_fields"] == ["messages.content", "prompt", "record"]
+
+
+async def test_tool_calls_options_and_images_are_capped(
+        fake: FakeOllama, start_proxy: StartProxy, http: aiohttp.ClientSession,
+        tmp_path: Any) -> None:
+    proxy = await start_proxy(fake.url, analytics=AnalyticsConfig.build(
+        analytics_dir=str(tmp_path), analytics_max_text=1000))
+    calls = [{"function": {"name": "f" * 10_000, "arguments": {"a": "z" * 50_000}}}] * 100
+    images = [{"type": "image_url", "image_url": {"url": f"https://i.example/{n}"}}
+              for n in range(100)]
+    options = {"temperature": 0.5, "stop": ["a"] * 100, "junk": "x" * 10_000,
+               "num_ctx": {"deep": [1]}, "seed": -1}
+    body = orjson.dumps({"model": "llama3.2", "stream": False, "options": options,
+                         "messages": [{"role": "assistant", "content": "", "tool_calls": calls},
+                                      {"role": "user", "content": images}]})
+    async with http.post(proxy.url + "/api/chat", data=io.BytesIO(body)) as resp:
+        assert resp.status == 200
+    (r,) = await records(proxy, http, 1)
+    kept = r["messages"][0]["tool_calls"]
+    assert len(kept) == 32
+    assert len(kept[0]["function"]["name"]) == 256 + len(" …[truncated]")
+    arguments = kept[0]["function"]["arguments"]  # too long to keep as JSON: its text, cut
+    assert arguments.startswith('{"a":"zzz') and len(arguments) == 1000 + len(" …[truncated]")
+    assert r["options"] == {"temperature": 0.5, "stop": ["a"] * 16, "seed": -1}
+    assert (len(r["images"]), r["image_count"]) == (64, 100)
+    assert r["truncated_fields"] == ["images", "messages.tool_calls", "options"]
+
+
+def test_caps_are_settings_checked_at_start() -> None:
+    with pytest.raises(ConfigError) as info:
+        AnalyticsConfig.build(analytics_max_messages=1)
+    assert info.value.setting == "analytics_max_messages"
+    with pytest.raises(ConfigError) as info:
+        AnalyticsConfig.build(analytics_max_record_kb=8)
+    assert info.value.setting == "analytics_max_record_kb"

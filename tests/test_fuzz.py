@@ -124,8 +124,11 @@ def _observe(i: Interaction, metrics: Metrics) -> None:
     i.ended, i.ended_at = 1.0, 1.0
     i.prompt_category = categorize(i.prompt or "")
     metrics.finished(i, metrics.started(i))
+    body = i.request_json
     for capture in ("full", "metadata"):
-        record.build(i, Privacy(capture=capture))
+        i.request_json = body  # build() lets go of it
+        rec = record.build(i, Privacy(capture=capture, max_messages=4, max_record_bytes=4096))
+        assert len(orjson.dumps(rec)) <= 4096
 
 
 METRICS = Metrics(new_registry(), ModelLabels(5))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import aiohttp
@@ -106,3 +107,88 @@ async def test_prompt_text_never_in_info_logs(fake: FakeOllama, start_proxy: Sta
                 await resp.read()
     await records(proxy, http, 3)
     assert not [r for r in caplog.records if "private words" in r.getMessage()]
+
+
+# Every text-bearing field a record can hold, each seeded alone with `seed`: a marker word next to
+# an e-mail address. A field stored unredacted keeps the address; a field kept at `metadata` keeps
+# the marker. The whole record is walked, so a field added without privacy fails here.
+Seeded = tuple[str, dict[str, Any], dict[str, Any]]  # (route, request body, Scenario fields)
+
+
+def _chat(*messages: dict[str, Any], **body: Any) -> Seeded:
+    return "/api/chat", {"model": "seeded", "stream": False,
+                         "messages": [*messages, {"role": "user", "content": "go on"}], **body}, {}
+
+
+def _call(**function: Any) -> dict[str, Any]:
+    return {"role": "assistant", "content": "", "tool_calls": [{"function": function}]}
+
+
+SEEDED: dict[str, Callable[[str], Seeded]] = {
+    "system prompt": lambda s: _chat({"role": "system", "content": s}),
+    "message content": lambda s: _chat({"role": "user", "content": s}),
+    "content part": lambda s: _chat({"role": "user", "content": [{"type": "text", "text": s}]}),
+    "image URL": lambda s: _chat({"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": f"https://img.example/{s}"}}]}),
+    "message thinking": lambda s: _chat({"role": "assistant", "content": "", "thinking": s}),
+    "unknown role": lambda s: _chat({"role": s, "content": "hi"}),
+    "tool call arguments": lambda s: _chat(_call(name="f", arguments={"to": s})),
+    "tool call argument key": lambda s: _chat(_call(name="f", arguments={s: 1})),
+    "tool call arguments text": lambda s: _chat(_call(name="f", arguments=f'{{"to": "{s}"}}')),
+    "tool call name": lambda s: _chat(_call(name=s, arguments={})),
+    "tool call id": lambda s: _chat({"role": "assistant", "content": "", "tool_calls": [
+        {"id": s, "type": "function", "function": {"name": "f", "arguments": "{}"}}]}),
+    "tool message name": lambda s: _chat({"role": "tool", "content": "42", "name": s}),
+    "tool message tool_name": lambda s: _chat({"role": "tool", "content": "42", "tool_name": s}),
+    "tool message tool_call_id": lambda s: _chat({"role": "tool", "content": "42",
+                                                  "tool_call_id": s}),
+    "options stop": lambda s: _chat(options={"stop": [s]}),
+    "options string": lambda s: _chat(options={"temperature": s}),
+    "generate prompt": lambda s: ("/api/generate", {"model": "seeded", "prompt": s,
+                                                    "stream": False}, {}),
+    "generate system": lambda s: ("/api/generate", {"model": "seeded", "prompt": "hi",
+                                                    "system": s, "stream": False}, {}),
+    "embedding input": lambda s: ("/api/embed", {"model": "seeded", "input": ["a", s]}, {}),
+    "reply": lambda s: ("/api/generate", {"model": "seeded", "prompt": "hi", "stream": False},
+                        {"tokens": ["ok ", s]}),
+    "reply thinking": lambda s: ("/api/generate", {"model": "seeded", "prompt": "hi"},
+                                 {"thinking": [s]}),
+    "reply tool call": lambda s: (*_chat()[:2], {"tool_calls": [
+        {"function": {"name": "f", "arguments": {"to": s}}}]}),
+    "reply tool call name": lambda s: (*_chat()[:2], {"tool_calls": [
+        {"function": {"name": s, "arguments": {}}}]}),
+    "error": lambda s: ("/api/generate", {"model": "seeded", "prompt": "hi"},
+                        {"error_before": (500, f"failed: {s}")}),
+}
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string in a stored record: values and keys, at any depth."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield k
+            yield from _strings(v)
+
+
+@pytest.mark.parametrize("capture", ["full", "truncated", "metadata"])
+@pytest.mark.parametrize("where", SEEDED)
+async def test_every_field_is_redacted_and_metadata_keeps_none(
+        fake: FakeOllama, start_proxy: StartProxy, http: aiohttp.ClientSession, tmp_path: Any,
+        where: str, capture: str) -> None:
+    marker, secret = "zqmarkzq", "eve.seed@example.org"
+    route, body, scenario = SEEDED[where](f"{marker}:{secret}")
+    fake.scenarios["seeded:latest"] = Scenario.from_json(scenario)
+    proxy = await start_proxy(fake.url, analytics=AnalyticsConfig.build(
+        analytics_dir=str(tmp_path), analytics_capture=capture))
+    async with http.post(proxy.url + route, json=body) as resp:
+        await resp.read()
+    (r,) = await records(proxy, http, 1)
+    stored = list(_strings(r))
+    assert not [s for s in stored if secret in s], r  # redacted at every level
+    kept = [s for s in stored if marker in s]
+    assert bool(kept) == (capture != "metadata"), r  # stored, unless at `metadata`

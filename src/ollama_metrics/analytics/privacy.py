@@ -1,7 +1,9 @@
 """What of a prompt may be stored: capture levels, size caps and redaction.
 
 Applied to every text of a record before it is queued, so nothing unredacted ever reaches a
-queue, a store or a log. Order: cap (bounds the work), capture level, then redaction.
+queue, a store or a log. Order: cap (bounds the work), capture level, then redaction. Levels:
+`full` keeps texts up to `max_text` characters, `truncated` up to `truncate_chars`, `metadata`
+no text, name or option at all (counts, sizes, timings, model, endpoint and status only).
 
 Built-in redactions replace, with a bracketed tag: e-mail addresses, API keys and tokens (OpenAI-,
 GitHub-, Slack-, AWS-, Google-style keys, JWTs, bearer tokens, `key=value` secrets) and payment
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from .settings import AnalyticsConfig
 
 _SECRET = "[REDACTED_SECRET]"
+TRUNCATED = " …[truncated]"  # ends every text that was cut
 _MARGIN = 256  # longer than any built-in secret pattern matches
 # (guards, pattern, replacement). A pattern only runs when one of its guards occurs in the text
 # (lower-cased for the case-insensitive ones): a substring test is C-speed, a regex pass over a
@@ -67,6 +70,8 @@ class Privacy:
     max_text: int = 65_536
     redact: bool = True
     patterns: tuple[re.Pattern[str], ...] = ()
+    max_messages: int = 100  # kept of a conversation: the first and the last half of them
+    max_record_bytes: int = 1 << 20  # the whole record, JSON-encoded
     _rules: list[Rule] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
@@ -77,25 +82,37 @@ class Privacy:
     @classmethod
     def from_settings(cls, settings: AnalyticsConfig) -> Privacy:
         return cls(settings.capture, settings.truncate_chars, settings.max_text,
-                   settings.redact, settings.redact_patterns)
+                   settings.redact, settings.redact_patterns, settings.max_messages,
+                   settings.max_record_kb * 1024)
 
     @property
     def keeps_text(self) -> bool:
+        """Whether texts, names and options are kept at all (`metadata` keeps none of them)."""
         return self.capture != "metadata"
 
-    def text(self, value: str | None) -> tuple[str | None, bool]:
-        """The storable form of one text, and whether it was cut."""
+    @property
+    def limit(self) -> int:
+        """Characters kept of one text at this capture level."""
+        return self.truncate_chars if self.capture == "truncated" else self.max_text
+
+    def text(self, value: str | None, limit: int | None = None) -> tuple[str | None, bool]:
+        """The storable form of one text (at most `limit` characters, never more than the
+        level's), and whether it was cut."""
         if value is None or not self.keeps_text:
             return None, False
-        limit = self.truncate_chars if self.capture == "truncated" else self.max_text
+        return self.clip(value, self.limit if limit is None else min(limit, self.limit))
+
+    def clip(self, value: str, limit: int) -> tuple[str, bool]:
+        """`value` redacted and cut to `limit` characters whatever the level, and whether it
+        was cut."""
         # Redact a little past the cut first, so a secret straddling it is not half kept.
         scrubbed = self.scrub(value[: limit + _MARGIN])
         if len(scrubbed) <= limit and len(value) <= limit + _MARGIN:
             return scrubbed, False
-        return scrubbed[:limit] + " …[truncated]", True
+        return scrubbed[:limit] + TRUNCATED, True
 
     def scrub(self, value: str) -> str:
-        """Redaction alone (used for error messages, which are kept at every level)."""
+        """Redaction alone, whatever the level and length."""
         lowered = value.lower()
         for guards, pattern, replacement in self._rules:
             if not guards or any(g in lowered for g in guards):

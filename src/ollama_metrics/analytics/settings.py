@@ -25,6 +25,8 @@ ENV = {
     "analytics_capture": "ANALYTICS_CAPTURE",
     "analytics_truncate_chars": "ANALYTICS_TRUNCATE_CHARS",
     "analytics_max_text": "ANALYTICS_MAX_TEXT",
+    "analytics_max_messages": "ANALYTICS_MAX_MESSAGES",
+    "analytics_max_record_kb": "ANALYTICS_MAX_RECORD_KB",
     "analytics_redact": "ANALYTICS_REDACT",
     "analytics_redact_pattern": "ANALYTICS_REDACT_PATTERNS",
     "analytics_token": "ANALYTICS_TOKEN",
@@ -53,6 +55,8 @@ class AnalyticsConfig:
     capture: str = "full"
     truncate_chars: int = 200
     max_text: int = 65_536
+    max_messages: int = 100
+    max_record_kb: int = 1024
     redact: bool = True
     redact_patterns: tuple[re.Pattern[str], ...] = field(default=())
     token: str | None = None
@@ -81,6 +85,8 @@ class AnalyticsConfig:
         analytics_capture: str = "full",
         analytics_truncate_chars: int = 200,
         analytics_max_text: int = 65_536,
+        analytics_max_messages: int = 100,
+        analytics_max_record_kb: int = 1024,
         analytics_redact: bool = True,
         analytics_redact_pattern: tuple[str, ...] = (),
         analytics_token: str | None = None,
@@ -122,6 +128,11 @@ class AnalyticsConfig:
                             ("analytics_cleanup_interval", analytics_cleanup_interval)]:
             if value <= 0:
                 raise _error(name, f"must be more than zero, got {value}")
+        # A record must hold its marker of elided messages and the texts around it.
+        for name, value, least in [("analytics_max_messages", analytics_max_messages, 2),
+                                   ("analytics_max_record_kb", analytics_max_record_kb, 16)]:
+            if value < least:
+                raise _error(name, f"must be at least {least}, got {value}")
         capture = analytics_capture.strip().lower()
         if capture not in CAPTURE_LEVELS:
             raise _error("analytics_capture",
@@ -151,6 +162,8 @@ class AnalyticsConfig:
             capture=capture,
             truncate_chars=analytics_truncate_chars,
             max_text=analytics_max_text,
+            max_messages=analytics_max_messages,
+            max_record_kb=analytics_max_record_kb,
             redact=analytics_redact,
             redact_patterns=tuple(patterns),
             token=token,

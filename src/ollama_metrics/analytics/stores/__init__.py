@@ -56,7 +56,12 @@ FIELDS: list[tuple[str, str]] = [
     ("embedding_dims", "int"),
     ("truncated", "bool"),
     ("capture", "text"),
+    # Added by migration (sqlite m004, postgres m003): the names of the fields shortened or left
+    # out by a cap (analytics.record), or null.
+    ("truncated_fields", "json"),
 ]
+# The fields the first migration created; later ones add the rest.
+FIELDS_V1 = FIELDS[:[name for name, _ in FIELDS].index("capture") + 1]
 FIELD_NAMES = [name for name, _ in FIELDS]
 JSON_FIELDS = frozenset(name for name, kind in FIELDS if kind == "json")
 BOOL_FIELDS = frozenset(name for name, kind in FIELDS if kind == "bool")

@@ -13,7 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from . import FIELDS
+from . import FIELDS_V1
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
@@ -37,7 +37,7 @@ async def m001_interactions(db: Connection) -> None:
     # `seq` grows in write order, so "newest first" is `seq DESC` and a page cursor is a seq.
     columns = ",\n  ".join(
         f"{name} {_SQL_TYPE[kind]}{' NOT NULL UNIQUE' if name == 'id' else ''}"
-        for name, kind in FIELDS)
+        for name, kind in FIELDS_V1)
     await db.execute(f"CREATE TABLE interactions (\n  seq bigserial PRIMARY KEY,\n  {columns}\n)")
     await db.execute("CREATE INDEX interactions_started ON interactions (started_at)")
     await db.execute("CREATE INDEX interactions_model ON interactions (model, seq)")
@@ -58,7 +58,12 @@ async def m002_full_text(db: Connection) -> None:
     await db.execute("CREATE INDEX interactions_search ON interactions USING gin (search)")
 
 
-MIGRATIONS: list[Callable[[Connection], Awaitable[None]]] = [m001_interactions, m002_full_text]
+async def m003_truncated_fields(db: Connection) -> None:
+    await db.execute("ALTER TABLE interactions ADD COLUMN truncated_fields jsonb")
+
+
+MIGRATIONS: list[Callable[[Connection], Awaitable[None]]] = [
+    m001_interactions, m002_full_text, m003_truncated_fields]
 
 
 async def migrate(db: Connection) -> list[str]:

@@ -10,7 +10,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 
-from . import FIELDS
+from . import FIELDS_V1
 
 _SQL_TYPE = {"text": "TEXT", "real": "REAL", "int": "INTEGER", "bool": "INTEGER", "json": "TEXT"}
 
@@ -20,7 +20,7 @@ def m001_interactions(db: sqlite3.Connection) -> None:
     # rowid); it grows in write order, so "newest first" is `seq DESC`.
     columns = ",\n  ".join(
         f"{name} {_SQL_TYPE[kind]}{' NOT NULL UNIQUE' if name == 'id' else ''}"
-        for name, kind in FIELDS)
+        for name, kind in FIELDS_V1)
     db.execute(f"CREATE TABLE interactions (\n  seq INTEGER PRIMARY KEY,\n  {columns}\n)")
     db.execute("CREATE INDEX interactions_started ON interactions (started_at)")
     db.execute("CREATE INDEX interactions_model ON interactions (model, seq)")
@@ -55,8 +55,12 @@ def m003_figures_index(db: sqlite3.Connection) -> None:
     db.execute("DROP INDEX interactions_started")
 
 
+def m004_truncated_fields(db: sqlite3.Connection) -> None:
+    db.execute("ALTER TABLE interactions ADD COLUMN truncated_fields TEXT")
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
-    m001_interactions, m002_full_text, m003_figures_index]
+    m001_interactions, m002_full_text, m003_figures_index, m004_truncated_fields]
 
 
 def pending(db: sqlite3.Connection) -> list[str]:

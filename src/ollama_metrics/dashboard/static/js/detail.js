@@ -86,7 +86,8 @@ function render(r) {
     fact("User agent", r.user_agent ?? DASH),
     r.embedding_dims ? fact("Embedding size", fmtInt(r.embedding_dims)) : null,
     r.image_count ? fact("Images", fmtInt(r.image_count)) : null,
-    fact("Captured", `${r.capture ?? DASH}${r.truncated ? ", truncated" : ""}`),
+    fact("Captured", `${r.capture ?? DASH}${r.truncated ? ", truncated" : ""}${
+      Array.isArray(r.truncated_fields) ? ` (${r.truncated_fields.join(", ")})` : ""}`),
     fact("Id", r.id),
   ));
   if (r.error) parts.push(el("h3", { text: "Error" }), el("div", { class: "msg error-box" }, el("pre", { class: "text", text: r.error })));
@@ -95,7 +96,13 @@ function render(r) {
   const messages = Array.isArray(r.messages) ? r.messages : null;
   if (r.system && !(messages && messages.some((m) => m.role === "system"))) parts.push(message("system", r.system));
   if (messages) {
-    for (const m of messages) parts.push(message(String(m.role ?? "?"), m.content, messageExtras(m)));
+    for (const m of messages) {
+      if (typeof m.elided === "number") {
+        parts.push(el("p", { class: "muted small", text: `… ${fmtInt(m.elided)} messages not stored …` }));
+      } else {
+        parts.push(message(String(m.role ?? "?"), m.content, messageExtras(m)));
+      }
+    }
   } else if (r.prompt !== null) {
     parts.push(message(r.embedding_dims ? "input" : "prompt", r.prompt));
   }

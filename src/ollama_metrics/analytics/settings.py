@@ -35,6 +35,7 @@ ENV = {
     "analytics_jsonl_max_file_mb": "ANALYTICS_JSONL_MAX_FILE_MB",
     "analytics_cleanup_interval": "ANALYTICS_CLEANUP_INTERVAL",
     "analytics_drain_grace": "ANALYTICS_DRAIN_GRACE",
+    "analytics_search_timeout": "ANALYTICS_SEARCH_TIMEOUT",
 }
 
 
@@ -63,6 +64,7 @@ class AnalyticsConfig:
     jsonl_max_file_mb: float = 100.0
     cleanup_interval: float = 3600.0
     drain_grace: float = 10.0
+    search_timeout: float = 5.0  # seconds a query of the analytics API may take
 
     @property
     def enabled(self) -> bool:
@@ -91,6 +93,7 @@ class AnalyticsConfig:
         analytics_jsonl_max_file_mb: float = 100.0,
         analytics_cleanup_interval: float = 3600.0,
         analytics_drain_grace: float = 10.0,
+        analytics_search_timeout: float = 5.0,
     ) -> AnalyticsConfig:
         names = [b.strip().lower() for b in analytics_backend.split(",") if b.strip()]
         if names in ([], ["none"]):
@@ -119,9 +122,12 @@ class AnalyticsConfig:
                             ("analytics_batch_size", analytics_batch_size),
                             ("analytics_max_text", analytics_max_text),
                             ("analytics_jsonl_max_file_mb", analytics_jsonl_max_file_mb),
-                            ("analytics_cleanup_interval", analytics_cleanup_interval)]:
-            if value <= 0:
+                            ("analytics_cleanup_interval", analytics_cleanup_interval),
+                            ("analytics_search_timeout", analytics_search_timeout)]:
+            if not value > 0:  # NaN too
                 raise _error(name, f"must be more than zero, got {value}")
+        if analytics_search_timeout == float("inf"):
+            raise _error("analytics_search_timeout", "must be a number of seconds, not inf")
         capture = analytics_capture.strip().lower()
         if capture not in CAPTURE_LEVELS:
             raise _error("analytics_capture",
@@ -156,4 +162,5 @@ class AnalyticsConfig:
             jsonl_max_file_mb=analytics_jsonl_max_file_mb,
             cleanup_interval=analytics_cleanup_interval,
             drain_grace=analytics_drain_grace,
+            search_timeout=analytics_search_timeout,
         )

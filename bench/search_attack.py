@@ -8,11 +8,12 @@ chats run, as one running proxy with the SQLite store.
 2. The proxy (`python -m ollama_metrics serve`, default options) runs in front of the test fake
    Ollama (tests/fake_ollama.py). A load generator, a process of its own, sends /api/chat
    (non-streamed) back to back on one connection for the whole run.
-3. Quiet: --quiet seconds of chats alone. Then, per entry of --terms, an attack: --attackers
-   searches at once of `aa* OR aa* OR …` with that many prefix terms, while a probe asks
-   `/analytics/search?limit=5` every 0.5 s until every attack has an answer. The stem (--stem)
-   is that of the bench vocabulary's most frequent word, so it matches every record, as `ka*`
-   did in the data of issue 13.
+3. Quiet: --quiet seconds of chats alone. Then, per entry of --attacks (`stem*xN`: N prefix
+   terms `stem* OR stem* OR …`), an attack: --attackers clients each search again and again,
+   for at least --attack-seconds (and until each has had an answer), while a probe asks
+   `/analytics/search?limit=5` every 0.5 s. `aa` is the stem of the bench vocabulary's most
+   frequent word, so it matches every record, as `ka*` did in the data of issue 13; `aacq` is
+   that word's 4-letter stem, longer than the SQLite prefix index covers.
 
 Reported: proxied /api/chat p50/p99 quiet and under each attack, the attacks' statuses and
 seconds, the probe's answers (ok / failed, slowest), and the proxy's peak RSS. Run it on main's
@@ -92,9 +93,10 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-async def attack(url: str, stem: str, terms: int, attackers: int, pid: int
+async def attack(url: str, spec: str, attackers: int, seconds: float, pid: int
                  ) -> dict[str, Any]:
-    text = " OR ".join([f"{stem}*"] * terms)
+    stem, terms = spec.split("*x")
+    text = " OR ".join([f"{stem}*"] * int(terms))
     outcomes: list[tuple[int, float, str]] = []
     probes: list[tuple[int, float]] = []
     peak = rss_mb(pid)
@@ -102,14 +104,18 @@ async def attack(url: str, stem: str, terms: int, attackers: int, pid: int
     timeout = aiohttp.ClientTimeout(total=300)
 
     async def one(http: aiohttp.ClientSession) -> None:
-        start = time.perf_counter()
-        try:
-            async with http.get(url + "/analytics/search",
-                                params={"prompt_search": text, "limit": "100"}) as resp:
-                body = await resp.text()
-                outcomes.append((resp.status, time.perf_counter() - start, body[:120]))
-        except Exception as exc:
-            outcomes.append((0, time.perf_counter() - start, repr(exc)))
+        until = time.perf_counter() + seconds
+        while True:
+            start = time.perf_counter()
+            try:
+                async with http.get(url + "/analytics/search",
+                                    params={"prompt_search": text, "limit": "100"}) as resp:
+                    body = await resp.text()
+                    outcomes.append((resp.status, time.perf_counter() - start, body[:100]))
+            except Exception as exc:
+                outcomes.append((0, time.perf_counter() - start, repr(exc)))
+            if time.perf_counter() > until:
+                return
 
     async def probe(http: aiohttp.ClientSession) -> None:
         while not done.is_set():
@@ -136,7 +142,7 @@ async def attack(url: str, stem: str, terms: int, attackers: int, pid: int
         done.set()
         await asyncio.gather(*watchers)
         ended = time.time()
-    return {"terms": terms, "start": started, "end": ended, "outcomes": outcomes,
+    return {"spec": spec, "start": started, "end": ended, "outcomes": outcomes,
             "probes": probes, "peak_rss_mb": peak, "rss_after_mb": rss_mb(pid)}
 
 
@@ -153,10 +159,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--records", type=int, default=200_000)
     parser.add_argument("--attackers", type=int, default=4)
-    parser.add_argument("--terms", default="200,32",
-                        help="comma-separated: prefix terms per attack query, one attack each")
+    parser.add_argument("--attacks", default="aa*x200,aa*x32,aacq*x32",
+                        help="comma-separated stem*xTERMS: one attack each")
+    parser.add_argument("--attack-seconds", type=float, default=10.0)
     parser.add_argument("--quiet", type=float, default=8.0, help="seconds of chats alone")
-    parser.add_argument("--stem", default="aa", help="the prefix searched for (default: aa)")
     parser.add_argument("--loadgen", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.loadgen:
@@ -196,10 +202,10 @@ def main() -> int:
                 time.sleep(args.quiet)
                 quiet_end = time.time()
                 results = []
-                for terms in (int(t) for t in args.terms.split(",")):
-                    print(f"attack: {args.attackers} x {terms} x {args.stem}* …", file=sys.stderr)
-                    results.append(asyncio.run(attack(url, args.stem, terms, args.attackers,
-                                                      proxy.process.pid)))
+                for spec in args.attacks.split(","):
+                    print(f"attack: {args.attackers} x {spec} …", file=sys.stderr)
+                    results.append(asyncio.run(attack(url, spec, args.attackers,
+                                                      args.attack_seconds, proxy.process.pid)))
                     time.sleep(1.0)
             finally:
                 gen.terminate()
@@ -229,13 +235,16 @@ def report(args: argparse.Namespace, quiet: list[float], results: list[dict[str,
           f"{max(quiet, default=0):>9.2f}")
     for r in results:
         under = latencies(lines, r["start"], r["end"])
-        print(f"{'attack ' + str(r['terms']) + ' terms':<28}{len(under):>7}"
+        print(f"{'attack ' + r['spec']:<28}{len(under):>7}"
               f"{pct(under, 50):>9.2f}{pct(under, 99):>9.2f}{max(under, default=0):>9.2f}")
     for r in results:
-        print(f"\nattack of {r['terms']} x {args.stem}*: {r['end'] - r['start']:.1f} s, "
+        print(f"\nattack {r['spec']}: {r['end'] - r['start']:.1f} s, "
               f"peak RSS {r['peak_rss_mb']:.0f} MB, after {r['rss_after_mb']:.0f} MB")
-        for status, seconds, body in r["outcomes"]:
-            print(f"  search -> {status} in {seconds:.2f} s  {body[:100]}")
+        for status in sorted({o[0] for o in r["outcomes"]}):
+            times = [o[1] for o in r["outcomes"] if o[0] == status]
+            body = next(o[2] for o in r["outcomes"] if o[0] == status)
+            print(f"  search -> {status} x{len(times)}, median {statistics.median(times):.2f} s, "
+                  f"max {max(times):.2f} s  {body[:90]}")
         ok = [s for st, s in r["probes"] if st == 200]
         failed = len(r["probes"]) - len(ok)
         print(f"  probe /analytics/search?limit=5: {len(ok)} ok, {failed} failed, slowest "

@@ -11,6 +11,8 @@ import asyncio
 import logging
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -141,3 +143,12 @@ async def test_a_client_that_goes_away_stops_its_query(
             break
         await asyncio.sleep(0.05)
     assert any("stopped (client gone)" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
+def test_a_bad_search_timeout_fails_at_start_naming_the_setting(value: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "ollama_metrics", "serve", "--analytics-search-timeout", value],
+        capture_output=True, text=True, timeout=20)
+    assert result.returncode == 2
+    assert "ANALYTICS_SEARCH_TIMEOUT" in result.stderr, result.stderr

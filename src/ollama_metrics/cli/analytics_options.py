@@ -45,6 +45,8 @@ def store_options(f: F) -> F:
                 help="Where the sqlite and jsonl backends keep their files."),
         _option("--analytics-postgres-dsn", default=None, metavar="DSN",
                 help="PostgreSQL connection string for the postgres backend."),
+        _option("--analytics-search-timeout", type=float, default=5.0, metavar="SECONDS",
+                help="Longest a query of the records may run before it is stopped."),
     ]):
         f = decorator(f)
     return f
@@ -87,8 +89,6 @@ def analytics_options(f: F) -> F:
                 help="How often retention and size caps are enforced."),
         _option("--analytics-drain-grace", type=float, default=10.0, metavar="SECONDS",
                 help="On shutdown, how long queued records may take to be written."),
-        _option("--analytics-search-timeout", type=float, default=5.0, metavar="SECONDS",
-                help="Longest an analytics query may run; past it the API answers 503."),
     ]):
         f = decorator(f)
     return f

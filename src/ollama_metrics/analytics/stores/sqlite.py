@@ -21,6 +21,7 @@ results stops at PAGE_BYTES of text (with a cursor to the rest).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import sqlite3
@@ -28,7 +29,7 @@ import threading
 import time
 from array import array
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -188,30 +189,30 @@ class SqliteStore:
         self._reader_dbs: list[sqlite3.Connection] = []
         self._reading = 0
         self._generation = 0
-        # Reads submitted and not yet over on their threads (a read given up on by its waiter
-        # counts until its thread is done with it), and how many of them are full-text.
-        self._in_flight = 0
+        # Full-text reads submitted and not yet over on their threads: one given up on by its
+        # waiter counts until its thread has stopped it.
         self._searches = 0
 
-    @property
-    def in_flight(self) -> int:
-        """Reads on (or waiting for) a reader thread, including those given up on that have
-        not stopped yet."""
-        return self._in_flight
-
-    async def _on(self, executor: ThreadPoolExecutor, fn: Callable[[], T]) -> T:
+    @contextlib.contextmanager
+    def _active(self) -> Iterator[None]:
+        """Counts a call in flight; when none is left, the memory is let go after
+        `idle_release` seconds (unless another call comes first)."""
         loop = asyncio.get_running_loop()
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
         self._busy += 1
         try:
-            return await loop.run_in_executor(executor, fn)
+            yield
         finally:
             self._busy -= 1
             if not self._busy and self._write_db is not None:
                 self._idle = loop.call_later(self._idle_release, self._writer.submit,
                                              self._release_memory)
+
+    async def _on(self, executor: ThreadPoolExecutor, fn: Callable[[], T]) -> T:
+        with self._active():
+            return await asyncio.get_running_loop().run_in_executor(executor, fn)
 
     async def _on_writer(self, fn: Callable[[], T]) -> T:
         return await self._on(self._writer, fn)
@@ -227,12 +228,10 @@ class SqliteStore:
         with self._lock:
             if full_text and self._searches >= MAX_SEARCHES + MAX_WAITING_SEARCHES:
                 raise StoreBusy(MAX_SEARCHES)
-            self._in_flight += 1
             self._searches += full_text
 
         def done(_: Future[T]) -> None:
             with self._lock:
-                self._in_flight -= 1
                 self._searches -= full_text
 
         def run() -> T:
@@ -257,29 +256,17 @@ class SqliteStore:
                 with self._lock:
                     self._reading -= 1
 
-        loop = asyncio.get_running_loop()
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
-        self._busy += 1
-        try:
+        with self._active():
             future = (self._searchers if full_text else self._readers).submit(run)
             future.add_done_callback(done)
             try:
                 return await asyncio.wait_for(asyncio.wrap_future(future), self.search_timeout)
             except asyncio.TimeoutError:
-                read.stop("deadline")
-                log.info("analytics: a query ran past %g s (ANALYTICS_SEARCH_TIMEOUT)",
-                         self.search_timeout)
+                read.stop("deadline")  # its thread logs it, once it has stopped
                 raise QueryTimeout(self.search_timeout) from None
             except asyncio.CancelledError:
                 read.stop("client gone")
                 raise
-        finally:
-            self._busy -= 1
-            if not self._busy and self._write_db is not None:
-                self._idle = loop.call_later(self._idle_release, self._writer.submit,
-                                             self._release_memory)
 
     def _reader_db(self) -> sqlite3.Connection:
         """This reader thread's connection, counted in `_reading` until the read is over."""

@@ -125,8 +125,8 @@ async def test_too_many_searches_at_once_are_told_busy(
     assert status == 503, body
     assert "running" in body["error"] and resp.headers["Retry-After"] == "1"
     assert not any(task.done() for task in heavy)
-    for status, body, _ in await asyncio.gather(*heavy):
-        assert status == 503 and "ANALYTICS_SEARCH_TIMEOUT" in body["error"], body
+    for status, body, _ in await asyncio.gather(*heavy):  # an answer, or the deadline's
+        assert status == 200 or "ANALYTICS_SEARCH_TIMEOUT" in body["error"], body
 
 
 async def test_a_client_that_goes_away_stops_its_query(

@@ -148,8 +148,6 @@ credentials = st.one_of(
 )
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13: authorized() encodes header text that holds "
-                   "undecodable bytes (500); fixed on the token branch, then drop this mark")
 @pytest.mark.parametrize("path", ["/analytics/search", "/analytics"])
 @settings(max_examples=EXAMPLES, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())

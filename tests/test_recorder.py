@@ -199,11 +199,13 @@ async def test_sqlite_size_cap(tmp_path: Path) -> None:
                                  for n in range(300)])
         files = [tmp_path / "interactions.db", tmp_path / "interactions.db-wal"]
         before = sum(f.stat().st_size for f in files if f.exists())
-        assert before > 2_000_000
-        deleted = await store.purge(None, 1_000_000)
+        assert before > 6_000_000
+        # Not much less: what the full-text index keeps of deleted rows (until its segments
+        # merge) must fit too, and its prefix index triples every position of "word".
+        deleted = await store.purge(None, 3_000_000)
         assert 0 < deleted < 300
         after = sum(f.stat().st_size for f in files if f.exists())
-        assert after < 1_100_000  # pages given back to the file system, not just freed
+        assert after < 3_300_000  # pages given back to the file system, not just freed
     finally:
         await store.close()
 
@@ -276,8 +278,10 @@ async def test_sqlite_lets_its_caches_go_when_idle(tmp_path: Path) -> None:
         for batch in range(4):
             await store.write_batch([_record(n, at + n) | {"response": f"word{n} " * 1000}
                                      for n in range(batch * 500, batch * 500 + 500)])
-        searches = [store.search(Query(text=f"word{n}", limit=5)) for n in range(0, 2000, 50)]
-        assert all(len(page.records) == 1 for page in await asyncio.gather(*searches))
+        for group in range(0, 2000, 400):  # as many at once as the store lets wait
+            searches = [store.search(Query(text=f"word{n}", limit=5))
+                        for n in range(group, group + 400, 50)]
+            assert all(len(page.records) == 1 for page in await asyncio.gather(*searches))
         busy = _sqlite_heap()
         await settle(lambda: _sqlite_heap() < busy / 3, 5.0)
         idle = _sqlite_heap()

@@ -362,9 +362,9 @@ async def test_injection_in_every_filter_is_harmless(store: QueryableStore, atta
         assert (await store.search(q)).records == [], name
         assert (await store.stats(q))["totals"]["requests"] == 0
         assert await store.models(q) == []
-    for q in (parse({"prompt_search": attack}), parse({"q": attack, "order": "rank"})):
+    for params in ({"prompt_search": attack}, {"q": attack, "order": "rank"}):
         try:
-            page = await store.search(q)
+            page = await store.search(parse(params))
         except BadQuery:
             continue  # a clean refusal is fine too
         assert page.records == []

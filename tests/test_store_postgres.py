@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from ollama_metrics.analytics.query import BadQuery, Query
-from ollama_metrics.analytics.stores import StoreError
+from ollama_metrics.analytics.stores import QueryTimeout, StoreError
 from ollama_metrics.analytics.stores import postgres as pg_module
 from ollama_metrics.analytics.stores import postgres_migrations as migrations_module
 from ollama_metrics.analytics.stores.postgres import PostgresStore
@@ -214,3 +214,42 @@ async def test_purge_ignores_a_size_cap(store: PostgresStore) -> None:
     await store.write_batch([full_record(n) for n in range(20)])
     assert await store.purge(None, 1) == 0
     assert len((await store.search(Query())).records) == 20
+
+
+# --- the search budget -----------------------------------------------------------------------
+
+async def _waiting_for_lock(dsn: str) -> list[Any]:
+    return await sql(dsn, "SELECT query FROM pg_stat_activity WHERE application_name = "
+                     "'ollama-metrics' AND state = 'active' AND wait_event_type = 'Lock'")
+
+
+async def test_queries_end_at_the_deadline_and_with_their_caller(dsn: str) -> None:
+    """A query held up on the server (here: behind a lock) ends at the search deadline, and
+    when its caller is cancelled (a client gone): on the server too, not only for us."""
+    quick, patient = PostgresStore(dsn, search_timeout=0.3), PostgresStore(dsn, search_timeout=60)
+    await quick.open()
+    await patient.open()
+    try:
+        await quick.write_batch([full_record(1)])
+        async with await psycopg.AsyncConnection.connect(dsn) as locker:
+            await locker.execute("LOCK TABLE interactions IN ACCESS EXCLUSIVE MODE")
+            for call in (quick.search(Query(text="hello")), quick.stats(Query()),
+                         quick.timeseries(Query(), 60.0), quick.get("rec-00001")):
+                with pytest.raises(QueryTimeout, match="ANALYTICS_SEARCH_TIMEOUT"):
+                    await call
+                assert await _waiting_for_lock(dsn) == []
+            task = asyncio.create_task(patient.search(Query(text="hello")))
+            for _ in range(100):
+                if await _waiting_for_lock(dsn):
+                    break
+                await asyncio.sleep(0.05)
+            assert len(await _waiting_for_lock(dsn)) == 1
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert await _waiting_for_lock(dsn) == []
+            await locker.rollback()
+        assert len((await quick.search(Query(text="hello"))).records) <= 1  # still usable
+    finally:
+        await quick.close()
+        await patient.close()

@@ -4,7 +4,11 @@ The original proxy's routes and parameters are kept (/analytics/search with star
 end_time, model, prompt_search, prompt_category; /analytics/messages/{id}; /analytics/stats).
 Every route here shows prompts, so each requires the token when one is configured: as a bearer
 header, or as the cookie the dashboard sets (dashboard.routes). Bad parameters or bad
-full-text syntax answer 400 with the reason.
+full-text syntax answer 400 with the reason, as does a search past the caps of
+analytics.query (terms, characters, prefix stem). A query that runs past the search deadline
+(ANALYTICS_SEARCH_TIMEOUT), or finds the store running as many searches as it may, answers 503
+with the reason; a client that goes away cancels its query (aiohttp cancels the handler, the
+store interrupts the query).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import csv
 import hashlib
 import hmac
 import io
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -23,9 +28,10 @@ from aiohttp import web
 
 from . import timeseries
 from .query import BadQuery, parse
-from .stores import FIELD_NAMES, JSON_FIELDS, QueryableStore, StoreError
+from .stores import FIELD_NAMES, JSON_FIELDS, QueryableStore, StoreBusy, StoreError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+log = logging.getLogger(__name__)
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -106,6 +112,10 @@ class AnalyticsApi:
                 return await handler(request)
             except BadQuery as exc:
                 return _json({"error": str(exc)}, status=400)
+            except StoreBusy as exc:
+                response = _json({"error": str(exc)}, status=503)
+                response.headers["Retry-After"] = "1"
+                return response
             except StoreError as exc:
                 return _json({"error": str(exc)}, status=503)
 
@@ -170,8 +180,14 @@ class AnalyticsApi:
             await response.write(csv_line(FIELD_NAMES))
         if first is not None:
             await response.write(line(first))
-            async for record in records:
-                await response.write(line(record))
+            try:
+                async for record in records:
+                    await response.write(line(record))
+            except StoreError as exc:  # a later page failed (deadline): cut, not completed
+                log.warning("analytics: export cut short: %s", exc)
+                if request.transport is not None:
+                    request.transport.close()
+                return response
         await response.write_eof()
         return response
 

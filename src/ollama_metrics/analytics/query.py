@@ -20,6 +20,18 @@ MAX_LIMIT = 1000
 MAX_TIME = 253_402_300_799.0
 DEFAULT_LIMIT = 100
 
+# A full-text search's size, checked on the text as given, before any store sees it. Each term
+# is one more index walk merged into the search (and, for a prefix, one more prefix scan): 32
+# terms and 512 characters are far more than a person types, and few enough that the worst
+# allowed search stays within the deadline on a large store. A prefix term needs a stem of
+# MIN_PREFIX_STEM characters: a shorter one (`k*`) stands for a large part of the vocabulary.
+MAX_SEARCH_CHARS = 512
+MAX_SEARCH_TERMS = 32
+MIN_PREFIX_STEM = 2
+_OPERATORS = frozenset({"AND", "OR", "NOT", "NEAR", "or"})  # FTS5's, and websearch's `or`
+_WORD = re.compile(r"\w+")
+_PREFIX = re.compile(r"(\w*)\"?\*")
+
 # Filter values for `status`: the stored outcomes, plus the metric names the original used.
 STATUSES: dict[str, tuple[str, ...]] = {
     "ok": ("ok",),
@@ -103,6 +115,23 @@ def _int(params: Mapping[str, str], name: str, default: int, low: int, high: int
     return value
 
 
+def check_search(text: str) -> None:
+    """Raise BadQuery unless full-text `text` is within the search budget: at most
+    MAX_SEARCH_CHARS characters and MAX_SEARCH_TERMS words (operators not counted), and every
+    prefix term (`stem*`) with at least MIN_PREFIX_STEM characters of stem."""
+    if text.startswith("*"):  # FTS5 reads these as debugging commands
+        raise BadQuery("prompt_search: cannot start with '*'; search for words or \"phrases\"")
+    if len(text) > MAX_SEARCH_CHARS:
+        raise BadQuery(f"prompt_search: at most {MAX_SEARCH_CHARS} characters, got {len(text)}")
+    terms = sum(1 for word in _WORD.findall(text) if word not in _OPERATORS)
+    if terms > MAX_SEARCH_TERMS:
+        raise BadQuery(f"prompt_search: at most {MAX_SEARCH_TERMS} terms, got {terms}")
+    for stem in _PREFIX.findall(text):
+        if len(stem) < MIN_PREFIX_STEM:
+            raise BadQuery(f"prompt_search: a prefix term needs at least {MIN_PREFIX_STEM} "
+                           f"characters before '*' (e.g. ka*), got {stem + '*'!r}")
+
+
 def parse(params: Mapping[str, str]) -> Query:
     """A Query from the search parameters (the original proxy's names, plus the new ones)."""
     known = {"start_time", "end_time", "since", "model", "prompt_search", "q", "prompt_category",
@@ -128,8 +157,8 @@ def parse(params: Mapping[str, str]) -> Query:
     if order not in ("time", "rank"):
         raise BadQuery(f"order: time or rank, got {order!r}")
     text = (params.get("prompt_search") or params.get("q") or "").strip() or None
-    if text is not None and text.startswith("*"):  # FTS5 reads these as debugging commands
-        raise BadQuery("prompt_search: cannot start with '*'; search for words or \"phrases\"")
+    if text is not None:
+        check_search(text)
     if order == "rank" and text is None:
         raise BadQuery("order=rank needs prompt_search")
     cursor_raw = params.get("cursor")

@@ -16,7 +16,6 @@ import binascii
 import hashlib
 import json
 import re
-from collections.abc import Iterable
 from typing import Any
 
 import orjson
@@ -303,9 +302,10 @@ def _input_text(body: dict[str, Any]) -> str | None:
     return None
 
 
-def build(i: Interaction, privacy: Privacy, capped: Iterable[str] = ()) -> Record:
-    """The record of `i`. `capped`: fields the proxy already shortened on the Interaction
-    (the model name, the error text), named in `truncated_fields` with the record's own."""
+def build(i: Interaction, privacy: Privacy) -> Record:
+    """The record of `i`. Fields the proxy already shortened on the Interaction (`i.capped`: the
+    model name, the error text, a body left unread) are named in `truncated_fields` with the
+    record's own."""
     body = i.request_json or {}
     i.request_json = None  # large bodies (images) should not outlive the exchange
     b = _Builder(privacy)
@@ -367,7 +367,7 @@ def build(i: Interaction, privacy: Privacy, capped: Iterable[str] = ()) -> Recor
         b.slot(record, "response", "response", i.response_text)
     if i.thinking_pieces:
         b.slot(record, "thinking", "thinking", "".join(i.thinking_pieces))
-    fields = b.marks | b.fit(record) | set(capped)
+    fields = b.marks | b.fit(record) | i.capped
     record["truncated"] = bool(fields)
     record["truncated_fields"] = sorted(fields) or None
     return record

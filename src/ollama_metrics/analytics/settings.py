@@ -37,6 +37,7 @@ ENV = {
     "analytics_jsonl_max_file_mb": "ANALYTICS_JSONL_MAX_FILE_MB",
     "analytics_cleanup_interval": "ANALYTICS_CLEANUP_INTERVAL",
     "analytics_drain_grace": "ANALYTICS_DRAIN_GRACE",
+    "analytics_search_timeout": "ANALYTICS_SEARCH_TIMEOUT",
 }
 
 
@@ -67,6 +68,7 @@ class AnalyticsConfig:
     jsonl_max_file_mb: float = 100.0
     cleanup_interval: float = 3600.0
     drain_grace: float = 10.0
+    search_timeout: float = 5.0  # seconds a query of the analytics API may take
 
     @property
     def enabled(self) -> bool:
@@ -97,6 +99,7 @@ class AnalyticsConfig:
         analytics_jsonl_max_file_mb: float = 100.0,
         analytics_cleanup_interval: float = 3600.0,
         analytics_drain_grace: float = 10.0,
+        analytics_search_timeout: float = 5.0,
     ) -> AnalyticsConfig:
         names = [b.strip().lower() for b in analytics_backend.split(",") if b.strip()]
         if names in ([], ["none"]):
@@ -125,14 +128,17 @@ class AnalyticsConfig:
                             ("analytics_batch_size", analytics_batch_size),
                             ("analytics_max_text", analytics_max_text),
                             ("analytics_jsonl_max_file_mb", analytics_jsonl_max_file_mb),
-                            ("analytics_cleanup_interval", analytics_cleanup_interval)]:
-            if value <= 0:
+                            ("analytics_cleanup_interval", analytics_cleanup_interval),
+                            ("analytics_search_timeout", analytics_search_timeout)]:
+            if not value > 0:  # NaN too
                 raise _error(name, f"must be more than zero, got {value}")
         # A record must hold its marker of elided messages and the texts around it.
         for name, value, least in [("analytics_max_messages", analytics_max_messages, 2),
                                    ("analytics_max_record_kb", analytics_max_record_kb, 16)]:
             if value < least:
                 raise _error(name, f"must be at least {least}, got {value}")
+        if analytics_search_timeout == float("inf"):
+            raise _error("analytics_search_timeout", "must be a number of seconds, not inf")
         capture = analytics_capture.strip().lower()
         if capture not in CAPTURE_LEVELS:
             raise _error("analytics_capture",
@@ -174,4 +180,5 @@ class AnalyticsConfig:
             jsonl_max_file_mb=analytics_jsonl_max_file_mb,
             cleanup_interval=analytics_cleanup_interval,
             drain_grace=analytics_drain_grace,
+            search_timeout=analytics_search_timeout,
         )

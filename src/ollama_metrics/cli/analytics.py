@@ -18,7 +18,7 @@ import orjson
 
 from ..analytics.api import csv_line, csv_row, jsonl_line
 from ..analytics.query import BadQuery, Query, parse
-from ..analytics.stores import FIELD_NAMES, QueryableStore, open_stores, queryable
+from ..analytics.stores import FIELD_NAMES, QueryableStore, StoreError, open_stores, queryable
 from .analytics_options import build_analytics, store_options
 
 T = TypeVar("T")
@@ -64,6 +64,8 @@ def _with_store(options: dict[str, Any], work: Callable[[QueryableStore], Awaita
             return await work(store)
         except BadQuery as exc:
             raise click.UsageError(str(exc)) from None
+        except StoreError as exc:  # past the deadline (ANALYTICS_SEARCH_TIMEOUT), unreachable
+            raise click.ClickException(str(exc)) from None
         finally:
             await store.close()
 

@@ -57,6 +57,8 @@ def store_options(f: F) -> F:
                 help="Where the sqlite and jsonl backends keep their files."),
         _option("--analytics-postgres-dsn", default=None, metavar="DSN",
                 help="PostgreSQL connection string for the postgres backend."),
+        _option("--analytics-search-timeout", type=float, default=5.0, metavar="SECONDS",
+                help="Longest a query of the records may run before it is stopped."),
     ]):
         f = decorator(f)
     return f

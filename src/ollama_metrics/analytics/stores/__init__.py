@@ -86,6 +86,30 @@ class StoreError(RuntimeError):
     """A store cannot do what was asked (unreachable, misconfigured); the message says why."""
 
 
+class QueryTimeout(StoreError):
+    """A query ran past the search deadline and was stopped."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(
+            f"the query took longer than {seconds:g} s (ANALYTICS_SEARCH_TIMEOUT) and was "
+            "stopped; narrow it: a time range, a model, fewer or longer search terms")
+
+
+class StoreBusy(StoreError):
+    """As many full-text queries as the store runs at once are running; try again shortly."""
+
+    def __init__(self, running: int) -> None:
+        super().__init__(f"{running} full-text queries are running, the most at once; "
+                         "try again in a moment")
+
+
+# Full-text queries a store runs at once (more wait, up to MAX_WAITING_SEARCHES, then are
+# answered busy): the rest of its readers stay free for lookups, the dashboard's figures and
+# the writer, whatever the searches cost.
+MAX_SEARCHES = 2
+MAX_WAITING_SEARCHES = 6
+
+
 @runtime_checkable
 class Store(Protocol):
     name: str
@@ -128,7 +152,8 @@ def open_stores(settings: AnalyticsConfig) -> list[Store]:
         if backend == "sqlite":
             from .sqlite import SqliteStore
 
-            stores.append(SqliteStore(settings.dir / "interactions.db"))
+            stores.append(SqliteStore(settings.dir / "interactions.db",
+                                      search_timeout=settings.search_timeout))
         elif backend == "jsonl":
             from .jsonl import JsonlStore
 
@@ -137,7 +162,8 @@ def open_stores(settings: AnalyticsConfig) -> list[Store]:
             from .postgres import PostgresStore
 
             assert settings.postgres_dsn is not None
-            stores.append(PostgresStore(settings.postgres_dsn))
+            stores.append(PostgresStore(settings.postgres_dsn,
+                                        search_timeout=settings.search_timeout))
         elif backend == "loki":
             from .loki import LokiStore
 

@@ -10,23 +10,42 @@ tsvector (prompt weight A, response weight B). Its syntax is forgiving like a we
 words (all must match), "quoted phrases", `or`, `-word`. A query with nothing searchable in it
 (only punctuation) is a BadQuery. PostgreSQL text cannot hold NUL characters, so NUL in any
 stored or searched string becomes U+FFFD. Values are always bound parameters.
+
+Budget: every read runs in a transaction whose `statement_timeout` is the search deadline, and
+its waiter gives up at the same deadline (waiting for a pooled connection included); a waiter
+that is cancelled (past the deadline, or its client went away) has psycopg cancel the query on
+the server. At most MAX_SEARCHES full-text reads hold pooled connections at once, so searches
+never take the connections that writes and the dashboard's figures need.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
 from ..query import STATUSES, BadQuery, Page, Query
-from . import FIELD_NAMES, FIELDS, Record, StoreError, column_filters
+from . import (
+    FIELD_NAMES,
+    FIELDS,
+    MAX_SEARCHES,
+    MAX_WAITING_SEARCHES,
+    QueryTimeout,
+    Record,
+    StoreBusy,
+    StoreError,
+    column_filters,
+)
 from .postgres_migrations import migrate
 
 try:
     from psycopg import AsyncConnection
     from psycopg.conninfo import conninfo_to_dict
+    from psycopg.errors import QueryCanceled
     from psycopg.types.json import set_json_loads
     from psycopg_pool import AsyncConnectionPool
 except ImportError as exc:  # pragma: no cover - depends on the install
@@ -37,6 +56,9 @@ if TYPE_CHECKING:
     from psycopg.rows import TupleRow
 
     Connection = AsyncConnection[TupleRow]
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 _POOL_SIZE = 4
 _TIMEOUT = 10.0  # seconds to connect, or to wait for a pooled connection
@@ -139,7 +161,7 @@ async def _configure(conn: Connection) -> None:
 class PostgresStore:
     name = "postgres"
 
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, search_timeout: float = 5.0) -> None:
         try:
             given = conninfo_to_dict(dsn)
         except Exception as exc:
@@ -153,6 +175,9 @@ class PostgresStore:
         if "connect_timeout" not in given:
             self._connect_args["connect_timeout"] = int(_TIMEOUT)
         self._pool_: AsyncConnectionPool[Connection] | None = None
+        self.search_timeout = search_timeout
+        self._search_slots = asyncio.Semaphore(MAX_SEARCHES)
+        self._searches = 0  # full-text reads running or waiting for a slot
 
     # --- writing ---------------------------------------------------------------------------
 
@@ -219,6 +244,42 @@ class PostgresStore:
 
     # --- reading ---------------------------------------------------------------------------
 
+    async def _read(self, query: Query | None, work: Callable[[Connection], Awaitable[T]]
+                    ) -> T:
+        """`work(connection)` within the search deadline, in a transaction bounded by the same
+        `statement_timeout`; a full-text `query` first waits for one of MAX_SEARCHES slots."""
+        full_text = query is not None and query.text is not None
+        if full_text and self._searches >= MAX_SEARCHES + MAX_WAITING_SEARCHES:
+            raise StoreBusy(MAX_SEARCHES)
+        timeout_ms = max(1, int(self.search_timeout * 1000))
+
+        async def run() -> T:
+            async with self._pool().connection() as conn, conn.transaction():
+                await conn.execute("SELECT set_config('statement_timeout', %s, true)",
+                                   (f"{timeout_ms}ms",))
+                if query is not None:
+                    await _check_text(conn, query)
+                return await work(conn)
+
+        async def bounded() -> T:
+            if not full_text:
+                return await run()
+            async with self._search_slots:
+                return await run()
+
+        self._searches += full_text
+        try:
+            return await asyncio.wait_for(bounded(), self.search_timeout)
+        except (asyncio.TimeoutError, QueryCanceled):
+            log.info("analytics: a query ran past %g s (ANALYTICS_SEARCH_TIMEOUT)",
+                     self.search_timeout)
+            raise QueryTimeout(self.search_timeout) from None
+        except asyncio.CancelledError:
+            log.info("analytics: a query was stopped (client gone)")
+            raise
+        finally:
+            self._searches -= full_text
+
     async def search(self, query: Query) -> Page:
         params: list[Any] = []
         base = _base(query, params)
@@ -232,21 +293,16 @@ class PostgresStore:
             else "i.seq DESC"
         sql = f"SELECT i.seq, {_COLUMNS} {base} ORDER BY {order} LIMIT %s OFFSET %s"
         params += [query.limit + 1, query.offset]
-        async with self._pool().connection() as conn:
-            await _check_text(conn, query)
-            cur = await conn.execute(sql, params)
-            rows = await cur.fetchall()
+        rows = await self._read(query, _fetch_all(sql, params))
         more = len(rows) > query.limit
         rows = rows[: query.limit]
         cursor = rows[-1][0] if more and rows and query.order == "time" else None
         return Page([_row(r[1:]) for r in rows], cursor)
 
     async def get(self, record_id: str) -> Record | None:
-        async with self._pool().connection() as conn:
-            cur = await conn.execute(f"SELECT {_COLUMNS} FROM interactions i WHERE i.id = %s",
-                                     (_text(record_id),))
-            row = await cur.fetchone()
-        return None if row is None else _row(row)
+        rows = await self._read(None, _fetch_all(
+            f"SELECT {_COLUMNS} FROM interactions i WHERE i.id = %s", [_text(record_id)]))
+        return _row(rows[0]) if rows else None
 
     async def export(self, query: Query) -> AsyncIterator[Record]:
         """Every matching record, newest first, a page at a time: no connection or snapshot is
@@ -265,10 +321,7 @@ class PostgresStore:
         sql = (f"SELECT i.model, count(*), max(i.started_at), sum(i.prompt_tokens)::bigint, "
                f"sum(i.completion_tokens)::bigint {_base(query, params)} "
                "GROUP BY i.model ORDER BY count(*) DESC")
-        async with self._pool().connection() as conn:
-            await _check_text(conn, query)
-            cur = await conn.execute(sql, params)
-            rows = await cur.fetchall()
+        rows = await self._read(query, _fetch_all(sql, params))
         return [{"model": m, "requests": n, "last_used": last, "prompt_tokens": pt or 0,
                  "completion_tokens": ct or 0} for m, n, last, pt, ct in rows]
 
@@ -280,10 +333,7 @@ class PostgresStore:
             "SELECT GROUPING(i.model, i.prompt_category), i.model, i.prompt_category, "
             f"{_figures(params)} {_base(query, params)} "
             "GROUP BY GROUPING SETS ((), (i.model), (i.prompt_category)) ORDER BY 1, 4 DESC")
-        async with self._pool().connection() as conn:
-            await _check_text(conn, query)
-            cur = await conn.execute(sql, params)
-            rows = await cur.fetchall()
+        rows = await self._read(query, _fetch_all(sql, params))
         out: dict[str, Any] = {"totals": None, "models": [], "categories": []}
         for grouping, model, category, *figures in rows:
             row: dict[str, Any] = {}
@@ -306,11 +356,16 @@ class PostgresStore:
         params: list[Any] = [step]
         sql = (f"SELECT floor(i.started_at / %s)::bigint AS bucket, {_figures(params)} "
                f"{_base(query, params)} GROUP BY bucket ORDER BY bucket")
-        async with self._pool().connection() as conn:
-            await _check_text(conn, query)
-            cur = await conn.execute(sql, params)
-            rows = await cur.fetchall()
+        rows = await self._read(query, _fetch_all(sql, params))
         return [{"start": bucket * step, **_row_figures(figures)} for bucket, *figures in rows]
+
+
+def _fetch_all(sql: str, params: list[Any]) -> Callable[[Connection], Awaitable[list[Any]]]:
+    async def fetch(conn: Connection) -> list[Any]:
+        cur = await conn.execute(sql, params)
+        return await cur.fetchall()
+
+    return fetch
 
 
 def _figures(params: list[Any]) -> str:

@@ -8,6 +8,14 @@ Memory: the page caches are small (the file is in the OS's cache anyway) and, on
 been idle for `idle_release` seconds, the writer's cache is shrunk, the reader connections are
 closed (reopened by the next read) and the freed heap is handed back to the OS, so a proxy that
 served a burst returns to its resting size.
+
+Budget: every read ends by the search deadline (`search_timeout`): the waiting side stops
+waiting and interrupts the connection (`Connection.interrupt()`), as it does when its caller is
+cancelled (the client went away); a progress handler makes the statement check the same flags,
+so an interrupt sent just before the statement started is not lost. Full-text reads run on
+threads of their own, at most MAX_SEARCHES at once (a few more wait; beyond that StoreBusy), so
+a costly search never holds the readers that lookups and the dashboard's figures use. A page of
+results stops at PAGE_BYTES of text (with a cursor to the rest).
 """
 
 from __future__ import annotations
@@ -18,10 +26,11 @@ import logging
 import math
 import sqlite3
 import threading
+import time
 from array import array
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,7 +39,18 @@ import orjson
 
 from ...heap import release_free_heap
 from ..query import BadQuery, Page, Query
-from . import BOOL_FIELDS, FIELD_NAMES, JSON_FIELDS, Record, StoreError, column_filters
+from . import (
+    BOOL_FIELDS,
+    FIELD_NAMES,
+    JSON_FIELDS,
+    MAX_SEARCHES,
+    MAX_WAITING_SEARCHES,
+    QueryTimeout,
+    Record,
+    StoreBusy,
+    StoreError,
+    column_filters,
+)
 from .sqlite_migrations import migrate, pending
 
 T = TypeVar("T")
@@ -40,6 +60,9 @@ _INSERT = (f"INSERT OR IGNORE INTO interactions ({', '.join(FIELD_NAMES)}) "
 _COLUMNS = ", ".join(f"i.{name}" for name in FIELD_NAMES)
 _EXPORT_PAGE = 1000
 RANK_WINDOW = 2_000  # ranked searches score the newest this many matches
+PAGE_BYTES = 16 * 2**20  # text in one page of results, at most (about; the last row may pass it)
+READERS = 2  # threads for reads without full text
+_PROGRESS_STEPS = 100_000  # virtual machine steps between two checks of a read's flags
 log = logging.getLogger(__name__)
 IDLE_RELEASE = 10.0  # seconds without a read or a write before the caches are let go
 
@@ -123,13 +146,37 @@ def _bad_search(exc: sqlite3.OperationalError) -> BadQuery:
     raise exc
 
 
+class _Read:
+    """One read, shared by its reader thread and its waiter: the connection it runs on (to
+    interrupt) and why the waiter gave up on it, if it did."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.lock = threading.Lock()
+        self.db: sqlite3.Connection | None = None
+        self.stopped: str | None = None
+
+    def stop(self, why: str) -> None:
+        with self.lock:
+            self.stopped = why
+            if self.db is not None:
+                self.db.interrupt()
+
+    def progress(self) -> bool:
+        """SQLite's progress handler: true stops the statement."""
+        return self.stopped is not None or time.monotonic() > self.deadline
+
+
 class SqliteStore:
     name = "sqlite"
 
-    def __init__(self, path: Path, idle_release: float = IDLE_RELEASE) -> None:
+    def __init__(self, path: Path, idle_release: float = IDLE_RELEASE,
+                 search_timeout: float = 5.0) -> None:
         self.path = path
+        self.search_timeout = search_timeout
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
-        self._readers = ThreadPoolExecutor(4, thread_name_prefix="sqlite-reader")
+        self._readers = ThreadPoolExecutor(READERS, thread_name_prefix="sqlite-reader")
+        self._searchers = ThreadPoolExecutor(MAX_SEARCHES, thread_name_prefix="sqlite-search")
         self._write_db: sqlite3.Connection | None = None
         self._local = threading.local()
         # Event-loop side: calls in flight, and the timer that lets memory go when none are.
@@ -142,52 +189,101 @@ class SqliteStore:
         self._reader_dbs: list[sqlite3.Connection] = []
         self._reading = 0
         self._generation = 0
+        # Full-text reads submitted and not yet over on their threads: one given up on by its
+        # waiter counts until its thread has stopped it.
+        self._searches = 0
 
-    async def _on(self, executor: ThreadPoolExecutor, fn: Callable[[], T]) -> T:
+    @contextlib.contextmanager
+    def _active(self) -> Iterator[None]:
+        """Counts a call in flight; when none is left, the memory is let go after
+        `idle_release` seconds (unless another call comes first)."""
         loop = asyncio.get_running_loop()
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
         self._busy += 1
         try:
-            return await loop.run_in_executor(executor, fn)
+            yield
         finally:
             self._busy -= 1
             if not self._busy and self._write_db is not None:
                 self._idle = loop.call_later(self._idle_release, self._writer.submit,
                                              self._release_memory)
 
+    async def _on(self, executor: ThreadPoolExecutor, fn: Callable[[], T]) -> T:
+        with self._active():
+            return await asyncio.get_running_loop().run_in_executor(executor, fn)
+
     async def _on_writer(self, fn: Callable[[], T]) -> T:
         return await self._on(self._writer, fn)
 
-    async def _on_reader(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def _on_reader(self, fn: Callable[[sqlite3.Connection], T], full_text: bool = False
+                         ) -> T:
+        """`fn(connection)` on a reader thread (a search thread for a full-text read), within
+        the search deadline: past it, or when the caller is cancelled, the read is
+        interrupted."""
         if self._write_db is None:  # the schema may not exist yet
             raise StoreError(f"the SQLite store at {self.path} is not open (yet)")
+        read = _Read(time.monotonic() + self.search_timeout)
+        with self._lock:
+            if full_text and self._searches >= MAX_SEARCHES + MAX_WAITING_SEARCHES:
+                raise StoreBusy(MAX_SEARCHES)
+            self._searches += full_text
+
+        def done(_: Future[T]) -> None:
+            with self._lock:
+                self._searches -= full_text
 
         def run() -> T:
-            with self._lock:
-                db = getattr(self._local, "db", None)
-                if db is not None and self._local.generation == self._generation:
-                    self._reading += 1
-                else:
-                    db = None
-            if db is None:  # this thread's first read, or its connection was let go
-                try:
-                    db = _connect(self.path, readonly=True)
-                except sqlite3.Error as exc:
-                    raise StoreError(f"cannot read the SQLite store at {self.path}: {exc}"
-                                     ) from None
-                with self._lock:
-                    self._local.db, self._local.generation = db, self._generation
-                    self._reader_dbs.append(db)
-                    self._reading += 1
+            db = self._reader_db()
             try:
-                return fn(db)
+                with read.lock:
+                    read.db = db
+                db.set_progress_handler(read.progress, _PROGRESS_STEPS)
+                try:
+                    return fn(db)
+                except sqlite3.OperationalError as exc:
+                    if str(exc) != "interrupted":
+                        raise
+                    why = read.stopped or "deadline"
+                    log.info("analytics: a query was stopped (%s)", why)
+                    raise QueryTimeout(self.search_timeout) from None
+                finally:
+                    db.set_progress_handler(None, 0)
+                    with read.lock:
+                        read.db = None
             finally:
                 with self._lock:
                     self._reading -= 1
 
-        return await self._on(self._readers, run)
+        with self._active():
+            future = (self._searchers if full_text else self._readers).submit(run)
+            future.add_done_callback(done)
+            try:
+                return await asyncio.wait_for(asyncio.wrap_future(future), self.search_timeout)
+            except asyncio.TimeoutError:
+                read.stop("deadline")  # its thread logs it, once it has stopped
+                raise QueryTimeout(self.search_timeout) from None
+            except asyncio.CancelledError:
+                read.stop("client gone")
+                raise
+
+    def _reader_db(self) -> sqlite3.Connection:
+        """This reader thread's connection, counted in `_reading` until the read is over."""
+        with self._lock:
+            db: sqlite3.Connection | None = getattr(self._local, "db", None)
+            if db is not None and self._local.generation == self._generation:
+                self._reading += 1
+                return db
+        try:  # this thread's first read, or its connection was let go
+            db = _connect(self.path, readonly=True)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read the SQLite store at {self.path}: {exc}") from None
+        with self._lock:
+            self._local.db, self._local.generation = db, self._generation
+            self._reader_dbs.append(db)
+            self._reading += 1
+        return db
 
     def _release_memory(self) -> None:
         """On the writer thread, after `idle_release` seconds without a call: shrink the
@@ -301,6 +397,7 @@ class SqliteStore:
         await self._on_writer(close_writer)
         self._writer.shutdown(wait=True)
         self._readers.shutdown(wait=True)
+        self._searchers.shutdown(wait=True)
         with self._lock:
             for db in self._reader_dbs:
                 db.close()
@@ -335,15 +432,13 @@ class SqliteStore:
 
         def run(db: sqlite3.Connection) -> Page:
             try:
-                rows = db.execute(sql, params).fetchall()
+                rows, more = _fetch_page(db.execute(sql, params), query)
             except sqlite3.OperationalError as exc:
                 raise _bad_search(exc) from None
-            more = len(rows) > query.limit
-            rows = rows[: query.limit]
             cursor = rows[-1][0] if more and rows and query.order == "time" else None
             return Page([_row(r[1:]) for r in rows], cursor)
 
-        return await self._on_reader(run)
+        return await self._on_reader(run, full_text=query.text is not None)
 
     async def get(self, record_id: str) -> Record | None:
         sql = f"SELECT {_COLUMNS} FROM interactions i WHERE i.id = ?"
@@ -380,7 +475,7 @@ class SqliteStore:
             return [{"model": m, "requests": n, "last_used": last, "prompt_tokens": pt or 0,
                      "completion_tokens": ct or 0} for m, n, last, pt, ct in rows]
 
-        return await self._on_reader(run)
+        return await self._on_reader(run, full_text=query.text is not None)
 
     async def stats(self, query: Query) -> dict[str, Any]:
         def run(db: sqlite3.Connection) -> dict[str, Any]:
@@ -399,7 +494,7 @@ class SqliteStore:
                                for c, f in _most_first(categories)],
             }
 
-        return await self._on_reader(run)
+        return await self._on_reader(run, full_text=query.text is not None)
 
     async def timeseries(self, query: Query, step: float) -> list[dict[str, Any]]:
         # The bucket is an integer computed in SQL, so 7 days of records are grouped where
@@ -412,7 +507,24 @@ class SqliteStore:
             return [{"start": bucket * step, **figures.row()}
                     for (bucket,), figures in sorted(groups, key=lambda g: g[0])]
 
-        return await self._on_reader(run)
+        return await self._on_reader(run, full_text=query.text is not None)
+
+
+def _fetch_page(cursor: sqlite3.Cursor, query: Query) -> tuple[list[Any], bool]:
+    """Up to `query.limit` rows, and whether more follow. In time order the page also ends
+    once its text passes PAGE_BYTES (the rest is one cursor away), so a page of very long
+    records is not held whole."""
+    rows: list[Any] = []
+    size = 0
+    try:
+        for row in cursor:
+            if len(rows) == query.limit or (size > PAGE_BYTES and query.order == "time"):
+                return rows, True
+            rows.append(row)
+            size += sum(len(v) for v in row if isinstance(v, str))
+        return rows, False
+    finally:
+        cursor.close()
 
 
 def _grouped(db: sqlite3.Connection, query: Query, keys: list[str],

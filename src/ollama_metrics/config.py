@@ -1,8 +1,9 @@
 """Configuration: one frozen dataclass, built and validated at the edge (CLI or tests).
 
 Library code never reads the environment; the CLI maps each option to its environment variable
-(ENV below) and builds a Config. A bad value raises ConfigError naming the setting and its
-variable, so the process fails at start with a message a user can act on.
+and builds a Config. The settings, their defaults and their checks are PROXY and OLLAMA in
+settings.py; build() adds the checks across settings. A bad value raises ConfigError naming the
+setting and its variable, so the process fails at start with a message a user can act on.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def connect_url(host: str, port: int) -> URL:
 
 
 def _fields(v: dict[str, Any]) -> dict[str, Any]:
-    """Checked settings → Config's fields: those that are not kept as given, then the rest."""
+    """Checked settings → Config's fields. A setting is the field of its name unless changed
+    here; one without a field is a TypeError, so a new setting cannot be left out."""
     host, port = parse_listen(v.pop("listen"))
     child_host, child_port = parse_listen(v.pop("ollama_host"))
     upstream = v.pop("upstream")

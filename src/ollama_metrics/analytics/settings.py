@@ -20,8 +20,8 @@ ENV = ANALYTICS.env  # setting name -> environment variable
 
 
 def _fields(v: dict[str, Any]) -> dict[str, Any]:
-    """Checked settings → AnalyticsConfig's fields (each named without the analytics_ prefix):
-    those that are not kept as given, then the rest."""
+    """Checked settings → AnalyticsConfig's fields. A setting is the field of its name without
+    the analytics_ prefix unless changed here; one without a field is a TypeError."""
     v = {name.removeprefix("analytics_"): value for name, value in v.items()}
     backend, patterns = v.pop("backend"), v.pop("redact_pattern")
     return {

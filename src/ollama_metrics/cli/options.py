@@ -31,8 +31,11 @@ class _Checked(_ParamType):
         self.setting = setting
         self.name = setting.type.name
 
-    def get_metavar(self, param: click.Parameter, ctx: click.Context) -> str | None:
-        return self.setting.type.get_metavar(param, ctx)
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None
+                    ) -> str | None:
+        inner: Any = self.setting.type  # click < 8.2 passes no ctx
+        metavar = inner.get_metavar(param, ctx) if ctx is not None else inner.get_metavar(param)
+        return None if metavar is None else str(metavar)
 
     def split_envvar_value(self, rv: str) -> Sequence[str]:
         return self.setting.type.split_envvar_value(rv)
@@ -63,8 +66,10 @@ def option(setting: Setting) -> Callable[[F], F]:
 
 def options(settings: Iterable[Setting]) -> Callable[[F], F]:
     """The options of `settings`, in their order."""
+    ordered = list(settings)
+
     def decorate(f: F) -> F:
-        for setting in reversed(list(settings)):
+        for setting in reversed(ordered):
             f = option(setting)(f)
         return f
     return decorate

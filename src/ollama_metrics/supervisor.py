@@ -131,7 +131,7 @@ class Supervisor:
                      "started by ollama-metrics, so it is not restarted if it stops)",
                      answer.version or "", config.ollama_host)
             return
-        host, port = parse_listen(config.ollama_host, "ollama_host")
+        host, port = parse_listen(config.ollama_host)
         if answer.who is not probe.Who.NOTHING or not probe.port_free(host, port):
             raise OllamaPortTaken(
                 f"{config.ollama_host}, where Ollama should listen, is taken by "

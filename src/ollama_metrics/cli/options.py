@@ -1,93 +1,101 @@
 """Options shared by every command that runs a proxy, each with its environment variable.
 
-The variables are named in config.ENV and shown in --help; `build_config` turns a bad value into a
-usage error that names the option.
+Each option is made from its Setting (..settings): name, variable, default, type, check and help
+are written there once. An option checks its value as the config's build() does, so a bad one
+is refused with the same words from the command line, a variable or Python.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from ..config import (
-    DEFAULT_LISTEN,
-    DEFAULT_OLLAMA_HOST,
-    DEFAULT_UPSTREAM,
-    ENV,
-    Config,
-    ConfigError,
-)
+from ..config import Config, ConfigError
+from ..settings import OLLAMA, PROXY, Setting
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+if TYPE_CHECKING:
+    _ParamType = click.ParamType[Any]
+else:  # ParamType is generic only in newer click releases
+    _ParamType = click.ParamType
 
-def _option(name: str, **kwargs: Any) -> Callable[[F], F]:
-    setting = name.removeprefix("--").replace("-", "_")
-    return click.option(name, envvar=ENV[setting], show_envvar=True, show_default=True, **kwargs)
+
+class _Checked(_ParamType):
+    """A setting's own click type, plus its check; refuses a value in ConfigError's words."""
+
+    def __init__(self, setting: Setting) -> None:
+        self.setting = setting
+        self.name = setting.type.name
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None
+                    ) -> str | None:
+        inner: Any = self.setting.type  # click < 8.2 passes no ctx
+        metavar = inner.get_metavar(param, ctx) if ctx is not None else inner.get_metavar(param)
+        return None if metavar is None else str(metavar)
+
+    def split_envvar_value(self, rv: str) -> Sequence[str]:
+        return self.setting.type.split_envvar_value(rv)
+
+    def shell_complete(self, ctx: click.Context, param: click.Parameter, incomplete: str
+                       ) -> list[click.shell_completion.CompletionItem]:
+        return self.setting.type.shell_complete(ctx, param, incomplete)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+                ) -> Any:
+        try:
+            return self.setting.parse_one(value)
+        except ConfigError as exc:
+            raise click.UsageError(str(exc), ctx) from None
+
+
+class _KeepEmpty(click.Option):
+    """An option whose empty environment variable is a value, not "unset" (Setting.keep_empty)."""
+
+    def resolve_envvar_value(self, ctx: click.Context) -> str | None:
+        value = super().resolve_envvar_value(ctx)
+        if value is None and isinstance(self.envvar, str):
+            return os.environ.get(self.envvar)
+        return value
+
+
+def option(setting: Setting) -> Callable[[F], F]:
+    """The click option of `setting`, reading its environment variable too."""
+    kwargs: dict[str, Any] = {}
+    if setting.is_flag:
+        decl = f"{setting.flag}/--no-{setting.flag.removeprefix('--')}"
+    else:
+        decl = setting.flag
+        kwargs.update(type=_Checked(setting), metavar=setting.metavar, multiple=setting.multiple)
+    if setting.keep_empty:
+        kwargs["cls"] = _KeepEmpty
+    return click.option(decl, setting.name, default=setting.default, help=setting.help,
+                        envvar=setting.env, show_envvar=True, show_default=True, **kwargs)
+
+
+def options(settings: Iterable[Setting]) -> Callable[[F], F]:
+    """The options of `settings`, in their order."""
+    ordered = list(settings)
+
+    def decorate(f: F) -> F:
+        for setting in reversed(ordered):
+            f = option(setting)(f)
+        return f
+    return decorate
 
 
 def proxy_options(f: F) -> F:
     """The options every command that runs a proxy shares."""
-    for decorator in reversed([
-        _option("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
-                help="Where clients connect (Ollama's usual address)."),
-        _option("--upstream", default=None, metavar="URL",
-                help="Forward to the Ollama already running at this URL (e.g. "
-                     f"{DEFAULT_UPSTREAM}). Without it, `ollama serve` is started at "
-                     "--ollama-host and supervised."),
-        _option("--connect-timeout", type=float, default=10.0, metavar="SECONDS",
-                help="Give up connecting to Ollama after this long (504)."),
-        _option("--idle-timeout", type=float, default=0.0, metavar="SECONDS",
-                help="Cut a reply Ollama stays silent in for this long; 0 never cuts "
-                     "(model loads and long generations have no upper bound)."),
-        _option("--header-timeout", type=float, default=60.0, metavar="SECONDS",
-                help="Close a client connection whose request head (request line and "
-                     "headers) takes longer than this to arrive; 0 never does."),
-        _option("--max-extra-models", type=int, default=20, metavar="N",
-                help="Model label values allowed beyond those in /api/tags before 'other'."),
-        _option("--model-refresh", type=float, default=60.0, metavar="SECONDS",
-                help="How often to re-read /api/tags for model label values."),
-        _option("--max-parse-bytes", type=int, default=32 * 1024 * 1024, metavar="BYTES",
-                help="Largest JSON request or reply body parsed for metrics; larger ones "
-                     "stream through unread."),
-        _option("--shutdown-grace", type=float, default=10.0, metavar="SECONDS",
-                help="On SIGTERM/SIGINT, how long requests in flight may take to finish."),
-        _option("--metrics-path", default="/metrics", metavar="PATH",
-                help="Where Prometheus scrapes."),
-        _option("--log-level", default="INFO",
-                type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-                help="Log verbosity. Prompt text is never logged."),
-    ]):
-        f = decorator(f)
-    return f
+    return options(PROXY)(f)
 
 
 # --- Ollama wrapper ---
 def ollama_options(f: F) -> F:
     """How the proxy starts and watches `ollama serve` (when no --upstream is given)."""
-    for decorator in reversed([
-        _option("--ollama-host", default=DEFAULT_OLLAMA_HOST, metavar="HOST:PORT",
-                help="Where the Ollama started by the proxy listens (its OLLAMA_HOST)."),
-        _option("--ollama-bin", default="ollama", metavar="PATH",
-                help="The ollama program: a name looked up on PATH, or a path."),
-        _option("--ollama-start-timeout", type=float, default=60.0, metavar="SECONDS",
-                help="How long `ollama serve` may take to answer after it starts."),
-        _option("--ollama-stop-grace", type=float, default=10.0, metavar="SECONDS",
-                help="On shutdown, how long Ollama may take to stop before it is killed."),
-        _option("--restart-backoff", type=float, default=1.0, metavar="SECONDS",
-                help="Wait before restarting an Ollama that exited; doubles with each "
-                     "failure in a row."),
-        _option("--restart-backoff-max", type=float, default=30.0, metavar="SECONDS",
-                help="The longest wait between restarts."),
-        _option("--ps-interval", type=float, default=10.0, metavar="SECONDS",
-                help="How often /api/ps is read for the loaded-model gauges; 0 turns them "
-                     "off."),
-    ]):
-        f = decorator(f)
-    return f
+    return options(OLLAMA)(f)
 
 
 def _given(ctx: click.Context, source: click.core.ParameterSource) -> list[click.Option]:
@@ -118,6 +126,13 @@ def given_environ(ctx: click.Context) -> dict[str, str]:
     where other users could read them)."""
     return {str(p.envvar): os.environ[str(p.envvar)]
             for p in _given(ctx, click.core.ParameterSource.ENVIRONMENT)}
+
+
+def from_environ(*names: str) -> dict[str, str]:
+    """The settings `names` that are set by their environment variables (for a command that
+    takes no options of its own)."""
+    settings = [(PROXY + OLLAMA)[name] for name in names]
+    return {s.name: os.environ[s.env] for s in settings if s.env in os.environ}
 
 
 def build_config(**options: Any) -> Config:

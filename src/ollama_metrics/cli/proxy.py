@@ -75,7 +75,12 @@ def serve(**options: Any) -> None:
 def config_from_args(serve_args: Sequence[str]) -> tuple[Config, AnalyticsConfig]:
     """The settings `ollama-metrics serve ARGS` would run with (click.UsageError if invalid), for
     a service that stored its `serve` options."""
-    with serve.make_context("serve", list(serve_args)) as ctx:
+    from . import main
+
+    # Under main's context, as from a shell: a context of its own would leave `serve` with
+    # main's help option names lost (click keeps the first help option it makes).
+    with click.Context(main, info_name="ollama-metrics", **main.context_settings) as parent, \
+            serve.make_context("serve", list(serve_args), parent=parent) as ctx:
         options = dict(ctx.params)
     analytics = build_analytics(**split_analytics(options))
     return build_config(**options), analytics

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from ..config import DEFAULT_LISTEN
+from ..settings import PROXY
 
 
 def _url(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -20,7 +20,7 @@ def _url(ctx: click.Context, param: click.Parameter, value: str) -> str:
 
 
 @click.command()
-@click.option("--url", default=f"http://{DEFAULT_LISTEN}", envvar="OLLAMA_METRICS_URL",
+@click.option("--url", default=f"http://{PROXY['listen'].default}", envvar="OLLAMA_METRICS_URL",
               show_envvar=True, show_default=True, callback=_url, metavar="URL",
               help="The proxy to watch.")
 @click.option("--token", default=None, envvar="ANALYTICS_TOKEN", show_envvar=True,

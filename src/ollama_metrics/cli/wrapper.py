@@ -11,8 +11,7 @@ from typing import Any
 
 import click
 
-from ..config import DEFAULT_LISTEN, ENV
-from .options import build_config, given_args, ollama_options, proxy_options
+from .options import build_config, from_environ, given_args, ollama_options, proxy_options
 from .proxy import EXIT_FAILED, EXIT_NO_OLLAMA, fail, start_errors
 
 
@@ -63,8 +62,7 @@ def passthrough(args: tuple[str, ...]) -> None:
     from ..passthrough import OllamaNotFound, find_ollama, proxy_url, run_ollama
     from ..probe import Who, identify
 
-    config = build_config(listen=os.environ.get(ENV["listen"], DEFAULT_LISTEN),
-                          ollama_bin=os.environ.get(ENV["ollama_bin"], "ollama"))
+    config = build_config(**from_environ("listen", "ollama_bin"))
     try:
         binary = find_ollama(config.ollama_bin, os.environ)
     except OllamaNotFound as exc:

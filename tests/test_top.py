@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ from helpers import fake_process, proxy_process, settle
 from ollama_metrics.analytics.settings import AnalyticsConfig
 from ollama_metrics.app import LIVE
 from ollama_metrics.top import render
+from services import require
 from wrapper_helpers import free_port
 
 LONG = "an-extremely-long-model-name-that-no-column-can-hold-whole:70b"
@@ -169,8 +169,7 @@ class Tmux:
 
 @contextmanager
 def tmux(tmp_path: Path, command: list[str]) -> Iterator[Tmux]:
-    binary = shutil.which("tmux")
-    assert binary, "tmux is missing: apt-get install -y tmux"
+    require("tmux")
     term = Tmux(tmp_path / "tmux.sock", f"top-{os.getpid()}")
     try:
         term("new-session", "-d", "-s", term.session, "-x", "160", "-y", "45", *command)

@@ -26,6 +26,8 @@ import yaml
 from helpers import fake_process, proxy_process
 from services import require
 
+pytestmark = pytest.mark.slow(reason="promtool, docker compose and a proxy process")
+
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "ollama-metrics.json"

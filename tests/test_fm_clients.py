@@ -31,6 +31,8 @@ from helpers import (
 )
 from wire import MIB, Watch, open_fds, upstream
 
+pytestmark = pytest.mark.slow(reason="proxy processes, 500 dribbling sockets, 200 MB relayed")
+
 # --- 4, 5. Client disconnects -------------------------------------------------------------------
 
 async def test_fm04_client_disconnect_mid_stream(

@@ -249,6 +249,7 @@ FM22_PROBES = {
 }
 
 
+@pytest.mark.slow(reason="a proxy process per probe")
 @pytest.mark.parametrize("probe", FM22_PROBES)
 async def test_fm22_smuggling_probes(probe: str, http: aiohttp.ClientSession) -> None:
     """Smuggling / parser probes over raw sockets: CL+TE together, obfuscated TE, LF in chunk

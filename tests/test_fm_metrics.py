@@ -25,6 +25,7 @@ from ollama_metrics.metrics import DURATION_BUCKETS, TTFT_BUCKETS
 
 # --- 16. Cardinality --------------------------------------------------------------------------
 
+@pytest.mark.slow(reason="10,000 requests")
 async def test_fm16_cardinality_stays_bounded(fake: FakeOllama, start_proxy: StartProxy) -> None:
     """10,000 requests with random model names, random blob digests, random first words ⇒
     `/metrics` series count bounded (≤ configured models + "other"), size < fixed KB, no

@@ -47,6 +47,7 @@ FM01_CASES = [
 
 @pytest.mark.parametrize(("path", "body", "content_type"), FM01_CASES,
                          ids=["no-stream-field", "stream-true-spaced", "stream-false", "v1-sse"])
+@pytest.mark.slow(reason="paced 200 ms frames, direct and proxied")
 async def test_fm01_default_streaming_frame_by_frame(
     fake: FakeOllama, proxy: RunningProxy, http: aiohttp.ClientSession, path: str, body: bytes,
     content_type: str,
@@ -115,6 +116,7 @@ async def test_fm02_split_lines(fake: FakeOllama, start_proxy: StartProxy,
 
 # --- 3. Long generation -------------------------------------------------------------------------
 
+@pytest.mark.slow(reason="8 s of time-scaled streaming")
 async def test_fm03_long_generation_and_idle_timeout(
     fake: FakeOllama, start_proxy: StartProxy, http: aiohttp.ClientSession, tmp_path: Path,
 ) -> None:
@@ -180,6 +182,7 @@ async def test_fm03_long_generation_and_idle_timeout(
 
 # --- 14. Progress streams ---------------------------------------------------------------------
 
+@pytest.mark.slow(reason="5 s of time-scaled progress")
 async def test_fm14_pull_and_create_progress_outlast_timeouts(
     fake: FakeOllama, start_proxy: StartProxy, http: aiohttp.ClientSession,
 ) -> None:

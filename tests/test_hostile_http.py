@@ -25,6 +25,8 @@ from fake_ollama import FakeOllama, Scenario
 from helpers import Process, fake_process, proxy_process, raw_request
 from wire import Reply, parse_replies, startup_done
 
+pytestmark = pytest.mark.slow(reason="raw sockets against proxy processes, with header timeouts")
+
 SMUGGLED = b"GET /api/ps HTTP/1.1\r\nHost: x\r\n\r\n"
 
 

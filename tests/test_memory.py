@@ -12,6 +12,8 @@ import pytest
 
 from helpers import fake_process, proxy_process
 
+pytestmark = pytest.mark.slow(reason="RSS of proxy processes under load")
+
 CHUNK = bytes(range(256)) * 4096  # 1 MiB
 COUNT = 1024  # 1 GiB
 

@@ -34,6 +34,8 @@ import yaml
 from helpers import Process, fake_process, proxy_process
 from services import require
 
+pytestmark = pytest.mark.slow(reason="a real Prometheus scraping a proxy process, and promtool")
+
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "ollama-metrics.json"

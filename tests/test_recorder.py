@@ -105,6 +105,7 @@ async def test_full_queue_drops_and_counts_never_delays(
     assert stored + dropped == 40  # every record either stored or counted as dropped
 
 
+@pytest.mark.slow(reason="waits for retries")
 async def test_failing_store_is_retried_and_others_carry_on(
     fake: FakeOllama, start_proxy: StartProxy, http: aiohttp.ClientSession, tmp_path: Path,
     loki: LokiReceiver,

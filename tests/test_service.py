@@ -28,7 +28,8 @@ from ollama_metrics.service.windows import ServiceRunner, WindowsService
 from services import require
 from wrapper_helpers import free_port, get, gone, runs, standin_path, use_standin, wait_until
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.slow(reason="systemd-analyze and service processes"),
+              pytest.mark.timeout(60)]
 
 ODD = "/opt/odd dir/100% \"ollama\" $HOME"  # spaces, a specifier, quotes, a variable
 

@@ -17,6 +17,8 @@ from click.testing import CliRunner
 
 from ollama_metrics.cli import main
 
+pytestmark = pytest.mark.slow(reason="runs --help of every command in a process of its own")
+
 SURFACE = Path(__file__).parent / "surface"
 
 

@@ -90,7 +90,6 @@ async def test_fm05_client_disconnect_before_first_byte(
 # --- 21. Slow clients ---------------------------------------------------------------------------
 
 
-@pytest.mark.slow
 async def test_fm21_slow_clients_dribbling_headers(http: aiohttp.ClientSession) -> None:
     """500 sockets dribbling header bytes every 5 s ⇒ legit requests still served with bounded
     p99; FD count bounded.
@@ -162,7 +161,6 @@ def _firehose(sent: list[int], total: int) -> web.Application:
     return app
 
 
-@pytest.mark.slow
 async def test_fm21_slow_reader_is_not_buffered_for() -> None:
     """(and a slow *reader* client doesn't make the proxy buffer the whole upstream response —
     write backpressure honored).
@@ -197,7 +195,6 @@ async def test_fm21_slow_reader_is_not_buffered_for() -> None:
 
 # --- 23. Graceful shutdown ----------------------------------------------------------------------
 
-@pytest.mark.slow
 async def test_fm23_graceful_shutdown_with_streams_in_flight(tmp_path: Path) -> None:
     """SIGTERM with 10 streams in flight ⇒ they finish within the grace period or are closed;
     completed requests' rows flushed.

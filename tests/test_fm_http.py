@@ -113,7 +113,7 @@ async def test_fm11_gzip_reply_decodes_with_its_header(
 
 # --- 12. Big JSON ---------------------------------------------------------------------------------
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="a 20 MB body through a proxy process")
 async def test_fm12_big_json_with_images(http: aiohttp.ClientSession, tmp_path: Path) -> None:
     """20 MB `/api/chat` with base64 `images` ⇒ 200 (no 413), proxy RSS rise < 3x body, stored
     row holds image count/size/hash, not base64; stored text truncated to the configured cap."""
@@ -145,7 +145,7 @@ async def test_fm12_big_json_with_images(http: aiohttp.ClientSession, tmp_path: 
 
 # --- 13. Blob upload --------------------------------------------------------------------------
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="1 GiB uploaded through a proxy process")
 async def test_fm13_one_gigabyte_blob_upload(tmp_path: Path) -> None:
     """1 GB generated `PUT /api/blobs/sha256:<d>` ⇒ mock digest matches, proxy RSS rise < 50 MB
     (streamed), `HEAD` passes through, no body in analytics.

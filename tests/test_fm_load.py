@@ -46,7 +46,6 @@ pytestmark = pytest.mark.slow(reason="hundreds of concurrent requests and stream
 
 # --- 17. SQLite under contention --------------------------------------------------------------
 
-@pytest.mark.slow
 @pytest.mark.uvloop
 async def test_fm17_sqlite_contention(start_proxy: StartProxy, http: aiohttp.ClientSession,
                                       tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -77,7 +76,6 @@ async def test_fm17_sqlite_contention(start_proxy: StartProxy, http: aiohttp.Cli
 
 # --- 18. Backpressure ---------------------------------------------------------------------------
 
-@pytest.mark.slow
 @pytest.mark.uvloop
 async def test_fm18_backpressure_drops_never_delays(http: aiohttp.ClientSession) -> None:
     """Writer slowed to 100 ms/row at 500 RPS ⇒ queue length ≤ cap, `dropped_total` grows,
@@ -125,7 +123,6 @@ async def test_fm18_backpressure_drops_never_delays(http: aiohttp.ClientSession)
 
 # --- 19. Concurrency ----------------------------------------------------------------------------
 
-@pytest.mark.slow
 @pytest.mark.uvloop
 async def test_fm19_five_hundred_concurrent_streams(tmp_path: Path) -> None:
     """500-1,000 concurrent streams (64 frames @20 ms) ⇒ zero lost frames, inter-frame added p99
@@ -163,7 +160,6 @@ async def test_fm19_five_hundred_concurrent_streams(tmp_path: Path) -> None:
     assert reused <= pooled  # ...and reused, not opened anew
 
 
-@pytest.mark.slow
 async def test_fm19_streams_beyond_a_low_open_file_limit() -> None:
     """Started with a soft open-file limit of 256 (macOS's default; Linux desktops have 1,024),
     the proxy lifts it to the hard limit as Ollama does, so 300 concurrent streams (600
@@ -198,7 +194,6 @@ async def test_fm19_streams_beyond_a_low_open_file_limit() -> None:
 
 # --- 25. Soak -------------------------------------------------------------------------------------
 
-@pytest.mark.slow
 async def test_fm25_soak_time_scaled() -> None:
     """10 min mixed load ⇒ RSS slope < 1 MiB/min, returns near baseline after; privacy: no
     request bodies in INFO logs.

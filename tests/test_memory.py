@@ -18,7 +18,6 @@ CHUNK = bytes(range(256)) * 4096  # 1 MiB
 COUNT = 1024  # 1 GiB
 
 
-@pytest.mark.slow
 async def test_1gb_blob_upload_keeps_proxy_memory_flat() -> None:
     digest = hashlib.sha256()
     for _ in range(COUNT):

@@ -223,7 +223,7 @@ async def test_jsonl_rotates_and_stays_readable(tmp_path: Path) -> None:
     assert sorted(r["id"] for r in lines) == sorted(f"r{n}" for n in range(60))
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="streams through a proxy process stopped by SIGTERM")
 def test_sigterm_drains_records_in_flight(tmp_path: Path) -> None:
     """SIGTERM with streams in flight: they finish, and every one of them is stored."""
     scenarios = orjson.dumps({"slow:latest": {"tokens": ["a"] * 10, "token_delay": 0.1},

@@ -55,7 +55,6 @@ def metric_names(exposition: str) -> list[str]:
                   if line.startswith("# TYPE "))
 
 
-@pytest.mark.slow
 def test_metric_names_are_unchanged() -> None:
     assert metric_names(_scrape()) == (SURFACE / "metrics.txt").read_text().split()
 

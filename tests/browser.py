@@ -5,7 +5,6 @@ Manager never runs) and the browser's background services are off."""
 from __future__ import annotations
 
 import base64
-import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +16,8 @@ from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.chrome.webdriver import WebDriver
 
+from services import require
+
 ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
 
 FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -26,9 +27,7 @@ FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-u
 
 @contextmanager
 def chromium(width: int = 1280, height: int = 800, *flags: str) -> Iterator[WebDriver]:
-    browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    assert browser and driver, \
-        "Chromium is missing: apt-get install -y chromium chromium-driver"
+    browser, driver = require("chromium"), require("chromedriver", "chromium-driver")
     with tempfile.TemporaryDirectory(prefix="ollama-metrics-chromium-") as profile:
         options = Options()
         options.binary_location = browser

@@ -5,6 +5,11 @@ on 127.0.0.1 and a free port, with its socket in that directory (never the syste
 server refuses to run as root, so as root its files belong to `postgres` and its programs run
 as that user. Trust authentication and fsync off: it lives for one test session.
 
+`require(tool, package)`: the path of a program a test needs. When it is not installed, the test
+is skipped with the reason and the package to install -- except where `CI` is set (CI systems
+set `CI=true`, and so does .ci/run), where it fails: the full run in CI installs every service
+and must skip none of them.
+
 `loki`: a LokiReceiver (tests/loki_receiver.py) on a loopback port, one per test, that checks
 pushes against Loki's documented push format and keeps what it stored.
 """
@@ -20,6 +25,7 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -33,14 +39,25 @@ def _free_port() -> int:
         return port
 
 
+def missing(what: str, package: str) -> NoReturn:
+    """Skip the test for want of `what`, naming the Debian package to install; fail under CI."""
+    reason = f"{what} is not installed: apt-get install -y {package}"
+    if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
+        pytest.fail(f"{reason} (CI is set, where nothing may be skipped)", pytrace=False)
+    pytest.skip(reason)
+
+
+def require(tool: str, package: str | None = None) -> str:
+    """The path of the program `tool`, or a skip (a failure under CI) naming its package."""
+    return shutil.which(tool) or missing(tool, package or tool)
+
+
 def _postgres_bin() -> Path:
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
                    key=lambda p: int(Path(p).parent.parent.name))
     if found:
         return Path(found[-1]).parent
-    initdb = shutil.which("initdb")
-    assert initdb, "PostgreSQL is missing: apt-get install -y postgresql"
-    return Path(initdb).parent
+    return Path(require("initdb", "postgresql")).parent
 
 
 @pytest.fixture(scope="session")

@@ -296,6 +296,7 @@ async def test_sql_injection_in_every_parameter(api: RunningProxy, http: aiohttp
     assert len(await _ids(http, api)) == 24  # and the table is still there, whole
 
 
+@pytest.mark.slow(reason="a 2 s stream")
 async def test_live_shows_requests_in_flight_and_recent(fake: FakeOllama, start_proxy: StartProxy,
                                                        http: aiohttp.ClientSession) -> None:
     from fake_ollama import Scenario

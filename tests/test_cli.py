@@ -1,4 +1,5 @@
-"""The `ollama-metrics` command as a user runs it: real processes, real ports, real signals."""
+"""The `ollama-metrics` command: options, help and config errors in-process (click's CliRunner);
+real processes where the process is the point -- ports, signals, start-up, the log."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from helpers import Process, fake_process, proxy_process
+from ollama_metrics.cli import main
 
 
 def _run(*args: str, timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
@@ -20,8 +23,8 @@ def _run(*args: str, timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
 
 
 def test_version_and_help() -> None:
-    assert _run("--version").stdout.startswith("ollama-metrics, version ")
-    text = _run("serve", "--help").stdout
+    assert CliRunner().invoke(main, ["--version"]).stdout.startswith("ollama-metrics, version ")
+    text = CliRunner().invoke(main, ["serve", "--help"]).stdout
     for var in ("OLLAMA_METRICS_LISTEN", "OLLAMA_METRICS_UPSTREAM", "127.0.0.1:11434",
                 "http://127.0.0.1:11435"):
         assert var in text
@@ -56,12 +59,10 @@ def test_port_in_use_names_the_port() -> None:
     (["--analytics-token", "   "], {}, "--analytics-token (ANALYTICS_TOKEN): is empty"),
 ])
 def test_bad_config_fails_at_start_naming_the_setting(
-    args: list[str], env: dict[str, str], named: str, monkeypatch: pytest.MonkeyPatch,
+    args: list[str], env: dict[str, str], named: str,
 ) -> None:
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    result = _run("serve", *args)
-    assert result.returncode == 2
+    result = CliRunner().invoke(main, ["serve", *args], env=env)
+    assert result.exit_code == 2, result.output
     assert named in result.stderr
 
 

@@ -1,18 +1,20 @@
-"""`ollama-metrics search | stats | export` against a real store, as a user types them."""
+"""`ollama-metrics search | stats | export` against a real store, as a user types them (in-process,
+with click's CliRunner)."""
 
 from __future__ import annotations
 
 import asyncio
 import csv
 import io
-import subprocess
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
 import pytest
+from click.testing import CliRunner
 
 from analytics_helpers import DATA, _seed
+from ollama_metrics.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +24,18 @@ def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-def cli(store_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ollama_metrics", *args, "--analytics-dir",
-                           str(store_dir)], capture_output=True, text=True, timeout=30)
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli(store_dir: Path, *args: str) -> Ran:
+    result = CliRunner().invoke(main, [*args, "--analytics-dir", str(store_dir)])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return Ran(result.exit_code, result.stdout, result.stderr)
 
 
 def test_search_table_and_json(store_dir: Path) -> None:

@@ -33,6 +33,8 @@ from ollama_metrics.analytics.settings import AnalyticsConfig
 from ollama_metrics.categorize import CATEGORIES
 from ollama_metrics.dashboard import routes
 
+pytestmark = pytest.mark.slow(reason="drives a real headless Chromium")
+
 TOKEN = "dashboard-s3cret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "

@@ -24,6 +24,9 @@ import pytest
 import yaml
 
 from helpers import fake_process, proxy_process
+from services import require
+
+pytestmark = pytest.mark.slow(reason="promtool, docker compose and a proxy process")
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -131,7 +134,8 @@ def test_prometheus_in_compose_scrapes_the_proxy_and_loads_the_rules() -> None:
     for rule_file in config["rule_files"]:
         in_container = PurePosixPath(config_path).parent / rule_file
         assert mounted_file(prometheus, str(in_container)) == DEPLOY / "prometheus" / rule_file
-    result = subprocess.run(["promtool", "check", "config", str(config_file)],
+    promtool = require("promtool", "prometheus")
+    result = subprocess.run([promtool, "check", "config", str(config_file)],
                             capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
 

@@ -40,8 +40,9 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Hypothesis builds its failure report under pytest's warnings filter, and imports a deprecated
 # module on the way: that must not turn a found bug into an internal error.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:mypy_extensions.TypedDict is deprecated:DeprecationWarning")
+pytestmark = [pytest.mark.slow(reason="Hypothesis runs of hundreds of examples each"),
+              pytest.mark.filterwarnings(
+    "ignore:mypy_extensions.TypedDict is deprecated:DeprecationWarning")]
 
 NDJSON, SSE, JSON = "application/x-ndjson", "text/event-stream", "application/json"
 CONTENT_TYPES = [NDJSON, SSE, JSON, "application/json; charset=utf-8", "text/plain", ""]

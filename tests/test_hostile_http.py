@@ -25,6 +25,8 @@ from fake_ollama import FakeOllama, Scenario
 from helpers import Process, fake_process, proxy_process, raw_request
 from wire import Reply, parse_replies, startup_done
 
+pytestmark = pytest.mark.slow(reason="raw sockets against proxy processes, with header timeouts")
+
 SMUGGLED = b"GET /api/ps HTTP/1.1\r\nHost: localhost\r\n\r\n"
 
 
@@ -316,7 +318,7 @@ async def test_connections_that_send_nothing_are_closed_after_the_header_timeout
     (aiohttp alone keeps them an hour), while a connection opened with them and silent for 0.3 s
     before its request is served."""
     proxy = await start_proxy(fake.url, header_timeout=HEAD_TIMEOUT)
-    late = b"GET /api/version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    late = b"GET /api/version HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
     silent = [_dribble(proxy.port, [], 0, wait=3.0) for _ in range(200)]
     results = await asyncio.gather(_dribble(proxy.port, [b"", late], 0.3), *silent)
     (served, _), closings = results[0], results[1:]

@@ -12,11 +12,12 @@ import pytest
 
 from helpers import fake_process, proxy_process
 
+pytestmark = pytest.mark.slow(reason="RSS of proxy processes under load")
+
 CHUNK = bytes(range(256)) * 4096  # 1 MiB
 COUNT = 1024  # 1 GiB
 
 
-@pytest.mark.slow
 async def test_1gb_blob_upload_keeps_proxy_memory_flat() -> None:
     digest = hashlib.sha256()
     for _ in range(COUNT):

@@ -19,7 +19,8 @@ import pytest
 from helpers import fake_process
 from wrapper_helpers import free_port, get, gone, runs, use_standin, wrapper_process
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.slow(reason="starts and stops Ollama and proxy processes"),
+              pytest.mark.timeout(60)]
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 import socket
 import subprocess
 import time
@@ -33,6 +32,9 @@ import pytest
 import yaml
 
 from helpers import Process, fake_process, proxy_process
+from services import require
+
+pytestmark = pytest.mark.slow(reason="a real Prometheus scraping a proxy process, and promtool")
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -284,8 +286,7 @@ def prometheus_config(target: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    binary = shutil.which("prometheus")
-    assert binary, "Prometheus is missing: apt-get install -y prometheus"
+    binary = require("prometheus")
     tmp = tmp_path_factory.mktemp("prometheus")
     with fake_process("--scenarios", json.dumps(SCENARIOS)) as fake, \
             proxy_process(fake.url) as proxy:
@@ -333,7 +334,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 def test_promtool_check_rules() -> None:
-    result = subprocess.run(["promtool", "check", "rules", str(RULES)],
+    result = subprocess.run([require("promtool", "prometheus"), "check", "rules", str(RULES)],
                             capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(rules())} rules found" in result.stdout
@@ -341,7 +342,8 @@ def test_promtool_check_rules() -> None:
 
 def test_promtool_rule_unit_tests() -> None:
     """Each alert fires on the input meant to trigger it and not on its neighbours."""
-    result = subprocess.run(["promtool", "test", "rules", RULE_TESTS.name], cwd=RULE_TESTS.parent,
+    promtool = require("promtool", "prometheus")
+    result = subprocess.run([promtool, "test", "rules", RULE_TESTS.name], cwd=RULE_TESTS.parent,
                             capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     tested = set(re.findall(r"alertname: (\w+)", RULE_TESTS.read_text()))

@@ -105,6 +105,7 @@ async def test_full_queue_drops_and_counts_never_delays(
     assert stored + dropped == 40  # every record either stored or counted as dropped
 
 
+@pytest.mark.slow(reason="waits for retries")
 async def test_failing_store_is_retried_and_others_carry_on(
     fake: FakeOllama, start_proxy: StartProxy, http: aiohttp.ClientSession, tmp_path: Path,
     loki: LokiReceiver,
@@ -224,7 +225,7 @@ async def test_jsonl_rotates_and_stays_readable(tmp_path: Path) -> None:
     assert sorted(r["id"] for r in lines) == sorted(f"r{n}" for n in range(60))
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="streams through a proxy process stopped by SIGTERM")
 def test_sigterm_drains_records_in_flight(tmp_path: Path) -> None:
     """SIGTERM with streams in flight: they finish, and every one of them is stored."""
     scenarios = orjson.dumps({"slow:latest": {"tokens": ["a"] * 10, "token_delay": 0.1},

@@ -176,6 +176,7 @@ async def test_static_files_never_leave_their_directory(guarded: RunningProxy) -
 MARKER = "PRIVATE-WORDS-7f3a"
 
 
+@pytest.mark.slow(reason="a proxy process")
 async def test_prompt_text_never_in_the_log_at_info(tmp_path: Path) -> None:
     """Every path that logs, with prompts that carry MARKER: Ollama errors and cut replies,
     an unreachable Ollama, clients that leave, a store that cannot be written, and requests

@@ -25,9 +25,11 @@ from ollama_metrics.service.launchd import LABEL, Launchd, plist
 from ollama_metrics.service.systemd import Systemd, unit_text
 from ollama_metrics.service.tray import Tray, build_icon, icon_image, show
 from ollama_metrics.service.windows import ServiceRunner, WindowsService
+from services import require
 from wrapper_helpers import free_port, get, gone, runs, standin_path, use_standin, wait_until
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.slow(reason="systemd-analyze and service processes"),
+              pytest.mark.timeout(60)]
 
 ODD = "/opt/odd dir/100% \"ollama\" $HOME"  # spaces, a specifier, quotes, a variable
 
@@ -50,7 +52,8 @@ def verify(unit: str, tmp_path: Path, user: bool) -> subprocess.CompletedProcess
     path.write_text(unit)
     runtime = tmp_path / "runtime"
     runtime.mkdir(mode=0o700, exist_ok=True)
-    return subprocess.run(["systemd-analyze", *(["--user"] if user else []), "verify", str(path)],
+    analyze = require("systemd-analyze", "systemd")
+    return subprocess.run([analyze, *(["--user"] if user else []), "verify", str(path)],
                           capture_output=True, text=True, timeout=60,
                           env={**os.environ, "XDG_RUNTIME_DIR": str(runtime)})
 

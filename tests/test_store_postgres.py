@@ -21,6 +21,8 @@ from ollama_metrics.analytics.stores.postgres_migrations import MIGRATIONS, migr
 from services import new_postgres_schema
 from store_records import full_record, sparse_record
 
+pytestmark = pytest.mark.slow(reason="a real PostgreSQL server")
+
 
 @pytest.fixture
 async def dsn(postgres_dsn: str) -> str:

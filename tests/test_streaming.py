@@ -119,6 +119,7 @@ async def test_disconnect_mid_stream_closes_upstream(
     assert proxy.sample("ollama_errors_total", error_type="reset") == 0  # not Ollama's fault
 
 
+@pytest.mark.slow(reason="waits out a slow first byte")
 async def test_no_total_timeout_on_slow_first_byte(
     fake: FakeOllama, start_proxy: StartProxy, http: aiohttp.ClientSession,
 ) -> None:

@@ -30,7 +30,8 @@ from wrapper_helpers import (
     wrapper_process,
 )
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.slow(reason="starts, restarts and stops Ollama processes"),
+              pytest.mark.timeout(60)]
 
 
 @pytest.fixture

@@ -17,6 +17,8 @@ from click.testing import CliRunner
 
 from ollama_metrics.cli import main
 
+pytestmark = pytest.mark.slow(reason="runs --help of every command in a process of its own")
+
 SURFACE = Path(__file__).parent / "surface"
 
 
@@ -53,7 +55,6 @@ def metric_names(exposition: str) -> list[str]:
                   if line.startswith("# TYPE "))
 
 
-@pytest.mark.slow
 def test_metric_names_are_unchanged() -> None:
     assert metric_names(_scrape()) == (SURFACE / "metrics.txt").read_text().split()
 

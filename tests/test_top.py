@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import threading
@@ -20,13 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
+from click.testing import CliRunner
 
 from conftest import StartProxy
 from fake_ollama import FakeOllama, Scenario
 from helpers import fake_process, proxy_process, settle
 from ollama_metrics.analytics.settings import AnalyticsConfig
 from ollama_metrics.app import LIVE
+from ollama_metrics.cli import main
 from ollama_metrics.top import render
+from services import require
 from wrapper_helpers import free_port
 
 LONG = "an-extremely-long-model-name-that-no-column-can-hold-whole:70b"
@@ -169,8 +172,7 @@ class Tmux:
 
 @contextmanager
 def tmux(tmp_path: Path, command: list[str]) -> Iterator[Tmux]:
-    binary = shutil.which("tmux")
-    assert binary, "tmux is missing: apt-get install -y tmux"
+    require("tmux")
     term = Tmux(tmp_path / "tmux.sock", f"top-{os.getpid()}")
     try:
         term("new-session", "-d", "-s", term.session, "-x", "160", "-y", "45", *command)
@@ -194,6 +196,7 @@ def tokens_in_flight(screen: list[str], model: str) -> int | None:
     return int(cells[3]) if cells is not None and cells[1] == "/api/chat" else None
 
 
+@pytest.mark.slow(reason="ollama-metrics top in a real terminal (tmux)")
 def test_live_view_in_tmux(tmp_path: Path) -> None:
     scenarios = {"slow:latest": {"tokens": ["t"] * 100, "token_delay": 0.05},
                  "quick:latest": {"tokens": ["q"] * 12}}
@@ -288,6 +291,7 @@ async def test_once_unreachable() -> None:
     assert "Traceback" not in err
 
 
+@pytest.mark.slow(reason="proxy processes")
 async def test_once_with_and_without_token(fake: FakeOllama, start_proxy: StartProxy) -> None:
     proxy = await start_proxy(fake.url, AnalyticsConfig(backends=(), token="s3cret"))
     code, out, err = await top_once(proxy.url)
@@ -300,17 +304,12 @@ async def test_once_with_and_without_token(fake: FakeOllama, start_proxy: StartP
     assert "In flight (0)" in out and "nothing finished yet" in out and "!" not in out
 
 
-async def test_usage_errors() -> None:
-    """Without a terminal, the live view says to use --once; a URL it cannot use is named."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "ollama_metrics", "top", "--url", "http://127.0.0.1:1",
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 20)
-    assert proc.returncode == 2 and b"needs a terminal; --once prints one frame" in err
-    assert b"\x1b[" not in out  # nothing was drawn
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "ollama_metrics", "top", "--once", "--url", "ftp://x",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 20)
-    assert proc.returncode == 2 and b"--url" in err and b"expected http://HOST:PORT" in err
+def test_usage_errors() -> None:
+    """Without a terminal, the live view says to use --once; a URL it cannot use is named.
+    (In-process: CliRunner's stdin is no terminal.)"""
+    result = CliRunner().invoke(main, ["top", "--url", "http://127.0.0.1:1"])
+    assert result.exit_code == 2 and "needs a terminal; --once prints one frame" in result.stderr
+    assert "\x1b[" not in result.stdout  # nothing was drawn
+    result = CliRunner().invoke(main, ["top", "--once", "--url", "ftp://x"])
+    assert result.exit_code == 2 and "--url" in result.stderr
+    assert "expected http://HOST:PORT" in result.stderr

@@ -69,7 +69,8 @@ async def test_running_out_of_descriptors_is_logged_once_an_episode(fake: Proces
                 s.close()
             proxy.wait_for(BACK, timeout=5)
             (reply,) = parse_replies(await raw_request(
-                proxy.port, b"GET /api/version HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"))
+                proxy.port,
+                b"GET /api/version HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"))
             assert reply.status == 200
             # Again at once: within a minute of the last one told, not told again.
             held = _flood(proxy.port)

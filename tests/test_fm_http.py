@@ -23,6 +23,7 @@ import aiohttp
 import orjson
 import pytest
 
+from conftest import StartProxy
 from fake_ollama import FakeOllama, Scenario
 from fm_helpers import _fake_requests, _post, _search
 from helpers import (

@@ -12,6 +12,7 @@ config classes' own.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -76,6 +77,8 @@ class Setting:
     def parse_one(self, value: Any) -> Any:
         try:
             converted = self.type.convert(value, None, None)
+            if isinstance(converted, float) and math.isnan(converted):  # passes every range
+                raise ValueError(f"must be a number, got {value!r}")
             if self.check is not None and converted is not None:
                 self.check(converted)
         except click.BadParameter as exc:
@@ -211,7 +214,7 @@ def _regex(value: str) -> None:
 
 
 def _finite(value: float) -> None:
-    if value == float("inf"):
+    if math.isinf(value):
         raise ValueError("must be a number of seconds, not inf")
 
 

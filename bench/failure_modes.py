@@ -109,10 +109,10 @@ async def load(url: str, chats: int, searchers: int, lags: list[float] | None = 
 async def in_process_proxy(upstream_url: str, analytics_dir: str | None) -> AsyncIterator[str]:
     """The real app, with the runner settings `serve` uses, in this event loop; its URL."""
     from ollama_metrics.analytics.settings import AnalyticsConfig
-    from ollama_metrics.app import create_app
     from ollama_metrics.config import Config
-    from ollama_metrics.metrics import new_registry
-    from ollama_metrics.server import make_runner
+    from ollama_metrics.observe.metrics import new_registry
+    from ollama_metrics.server.app import create_app
+    from ollama_metrics.server.serve import make_runner
 
     config = Config.build(listen="127.0.0.1:0", upstream=upstream_url)
     analytics = (AnalyticsConfig.build(analytics_dir=analytics_dir, analytics_batch_size=50)

@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from fake_ollama import FakeOllama
 from ollama_metrics.analytics.settings import AnalyticsConfig
-from ollama_metrics.app import create_app
 from ollama_metrics.config import Config
-from ollama_metrics.metrics import new_registry
-from ollama_metrics.server import make_runner
+from ollama_metrics.observe.metrics import new_registry
+from ollama_metrics.server.app import create_app
+from ollama_metrics.server.serve import make_runner
 
 MB = 2**20
 

@@ -20,10 +20,10 @@ from aiohttp import web
 from fake_ollama import FakeOllama
 from helpers import RunningProxy
 from ollama_metrics.analytics.settings import AnalyticsConfig
-from ollama_metrics.app import create_app
 from ollama_metrics.config import Config
-from ollama_metrics.metrics import new_registry
-from ollama_metrics.server import make_runner
+from ollama_metrics.observe.metrics import new_registry
+from ollama_metrics.server.app import create_app
+from ollama_metrics.server.serve import make_runner
 from services import loki, postgres_dsn  # noqa: F401  (fixtures)
 
 StartProxy = Callable[..., Awaitable[RunningProxy]]

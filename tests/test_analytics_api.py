@@ -115,7 +115,7 @@ async def test_ranked_search(api: RunningProxy, http: aiohttp.ClientSession) -> 
 
 
 async def _seed_extra(proxy: RunningProxy, records: list[dict[str, Any]]) -> None:
-    from ollama_metrics.app import RECORDER
+    from ollama_metrics.server.app import RECORDER
 
     for r in records:
         proxy.app[RECORDER].submit(r)

@@ -22,9 +22,9 @@ from analytics_helpers import records
 from conftest import StartProxy
 from fake_ollama import FakeOllama, Scenario
 from helpers import fake_process, proxy_process, settle
-from ollama_metrics import ollama
 from ollama_metrics.analytics.settings import AnalyticsConfig
-from ollama_metrics.interaction import CAPS
+from ollama_metrics.observe.interaction import CAPS
+from ollama_metrics.ollama import wire as ollama
 
 HUGE = 20 * 1024 * 1024
 

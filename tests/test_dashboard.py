@@ -30,8 +30,8 @@ from fake_ollama import FakeOllama
 from helpers import RunningProxy, raw_request
 from ollama_metrics.analytics.api import cookie_value
 from ollama_metrics.analytics.settings import AnalyticsConfig
-from ollama_metrics.categorize import CATEGORIES
 from ollama_metrics.dashboard import routes
+from ollama_metrics.observe.categorize import CATEGORIES
 
 pytestmark = pytest.mark.slow(reason="drives a real headless Chromium")
 

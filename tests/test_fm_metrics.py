@@ -21,7 +21,7 @@ from helpers import (
     RunningProxy,
     settle,
 )
-from ollama_metrics.metrics import DURATION_BUCKETS, TTFT_BUCKETS
+from ollama_metrics.observe.metrics import DURATION_BUCKETS, TTFT_BUCKETS
 
 # --- 16. Cardinality --------------------------------------------------------------------------
 
@@ -31,7 +31,7 @@ async def test_fm16_cardinality_stays_bounded(fake: FakeOllama, start_proxy: Sta
     `/metrics` series count bounded (≤ configured models + "other"), size < fixed KB, no
     IP/user/prompt text in labels."""
     proxy = await start_proxy(fake.url, max_extra_models=5)
-    from ollama_metrics.app import METRICS
+    from ollama_metrics.server.app import METRICS
 
     await settle(lambda: bool(proxy.app[METRICS].model_label.known))
     known = proxy.app[METRICS].model_label.known

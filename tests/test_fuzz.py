@@ -26,11 +26,11 @@ from hypothesis import strategies as st
 from conftest import StartProxy
 from ollama_metrics.analytics import record
 from ollama_metrics.analytics.privacy import Privacy
-from ollama_metrics.categorize import categorize
-from ollama_metrics.interaction import Interaction
-from ollama_metrics.labels import ModelLabels
-from ollama_metrics.metrics import Metrics, new_registry
-from ollama_metrics.ollama import read_request, reply_reader
+from ollama_metrics.observe.categorize import categorize
+from ollama_metrics.observe.interaction import Interaction
+from ollama_metrics.observe.labels import ModelLabels
+from ollama_metrics.observe.metrics import Metrics, new_registry
+from ollama_metrics.ollama.wire import read_request, reply_reader
 from wire import upstream
 
 settings.register_profile("ci", derandomize=True, database=None, deadline=None, max_examples=200,

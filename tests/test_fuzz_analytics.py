@@ -26,7 +26,7 @@ from fake_ollama import FakeOllama
 from helpers import RunningProxy, raw_request
 from ollama_metrics.analytics.query import STATUSES
 from ollama_metrics.analytics.settings import AnalyticsConfig
-from ollama_metrics.categorize import CATEGORIES
+from ollama_metrics.observe.categorize import CATEGORIES
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:mypy_extensions.TypedDict is deprecated:DeprecationWarning")

@@ -11,7 +11,7 @@ import pytest
 from conftest import StartProxy
 from fake_ollama import FakeOllama
 from helpers import RunningProxy, settle
-from ollama_metrics.control import parse_go_time
+from ollama_metrics.ollama.control import parse_go_time
 
 FAST = {"ps_interval": 0.05}
 

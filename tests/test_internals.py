@@ -27,8 +27,8 @@ from aiohttp.web_protocol import RequestHandler
 
 from conftest import StartProxy
 from fake_ollama import FakeOllama, Scenario
-from ollama_metrics import connection, internals, relay
-from ollama_metrics.internals import Unsupported
+from ollama_metrics.server import connection, internals, relay
+from ollama_metrics.server.internals import Unsupported
 
 
 def test_pyproject_pins_the_aiohttp_verified() -> None:

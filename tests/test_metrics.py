@@ -9,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import StartProxy
 from fake_ollama import FakeOllama, Scenario
 from helpers import RunningProxy, settle
-from ollama_metrics.metrics import DURATION_BUCKETS, TTFT_BUCKETS
+from ollama_metrics.observe.metrics import DURATION_BUCKETS, TTFT_BUCKETS
 
 EXACT = Scenario(tokens=["The", " sky", " is", " blue"], prompt_eval_count=26, eval_count=4,
                  load_duration=6_338_219_291, prompt_eval_duration=130_079_000,
@@ -230,7 +230,7 @@ async def _read_into(resp: aiohttp.ClientResponse, into: list[bytes]) -> None:
 
 
 def _known(proxy: RunningProxy) -> frozenset[str]:
-    from ollama_metrics.app import METRICS
+    from ollama_metrics.server.app import METRICS
 
     return proxy.app[METRICS].model_label.known
 

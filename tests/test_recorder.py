@@ -23,7 +23,7 @@ from helpers import RunningProxy, fake_process, proxy_process, settle
 from loki_receiver import LokiReceiver
 from ollama_metrics.analytics.settings import AnalyticsConfig
 from ollama_metrics.analytics.stores.jsonl import JsonlStore
-from ollama_metrics.app import RECORDER
+from ollama_metrics.server.app import RECORDER
 from services import new_postgres_schema
 
 CHAT = b'{"model":"llama3.2","messages":[{"role":"user","content":"Why is the sky blue?"}]}'

@@ -17,14 +17,15 @@ import pytest
 
 from conftest import StartProxy
 from fake_ollama import FakeOllama
-from ollama_metrics import server
 from ollama_metrics.cli.proxy import config_from_args
 from ollama_metrics.config import Config
+from ollama_metrics.server import serve as server
 from ollama_metrics.service import ServiceError, ServiceSpec, manager, spec
 from ollama_metrics.service.launchd import LABEL, Launchd, plist
+from ollama_metrics.service.runner import ServiceRunner
 from ollama_metrics.service.systemd import Systemd, unit_text
 from ollama_metrics.service.tray import Tray, build_icon, icon_image, show
-from ollama_metrics.service.windows import ServiceRunner, WindowsService
+from ollama_metrics.service.windows import WindowsService
 from services import require
 from wrapper_helpers import free_port, get, gone, runs, standin_path, use_standin, wait_until
 

@@ -13,7 +13,7 @@ from aiohttp import http_parser
 from conftest import StartProxy
 from fake_ollama import FakeOllama, Scenario
 from helpers import RunningProxy, settle
-from ollama_metrics import relay
+from ollama_metrics.server import relay
 
 GENERATE = b'{"model":"slow","prompt":"Tell me a story"}'
 

@@ -26,9 +26,9 @@ from conftest import StartProxy
 from fake_ollama import FakeOllama, Scenario
 from helpers import fake_process, proxy_process, settle
 from ollama_metrics.analytics.settings import AnalyticsConfig
-from ollama_metrics.app import LIVE
 from ollama_metrics.cli import main
-from ollama_metrics.top import render
+from ollama_metrics.server.app import LIVE
+from ollama_metrics.ui.top import render
 from services import require
 from wrapper_helpers import free_port
 

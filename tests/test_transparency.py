@@ -18,7 +18,7 @@ import pytest
 from conftest import StartProxy
 from fake_ollama import FakeOllama, Scenario
 from helpers import RunningProxy, raw_request
-from ollama_metrics.ollama import route
+from ollama_metrics.ollama.wire import route
 
 _CLOCK = re.compile(rb'"(created_at|created|expires_at|modified_at)":("[^"]*"|\d+)|chatcmpl-\d+|'
                     rb'cmpl-\d+')

@@ -12,7 +12,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from ..categorize import CATEGORIES
+from ..observe.categorize import CATEGORIES
 
 MAX_LIMIT = 1000
 # Times are unix seconds from 1970 to the end of year 9999: finite, and far from overflowing

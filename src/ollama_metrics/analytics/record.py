@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from ..interaction import Interaction
+from ..observe.interaction import Interaction
 from .privacy import TRUNCATED, Privacy
 from .stores import Record
 

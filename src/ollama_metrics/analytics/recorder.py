@@ -21,7 +21,7 @@ from functools import partial
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from ..interaction import Interaction
+from ..observe.interaction import Interaction
 from ..printable import printable
 from . import record
 from .privacy import Privacy

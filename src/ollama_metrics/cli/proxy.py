@@ -33,11 +33,11 @@ def fail(message: str, code: int) -> NoReturn:
 @contextlib.contextmanager
 def start_errors() -> Iterator[None]:
     """Expected failures to start, as a message and an exit status (no traceback)."""
-    from ..internals import Unsupported
-    from ..passthrough import OllamaNotFound, ProxyNotStarted
-    from ..probe import OllamaInTheWay
-    from ..server import PortInUse
-    from ..supervisor import OllamaFailedToStart, OllamaPortTaken
+    from ..ollama.passthrough import OllamaNotFound, ProxyNotStarted
+    from ..ollama.probe import OllamaInTheWay
+    from ..ollama.supervisor import OllamaFailedToStart, OllamaPortTaken
+    from ..server.internals import Unsupported
+    from ..server.serve import PortInUse
 
     try:
         yield
@@ -66,7 +66,7 @@ def serve(**options: Any) -> None:
     logging.basicConfig(
         level=config.log_level, stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from ..server import run  # aiohttp is imported only when serving
+    from ..server.serve import run  # aiohttp is imported only when serving
 
     with start_errors(), contextlib.suppress(KeyboardInterrupt):
         run(config, os.environ, analytics)

@@ -11,7 +11,7 @@ from ..settings import PROXY
 
 
 def _url(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    from ..top import base_url
+    from ..ui.top import base_url
 
     try:
         return base_url(value)
@@ -32,8 +32,8 @@ def _url(ctx: click.Context, param: click.Parameter, value: str) -> str:
               help="Print one frame and exit (1 when the proxy gives no data).")
 def top(url: str, token: str | None, interval: float, once: bool) -> None:
     """Watch requests in flight, recent completions and tokens/s per model (q quits)."""
-    from ..top import NotATerminal, watch
-    from ..top import once as one_frame
+    from ..ui.top import NotATerminal, watch
+    from ..ui.top import once as one_frame
 
     if once:
         lines, ok = one_frame(url, token, shutil.get_terminal_size((120, 40)).columns)

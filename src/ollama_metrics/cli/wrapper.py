@@ -27,7 +27,7 @@ def run(ctx: click.Context, /, model: str, args: tuple[str, ...], **options: Any
 
     Options for the proxy go before MODEL; everything after it goes to `ollama run`.
     """
-    from ..passthrough import ensure_proxy, find_ollama, run_ollama
+    from ..ollama.passthrough import ensure_proxy, find_ollama, run_ollama
     from ..paths import log_dir
 
     config = build_config(**options)
@@ -46,7 +46,7 @@ def run(ctx: click.Context, /, model: str, args: tuple[str, ...], **options: Any
 @ollama_options
 def status(**options: Any) -> None:
     """Show whether the proxy and Ollama are up, their versions and the loaded models."""
-    from ..status import gather, render
+    from ..ollama.status import gather, render
 
     state = gather(build_config(**options))
     for line in render(state):
@@ -59,8 +59,8 @@ def status(**options: Any) -> None:
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def passthrough(args: tuple[str, ...]) -> None:
     """Any other command: run by the real `ollama`, with OLLAMA_HOST pointing at the proxy."""
-    from ..passthrough import OllamaNotFound, find_ollama, proxy_url, run_ollama
-    from ..probe import Who, identify
+    from ..ollama.passthrough import OllamaNotFound, find_ollama, proxy_url, run_ollama
+    from ..ollama.probe import Who, identify
 
     config = build_config(**from_environ("listen", "ollama_bin"))
     try:

@@ -29,8 +29,8 @@ from typing import Any
 
 from yarl import URL
 
+from ..config import Config, connect_url
 from . import probe
-from .config import Config, connect_url
 
 
 class OllamaNotFound(Exception):

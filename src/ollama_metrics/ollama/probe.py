@@ -17,8 +17,8 @@ from typing import Any
 
 from yarl import URL
 
+from ..config import Config
 from . import control
-from .config import Config
 
 
 class OllamaInTheWay(Exception):

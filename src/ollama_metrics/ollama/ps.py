@@ -21,9 +21,9 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge
 
+from ..config import Config
+from ..printable import printable
 from . import control
-from .config import Config
-from .printable import printable
 
 log = logging.getLogger(__name__)
 

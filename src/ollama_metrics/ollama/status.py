@@ -12,8 +12,8 @@ from typing import Any
 
 from yarl import URL
 
+from ..config import Config
 from . import control, probe
-from .config import Config
 from .passthrough import proxy_url
 
 

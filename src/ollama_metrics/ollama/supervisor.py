@@ -34,12 +34,12 @@ from typing import Any
 import aiohttp
 from prometheus_client import CollectorRegistry, Counter
 
+from ..config import Config, parse_listen
+from ..printable import printable
 from . import control, probe, upstream
-from .config import Config, parse_listen
 from .passthrough import find_ollama, ollama_environ
-from .printable import printable
 
-log = logging.getLogger("ollama_metrics.supervisor")
+log = logging.getLogger("ollama_metrics.ollama.supervisor")
 
 TAIL_CHARS = 4096
 

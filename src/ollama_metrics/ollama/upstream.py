@@ -12,9 +12,9 @@ import logging
 
 import aiohttp
 
+from ..config import Config
+from ..observe.labels import ModelLabels
 from . import control
-from .config import Config
-from .labels import ModelLabels
 
 log = logging.getLogger(__name__)
 

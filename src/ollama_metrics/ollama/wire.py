@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from .interaction import Interaction
+from ..observe.interaction import Interaction
 
 
 class Kind(Enum):

@@ -19,16 +19,18 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from . import __version__, control, hosts, ps, upstream
-from .analytics.api import AnalyticsApi, require_token
-from .analytics.recorder import Recorder
-from .analytics.settings import AnalyticsConfig
-from .analytics.stores import open_stores, queryable
-from .config import Config
-from .dashboard import routes as dashboard
-from .labels import ModelLabels
-from .live import Live
-from .metrics import Metrics, new_registry
+from .. import __version__
+from ..analytics.api import AnalyticsApi, require_token
+from ..analytics.recorder import Recorder
+from ..analytics.settings import AnalyticsConfig
+from ..analytics.stores import open_stores, queryable
+from ..config import Config
+from ..dashboard import routes as dashboard
+from ..observe.labels import ModelLabels
+from ..observe.live import Live
+from ..observe.metrics import Metrics, new_registry
+from ..ollama import control, ps, upstream
+from . import hosts
 from .proxy import Observer, Proxy, strip_own_server_header
 
 CONFIG = web.AppKey("config", Config)

@@ -36,12 +36,12 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from .categorize import categorize
-from .config import Config
+from ..config import Config
+from ..observe.categorize import categorize
+from ..observe.interaction import ErrorType, Interaction, Outcome
+from ..ollama.wire import Kind, expects_done, read_request, reply_reader, route
+from ..printable import printable
 from .connection import BAD_BODY, bad_body
-from .interaction import ErrorType, Interaction, Outcome
-from .ollama import Kind, expects_done, read_request, reply_reader, route
-from .printable import printable
 from .relay import relay_body
 
 log = logging.getLogger(__name__)

@@ -32,9 +32,9 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.streams import StreamReader
 
+from ..observe.interaction import Interaction
+from ..ollama.wire import ReplyReader
 from . import internals
-from .interaction import Interaction
-from .ollama import ReplyReader
 
 
 class _Forwarding(StreamReader):

@@ -20,15 +20,16 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CollectorRegistry
 
-from . import control, probe, relay
-from .analytics.settings import AnalyticsConfig
+from ..analytics.settings import AnalyticsConfig
+from ..config import Config, connect_url
+from ..observe.metrics import new_registry
+from ..ollama import control, probe
+from ..ollama.supervisor import Supervisor
+from ..printable import printable
+from . import relay
 from .app import SESSION, create_app
-from .config import Config, connect_url
 from .connection import Runner, verify
 from .descriptors import Watch, lift_open_file_limit
-from .metrics import new_registry
-from .printable import printable
-from .supervisor import Supervisor
 
 log = logging.getLogger("ollama_metrics")
 

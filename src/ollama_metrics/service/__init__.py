@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..config import Config
-from ..passthrough import OllamaNotFound, find_ollama
+from ..ollama.passthrough import OllamaNotFound, find_ollama
 
 NAME = "ollama-metrics"
 DESCRIPTION = "ollama-metrics: Ollama with Prometheus metrics"

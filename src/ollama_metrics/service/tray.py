@@ -17,9 +17,9 @@ from typing import Any
 
 from yarl import URL
 
-from .. import probe
 from ..config import Config
-from ..passthrough import proxy_url
+from ..ollama import probe
+from ..ollama.passthrough import proxy_url
 
 DEFAULT_DASHBOARD = "http://localhost:3000/d/ollama-metrics"  # Grafana, as deploy/ provisions it
 COLORS = {"green": (46, 160, 67), "orange": (230, 140, 20), "red": (200, 40, 40)}

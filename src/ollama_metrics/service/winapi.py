@@ -16,11 +16,11 @@ import servicemanager
 import win32service
 import win32serviceutil
 
-from .. import server
 from ..cli.proxy import config_from_args
 from ..paths import log_dir
+from ..server import serve as server
 from . import NAME, ServiceSpec
-from .windows import ServiceRunner
+from .runner import ServiceRunner
 
 SETTINGS = "settings"
 _STATES = {

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any, NoReturn, TextIO
 
-from . import control
+from ..ollama import control
 
 FETCH_TIMEOUT = 2.0
 ONCE_HEIGHT = 1000  # --once prints the whole frame: no screen to fit

@@ -55,7 +55,7 @@ import orjson
 from yarl import URL
 
 from ... import __version__
-from ...labels import ModelLabels
+from ...observe.labels import ModelLabels
 from ...printable import printable
 from . import Record, StoreError
 

@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from ...heap import release_free_heap
+from ...observe.heap import release_free_heap
 from ..query import BadQuery, Page, Query
 from . import (
     BOOL_FIELDS,

@@ -190,6 +190,7 @@ def _message(content: str) -> bytes:
     return b'{"role":"user","content":"%s"}' % content.encode()
 
 
+@pytest.mark.slow(reason="a million-message chat built and stored")
 async def test_a_million_messages_store_a_bounded_marked_record(
         fake: FakeOllama, start_proxy: StartProxy, http: aiohttp.ClientSession,
         tmp_path: Any) -> None:

@@ -59,6 +59,7 @@ async def test_huge_model_name_is_capped_everywhere(
     assert r["error"].startswith("model 'aaa") and len(r["error"]) <= CAPS["error"]
 
 
+@pytest.mark.slow(reason="forty 20 MB model names")
 async def test_live_snapshot_stays_small_after_huge_names(
         fake: FakeOllama, start_proxy: StartProxy, http: aiohttp.ClientSession) -> None:
     proxy = await start_proxy(fake.url)
@@ -116,6 +117,7 @@ async def test_large_bodies_are_parsed_off_the_loop(
                                       prompt_category="other") == 2)
 
 
+@pytest.mark.slow(reason="three 30 MB bodies")
 async def test_bodies_over_the_parse_budget_go_on_unread(
         fake: FakeOllama, start_proxy: StartProxy, http: aiohttp.ClientSession,
         tmp_path: Path) -> None:

@@ -21,7 +21,8 @@ import pytest
 from helpers import Process, fake_process, raw_request
 from wire import parse_replies
 
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="no descriptor limit on sockets")
+pytestmark = [pytest.mark.slow(reason="proxy processes run out of descriptors"),
+              pytest.mark.skipif(sys.platform == "win32", reason="no descriptor limit on sockets")]
 
 LIMIT = 64
 OUT = "out of file descriptors (limit 64"

@@ -28,8 +28,11 @@ from ollama_metrics.analytics.query import STATUSES
 from ollama_metrics.analytics.settings import AnalyticsConfig
 from ollama_metrics.observe.categorize import CATEGORIES
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:mypy_extensions.TypedDict is deprecated:DeprecationWarning")
+pytestmark = [
+    pytest.mark.slow(reason="Hypothesis against the running app"),
+    pytest.mark.filterwarnings(
+        "ignore:mypy_extensions.TypedDict is deprecated:DeprecationWarning"),
+]
 
 TOKEN = "s3cret-token"
 # Requests per route: 150 in the quick, derandomized profile (the file takes ~15 s on a quiet

@@ -302,12 +302,14 @@ def _stolen(driver: WebDriver) -> dict[str, Any] | Literal[False]:
     return value if isinstance(value, dict) else False
 
 
+@pytest.mark.slow(reason="Chromium")
 async def test_dns_rebinding_reads_nothing(local: RunningProxy) -> None:
     async with rebinding(local.port, "127.0.0.1"):
         stolen = await asyncio.to_thread(_attack, local.port)
     assert stolen == {"status": 403, "body": ""}
 
 
+@pytest.mark.slow(reason="Chromium")
 async def test_dns_rebinding_without_the_check_reads_the_records(
     fake: FakeOllama, start_proxy: StartProxy, tmp_path: Path,
 ) -> None:

@@ -51,6 +51,7 @@ def _can_mount_tmpfs(where: Path) -> bool:
     return mount.returncode == 0
 
 
+@pytest.mark.slow(reason="a proxy process on a 1 MB tmpfs")
 def test_a_full_disk_is_logged_as_sqlite_reports_it(tmp_path: Path) -> None:
     """The analytics directory on a 1 MB file system of its own (a tmpfs in a mount namespace
     of the proxy's process): once it is full, the log says so, as SQLite did."""

@@ -125,6 +125,7 @@ async def test_failing_store_is_retried_and_others_carry_on(
     assert proxy.sample("ollama_analytics_dropped_total", backend="loki") == 0
 
 
+@pytest.mark.slow(reason="hundreds of requests and searches")
 async def test_sqlite_under_concurrent_requests_and_searches(
     fake: FakeOllama, start_proxy: StartProxy, tmp_path: Path,
 ) -> None:

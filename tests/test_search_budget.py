@@ -113,6 +113,7 @@ async def test_costly_searches_leave_readers_for_other_queries(
     await asyncio.gather(*heavy, return_exceptions=True)
 
 
+@pytest.mark.slow(reason="a heavy search per reader slot")
 async def test_too_many_searches_at_once_are_told_busy(
         fake: FakeOllama, start_proxy: StartProxy, tmp_path: Path, heavy_store: Path,
         http: aiohttp.ClientSession) -> None:

@@ -56,7 +56,7 @@ async def test_chat_record(proxy: RunningProxy, http: aiohttp.ClientSession,
     assert len(r["id"]) == 22 and r["client_ip"] == "127.0.0.1"
     assert r["user_agent"].startswith("ollama-python")
     assert (r["method"], r["path"], r["endpoint"]) == ("POST", "/api/chat", "/api/chat")
-    assert (r["model"], r["stream"], r["options"]) == ("exact", stream,
+    assert (r["model"], r["stream"], r["options"]) == ("exact:latest", stream,
                                                        {"temperature": 0.1, "num_ctx": 2048})
     assert (r["http_status"], r["outcome"], r["error"]) == (200, "ok", None)
     assert r["prompt"] == "Why is the sky blue?"

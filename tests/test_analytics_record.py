@@ -116,6 +116,37 @@ async def test_openai_stream_with_usage(proxy: RunningProxy, http: aiohttp.Clien
     assert r["system"] == "Be brief."
 
 
+async def test_openai_default_stream_counts_tokens_by_chunk(
+        fake: FakeOllama, proxy: RunningProxy, http: aiohttp.ClientSession) -> None:
+    """The SDK's default stream (no stream_options) carries no usage, as Ollama's: the proxy
+    counts one token per content chunk and marks the count as its own. A count the reply
+    carries wins."""
+    fake.scenarios["counted:latest"] = Scenario(tokens=["One", " two", " three", " four", "."],
+                                                prompt_eval_count=3, eval_count=11)
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    try:
+        stream = await client.chat.completions.create(model="counted", messages=[USER],
+                                                      stream=True)
+        usage = [chunk.usage async for chunk in stream]
+        assert usage and not any(usage)  # Ollama sends no usage then, and neither does the fake
+        stream = await client.chat.completions.create(
+            model="counted", messages=[USER], stream=True,
+            stream_options={"include_usage": True})
+        async for _ in stream:
+            pass
+    finally:
+        await client.close()
+    with_usage, default = await records(proxy, http, 2)  # newest first
+    assert (default["completion_tokens"], default["tokens_estimated"]) == (5, True)
+    assert default["prompt_tokens"] is None
+    assert (with_usage["completion_tokens"], with_usage["tokens_estimated"]) == (11, False)
+    model = {"model": "counted:latest"}
+    assert proxy.sample("ollama_output_tokens_total", **model) == 5 + 11
+    assert proxy.sample("ollama_tokens_generated_sum", **model, prompt_category="question") == 16
+    assert proxy.sample("ollama_tokens_generated_count", **model,
+                        prompt_category="question") == 2
+
+
 async def test_embeddings_keep_input_not_vectors(fake: FakeOllama, proxy: RunningProxy,
                                                  http: aiohttp.ClientSession) -> None:
     fake.scenarios["emb:latest"] = Scenario(embedding_dims=7, prompt_eval_count=3)

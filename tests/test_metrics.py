@@ -188,10 +188,11 @@ async def test_model_labels_are_bounded(fake: FakeOllama, start_proxy: StartProx
     for name in names:
         async with http.post(proxy.url + "/api/show", data=b'{"model":"%s"}' % name.encode()):
             pass
-    await settle(lambda: _series(proxy, "ollama_requests_total") >= 4)
+    await settle(lambda: _total(proxy, "ollama_requests_total") == len(names))
     models = {labels["model"] for labels in _labels(proxy, "ollama_requests_total")}
-    # `llama3.2` is `llama3.2:latest`: one model, one series (ollama.names).
-    assert models == {"llama3.2:latest", "a1:latest", "a2:latest", "other"}
+    # `llama3.2` is `llama3.2:latest`: one model, one series (ollama.names). `none` is there
+    # from the start (Metrics._expose_from_the_start).
+    assert models == {"llama3.2:latest", "a1:latest", "a2:latest", "other", "none"}
 
 
 async def test_cardinality_stays_bounded_under_junk(fake: FakeOllama, proxy: RunningProxy,
@@ -246,3 +247,7 @@ def _labels(proxy: RunningProxy, name: str) -> list[dict[str, str]]:
 
 def _series(proxy: RunningProxy, name: str) -> int:
     return len(_labels(proxy, name))
+
+
+def _total(proxy: RunningProxy, name: str) -> float:
+    return sum(s.value for m in proxy.registry.collect() for s in m.samples if s.name == name)

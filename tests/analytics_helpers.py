@@ -39,7 +39,7 @@ T0 = 1_700_000_000.0
 def record(n: int, **fields: Any) -> dict[str, Any]:
     base: dict[str, Any] = {name: None for name in FIELD_NAMES}
     base.update(id=f"rec{n:05d}", started_at=T0 + n, ended_at=T0 + n + 1, method="POST",
-                path="/api/chat", endpoint="/api/chat", model="llama3.2", stream=True,
+                path="/api/chat", endpoint="/api/chat", model="llama3.2:latest", stream=True,
                 http_status=200, outcome="ok", prompt=f"question number {n}",
                 response=f"answer number {n}", prompt_category="question", duration=float(n),
                 ttft=n / 10, prompt_tokens=10, completion_tokens=n, truncated=False,
@@ -56,12 +56,13 @@ async def _seed(directory: Path, records: list[dict[str, Any]]) -> None:
 
 
 DATA = [record(n) for n in range(1, 21)] + [
-    record(21, model="qwen3", prompt="summarize the meeting notes", prompt_category="summarize",
-           response="The team agreed", duration=100.0),
-    record(22, model="qwen3", outcome="error", http_status=500, error="runner crashed",
+    record(21, model="qwen3:latest", prompt="summarize the meeting notes",
+           prompt_category="summarize", response="The team agreed", duration=100.0),
+    record(22, model="qwen3:latest", outcome="error", http_status=500, error="runner crashed",
            prompt="translate hello", prompt_category="translate"),
-    record(23, model="qwen3", outcome="upstream_error", http_status=502, endpoint="/api/generate",
-           path="/api/generate", prompt="explain tides", prompt_category="explain"),
+    record(23, model="qwen3:latest", outcome="upstream_error", http_status=502,
+           endpoint="/api/generate", path="/api/generate", prompt="explain tides",
+           prompt_category="explain"),
     record(24, outcome="cancelled", prompt="write a poem about the sea",
            prompt_category="creative", response="The sea, the sea"),
 ]

@@ -55,6 +55,7 @@ def full_record(n: int = 0, **changes: Any) -> Record:
         "truncated": True,
         "capture": "full",
         "truncated_fields": ["messages", "options"],
+        "tokens_estimated": False,
     }
     assert set(record) == set(FIELD_NAMES), "a field was added: give it a value here"
     record.update(changes)

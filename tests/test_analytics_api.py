@@ -127,7 +127,8 @@ async def _seed_extra(proxy: RunningProxy, records: list[dict[str, Any]]) -> Non
 
 async def test_one_record(api: RunningProxy, http: aiohttp.ClientSession) -> None:
     status, body = await _get(http, api, "/analytics/messages/rec00021")
-    assert status == 200 and body == record(21, model="qwen3", prompt="summarize the meeting notes",
+    assert status == 200 and body == record(21, model="qwen3:latest",
+                                            prompt="summarize the meeting notes",
                                             prompt_category="summarize",
                                             response="The team agreed", duration=100.0)
     status, body = await _get(http, api, "/analytics/messages/nope")
@@ -138,8 +139,9 @@ async def test_models_and_stats(api: RunningProxy, http: aiohttp.ClientSession) 
     status, body = await _get(http, api, "/analytics/models")
     assert status == 200
     models = {m["model"]: m for m in body["models"]}
-    assert models["llama3.2"]["requests"] == 21 and models["qwen3"]["requests"] == 3
-    assert models["qwen3"]["last_used"] == T0 + 23
+    assert models["llama3.2:latest"]["requests"] == 21
+    assert models["qwen3:latest"]["requests"] == 3
+    assert models["qwen3:latest"]["last_used"] == T0 + 23
     status, stats = await _get(http, api, "/analytics/stats")
     assert status == 200
     totals = stats["totals"]
@@ -149,7 +151,7 @@ async def test_models_and_stats(api: RunningProxy, http: aiohttp.ClientSession) 
     assert totals["completion_tokens"] == sum(range(1, 25))
     # Nearest rank over durations 1..20, 100, 22, 23, 24: p50 is the 12th smallest, p95 the 23rd.
     assert (totals["latency_p50"], totals["latency_p95"]) == (12.0, 24.0)
-    qwen = next(m for m in stats["models"] if m["model"] == "qwen3")
+    qwen = next(m for m in stats["models"] if m["model"] == "qwen3:latest")
     assert (qwen["requests"], qwen["errors"], qwen["latency_p50"]) == (3, 2, 23.0)
     assert {c["prompt_category"] for c in stats["categories"]} == {
         "question", "summarize", "translate", "explain", "creative"}
@@ -312,14 +314,15 @@ async def test_live_shows_requests_in_flight_and_recent(fake: FakeOllama, start_
             live = await r.json()
         (active,) = live["active"]
         assert (active["model"], active["endpoint"], active["stream"]) == (
-            "slow", "/api/generate", True)
+            "slow:latest", "/api/generate", True)
         assert active["chunks"] >= 5 and active["elapsed"] > 0.1 and active["ttft"] > 0
         await resp.read()
         resp.release()
-    await settle(lambda: proxy.sample("ollama_active_requests", model="slow") == 0)
+    await settle(lambda: proxy.sample("ollama_active_requests", model="slow:latest") == 0)
     async with http.get(proxy.url + "/analytics/live", params={"recent": "5"}) as r:
         live = await r.json()
     assert live["active"] == []
     (done,) = live["recent"]
-    assert (done["model"], done["status"], done["completion_tokens"]) == ("slow", "success", 40)
+    assert (done["model"], done["status"], done["completion_tokens"]) == (
+        "slow:latest", "success", 40)
     assert live["models"][0]["tokens_per_second"] == 40 / live["window_seconds"]

@@ -56,7 +56,7 @@ async def test_chat_record(proxy: RunningProxy, http: aiohttp.ClientSession,
     assert len(r["id"]) == 22 and r["client_ip"] == "127.0.0.1"
     assert r["user_agent"].startswith("ollama-python")
     assert (r["method"], r["path"], r["endpoint"]) == ("POST", "/api/chat", "/api/chat")
-    assert (r["model"], r["stream"], r["options"]) == ("exact", stream,
+    assert (r["model"], r["stream"], r["options"]) == ("exact:latest", stream,
                                                        {"temperature": 0.1, "num_ctx": 2048})
     assert (r["http_status"], r["outcome"], r["error"]) == (200, "ok", None)
     assert r["prompt"] == "Why is the sky blue?"
@@ -114,6 +114,37 @@ async def test_openai_stream_with_usage(proxy: RunningProxy, http: aiohttp.Clien
     assert (r["prompt_tokens"], r["completion_tokens"]) == (26, 4)
     assert r["ttft"] is not None and r["done_reason"] == "stop"
     assert r["system"] == "Be brief."
+
+
+async def test_openai_default_stream_counts_tokens_by_chunk(
+        fake: FakeOllama, proxy: RunningProxy, http: aiohttp.ClientSession) -> None:
+    """The SDK's default stream (no stream_options) carries no usage, as Ollama's: the proxy
+    counts one token per content chunk and marks the count as its own. A count the reply
+    carries wins."""
+    fake.scenarios["counted:latest"] = Scenario(tokens=["One", " two", " three", " four", "."],
+                                                prompt_eval_count=3, eval_count=11)
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    try:
+        stream = await client.chat.completions.create(model="counted", messages=[USER],
+                                                      stream=True)
+        usage = [chunk.usage async for chunk in stream]
+        assert usage and not any(usage)  # Ollama sends no usage then, and neither does the fake
+        stream = await client.chat.completions.create(
+            model="counted", messages=[USER], stream=True,
+            stream_options={"include_usage": True})
+        async for _ in stream:
+            pass
+    finally:
+        await client.close()
+    with_usage, default = await records(proxy, http, 2)  # newest first
+    assert (default["completion_tokens"], default["tokens_estimated"]) == (5, True)
+    assert default["prompt_tokens"] is None
+    assert (with_usage["completion_tokens"], with_usage["tokens_estimated"]) == (11, False)
+    model = {"model": "counted:latest"}
+    assert proxy.sample("ollama_output_tokens_total", **model) == 5 + 11
+    assert proxy.sample("ollama_tokens_generated_sum", **model, prompt_category="question") == 16
+    assert proxy.sample("ollama_tokens_generated_count", **model,
+                        prompt_category="question") == 2
 
 
 async def test_embeddings_keep_input_not_vectors(fake: FakeOllama, proxy: RunningProxy,

@@ -112,7 +112,7 @@ async def test_large_bodies_are_parsed_off_the_loop(
     loop_thread = threading.current_thread().name
     assert parse_threads[0] == loop_thread
     assert parse_threads[1] != loop_thread
-    await settle(lambda: proxy.sample("ollama_requests_total", model="llama3.2",
+    await settle(lambda: proxy.sample("ollama_requests_total", model="llama3.2:latest",
                                       endpoint="/api/generate", status="success",
                                       prompt_category="other") == 2)
 
@@ -140,12 +140,12 @@ async def test_bodies_over_the_parse_budget_go_on_unread(
     # All three reached Ollama whole.
     assert {r.body_sha256 for r in fake.requests if r.method == "POST"} == sent
     found = await records(proxy, http, 3)
-    assert sorted(r["model"] or "" for r in found) == ["", "slow", "slow"]
+    assert sorted(r["model"] or "" for r in found) == ["", "slow:latest", "slow:latest"]
     # Once those exchanges ended, their budget is free again.
     async with http.post(proxy.url + "/api/generate", data=io.BytesIO(bodies[0])) as resp:
         assert resp.status == 200
     assert sorted(r["model"] or "" for r in await records(proxy, http, 4)) == [
-        "", "slow", "slow", "slow"]
+        "", "slow:latest", "slow:latest", "slow:latest"]
 
 
 @pytest.mark.slow

@@ -20,10 +20,10 @@ async def test_ollama_client(fake: FakeOllama, proxy: RunningProxy) -> None:
     async with ollama.AsyncClient(host=proxy.url) as client, \
             ollama.AsyncClient(host=fake.url) as direct:
         await _ollama_calls(client, direct)
-    await settle(lambda: proxy.sample("ollama_requests_total", model="llama3.2",
+    await settle(lambda: proxy.sample("ollama_requests_total", model="llama3.2:latest",
                                       endpoint="/api/chat", status="success",
                                       prompt_category="question") == 2)
-    assert proxy.sample("ollama_output_tokens_total", model="llama3.2") == 12
+    assert proxy.sample("ollama_output_tokens_total", model="llama3.2:latest") == 12
 
 
 async def _ollama_calls(client: ollama.AsyncClient, direct: ollama.AsyncClient) -> None:
@@ -69,7 +69,7 @@ async def test_openai_client(fake: FakeOllama, proxy: RunningProxy) -> None:
             await client.chat.completions.create(model="missing", messages=MESSAGES)
     finally:
         await client.close()
-    await settle(lambda: proxy.sample("ollama_requests_total", model="llama3.2",
+    await settle(lambda: proxy.sample("ollama_requests_total", model="llama3.2:latest",
                                       endpoint="/v1/chat/completions", status="success",
                                       prompt_category="question") == 2)
-    assert proxy.sample("ollama_output_tokens_total", model="llama3.2") == 8
+    assert proxy.sample("ollama_output_tokens_total", model="llama3.2:latest") == 8

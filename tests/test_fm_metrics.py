@@ -94,14 +94,15 @@ async def test_fm24_metrics_correct_and_routes_not_shadowed(
     async with http.post(proxy.url + "/api/generate",
                          data=b'{"model":"exact","prompt":"hi"}') as resp:
         await resp.read()
-    await settle(lambda: proxy.sample("ollama_output_tokens_total", model="exact") == 200)
+    await settle(lambda: proxy.sample("ollama_output_tokens_total", model="exact:latest") == 200)
     s = proxy.sample
-    assert s("ollama_model_load_duration_seconds_sum", model="exact") == pytest.approx(6.338219291)
-    assert s("ollama_tokens_per_second_sum", model="exact",
+    assert s("ollama_model_load_duration_seconds_sum", model="exact:latest") == pytest.approx(
+        6.338219291)
+    assert s("ollama_tokens_per_second_sum", model="exact:latest",
              prompt_category="other") == pytest.approx(50.0)  # 200 / 4 s
-    assert s("ollama_prompt_eval_tokens_per_second_sum", model="exact") == pytest.approx(
+    assert s("ollama_prompt_eval_tokens_per_second_sum", model="exact:latest") == pytest.approx(
         26 / 0.130079)
-    assert 0.3 <= s("ollama_time_to_first_token_seconds_sum", model="exact",
+    assert 0.3 <= s("ollama_time_to_first_token_seconds_sum", model="exact:latest",
                     endpoint="/api/generate") < 0.4  # the first line, after the 0.3 s wait
     assert TTFT_BUCKETS[-1] >= 600 and DURATION_BUCKETS[-1] >= 600
     async with http.get(proxy.url + "/metrics", headers={"Accept-Encoding": "identity"}) as resp:

@@ -105,13 +105,13 @@ async def test_fm02_split_lines(fake: FakeOllama, start_proxy: StartProxy,
     (row,) = await records(proxy, http, 1)
     assert (row["outcome"], row["prompt_tokens"], row["completion_tokens"]) == ("ok", 11, 7)
     assert row["response"] == "Hello, world!"
-    assert proxy.sample("ollama_output_tokens_total", model="split") == 7
-    assert proxy.sample("ollama_input_tokens_total", model="split") == 11
+    assert proxy.sample("ollama_output_tokens_total", model="split:latest") == 7
+    assert proxy.sample("ollama_input_tokens_total", model="split:latest") == 11
     if path == "/api/generate":
         assert (row["load_duration"], row["prompt_eval_duration"], row["eval_duration"],
                 row["total_duration"]) == (0.25, 0.125, 0.5, 0.9)
         assert row["tokens_per_second"] == pytest.approx(14.0)
-        assert proxy.sample("ollama_model_load_duration_seconds_sum", model="split") == 0.25
+        assert proxy.sample("ollama_model_load_duration_seconds_sum", model="split:latest") == 0.25
 
 
 # --- 3. Long generation -------------------------------------------------------------------------
@@ -208,6 +208,6 @@ async def test_fm14_pull_and_create_progress_outlast_timeouts(
         progress("/api/create", b'{"model":"made","from":"llama3.2"}', 4))
     assert pulled > 4.5 and created > 2.3
     for endpoint in ("/api/pull", "/api/create"):
-        model = "big" if endpoint == "/api/pull" else "made"
+        model = "big:latest" if endpoint == "/api/pull" else "made:latest"
         assert proxy.sample("ollama_requests_total", model=model, endpoint=endpoint,
                             status="success", prompt_category="other") == 1

@@ -95,7 +95,7 @@ async def test_fm07_upstream_refused_or_blackholed(start_proxy: StartProxy,
         refused.close()
     for proxy, error_type in ((to_refused, "connect"), (to_hole, "timeout")):
         assert proxy.sample("ollama_errors_total", error_type=error_type) == 1
-        assert proxy.sample("ollama_requests_total", model="m", endpoint="/api/generate",
+        assert proxy.sample("ollama_requests_total", model="m:latest", endpoint="/api/generate",
                             status="error", prompt_category="other") == 1
 
 
@@ -139,7 +139,7 @@ async def test_fm08_upstream_errors_relayed_verbatim(
             assert answers[0] == answers[1]
             assert answers[1][0] == status
     assert hits == [f"status={status}"] * 2 + [f"status={status}&json"] * 2  # one try each
-    assert proxy.sample("ollama_requests_total", model="llama3.2", endpoint="/api/generate",
+    assert proxy.sample("ollama_requests_total", model="llama3.2:latest", endpoint="/api/generate",
                         status="error", prompt_category="other") == 2
     kind = "http_5xx" if status >= 500 else "http_4xx"
     assert proxy.sample("ollama_errors_total", error_type=kind) == 2
@@ -178,5 +178,5 @@ async def test_fm20_upstream_503_under_load(fake: FakeOllama, proxy: RunningProx
     bodies = await asyncio.wait_for(asyncio.gather(*streams), 5)
     assert all(b.count(b"\n") == 21 and b'"done":true' in b for b in bodies)
     assert _percentile(refusals, 99) < 0.5, sorted(refusals)[-5:]
-    assert proxy.sample("ollama_requests_total", model="busy", endpoint="/api/generate",
+    assert proxy.sample("ollama_requests_total", model="busy:latest", endpoint="/api/generate",
                         status="error", prompt_category="other") == 200

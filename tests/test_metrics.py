@@ -34,24 +34,26 @@ async def test_native_counts_and_durations(
     async with http.post(proxy.url + "/api/generate", data=body) as resp:
         assert resp.status == 200
         await resp.read()
-    await _done(proxy, "exact", "/api/generate")
+    await _done(proxy, "exact:latest", "/api/generate")
     s = proxy.sample
-    assert s("ollama_requests_total", model="exact", endpoint="/api/generate", status="success",
-             prompt_category="question") == 1
-    assert s("ollama_input_tokens_total", model="exact") == 26
-    assert s("ollama_output_tokens_total", model="exact") == 4
-    assert s("ollama_tokens_generated_sum", model="exact", prompt_category="question") == 4
-    assert s("ollama_tokens_per_second_sum", model="exact",
+    assert s("ollama_requests_total", model="exact:latest", endpoint="/api/generate",
+             status="success", prompt_category="question") == 1
+    assert s("ollama_input_tokens_total", model="exact:latest") == 26
+    assert s("ollama_output_tokens_total", model="exact:latest") == 4
+    assert s("ollama_tokens_generated_sum", model="exact:latest", prompt_category="question") == 4
+    assert s("ollama_tokens_per_second_sum", model="exact:latest",
              prompt_category="question") == pytest.approx(2.0)  # 4 / 2.0 s
-    assert s("ollama_prompt_eval_tokens_per_second_sum", model="exact") == pytest.approx(
+    assert s("ollama_prompt_eval_tokens_per_second_sum", model="exact:latest") == pytest.approx(
         26 / 0.130079)
-    assert s("ollama_model_load_duration_seconds_sum", model="exact") == pytest.approx(6.338219291)
-    assert s("ollama_active_requests", model="exact") == 0
-    ttft = s("ollama_time_to_first_token_seconds_count", model="exact", endpoint="/api/generate")
-    tpot = s("ollama_time_per_output_token_seconds_sum", model="exact")
+    assert s("ollama_model_load_duration_seconds_sum", model="exact:latest") == pytest.approx(
+        6.338219291)
+    assert s("ollama_active_requests", model="exact:latest") == 0
+    ttft = s("ollama_time_to_first_token_seconds_count", model="exact:latest",
+             endpoint="/api/generate")
+    tpot = s("ollama_time_per_output_token_seconds_sum", model="exact:latest")
     if stream:
         assert ttft == 1
-        assert s("ollama_streaming_duration_seconds_count", model="exact") == 1
+        assert s("ollama_streaming_duration_seconds_count", model="exact:latest") == 1
         assert 0 <= tpot < 0.5  # wall clock between chunks at the proxy, fake sends at once
     else:
         assert ttft == 0  # nothing streamed, so no first token to time
@@ -63,8 +65,8 @@ async def test_warm_model_load_is_not_a_load(fake: FakeOllama, proxy: RunningPro
     fake.scenarios["warm:latest"] = Scenario(load_duration=1_334_875)
     async with http.post(proxy.url + "/api/generate", data=b'{"model":"warm","prompt":"x"}') as r:
         await r.read()
-    await _done(proxy, "warm", "/api/generate")
-    assert proxy.sample("ollama_model_load_duration_seconds_count", model="warm") == 0
+    await _done(proxy, "warm:latest", "/api/generate")
+    assert proxy.sample("ollama_model_load_duration_seconds_count", model="warm:latest") == 0
 
 
 async def test_ttft_is_wall_clock_at_the_proxy(fake: FakeOllama, proxy: RunningProxy,
@@ -73,14 +75,14 @@ async def test_ttft_is_wall_clock_at_the_proxy(fake: FakeOllama, proxy: RunningP
     async with http.post(proxy.url + "/api/chat", data=b'{"model":"slowfirst","messages":'
                          b'[{"role":"user","content":"explain tides"}]}') as resp:
         await resp.read()
-    await _done(proxy, "slowfirst", "/api/chat")
-    total = proxy.sample("ollama_time_to_first_token_seconds_sum", model="slowfirst",
+    await _done(proxy, "slowfirst:latest", "/api/chat")
+    total = proxy.sample("ollama_time_to_first_token_seconds_sum", model="slowfirst:latest",
                          endpoint="/api/chat")
     assert 0.3 <= total < 0.45
-    streaming = proxy.sample("ollama_streaming_duration_seconds_sum", model="slowfirst")
+    streaming = proxy.sample("ollama_streaming_duration_seconds_sum", model="slowfirst:latest")
     assert 0.25 <= streaming < 0.5  # 4 tokens, 0.1 s apart: first to last is ~0.3 s
     assert proxy.sample("ollama_time_per_output_token_seconds_sum",
-                        model="slowfirst") == pytest.approx(streaming / 3)
+                        model="slowfirst:latest") == pytest.approx(streaming / 3)
 
 
 async def test_openai_usage(fake: FakeOllama, proxy: RunningProxy,
@@ -91,13 +93,15 @@ async def test_openai_usage(fake: FakeOllama, proxy: RunningProxy,
                  b',"stream":true}'):
         async with http.post(proxy.url + "/v1/chat/completions", data=chat + tail) as resp:
             await resp.read()
-    await _done(proxy, "exact", "/v1/chat/completions", 3)
-    assert proxy.sample("ollama_requests_total", model="exact", endpoint="/v1/chat/completions",
-                        status="success", prompt_category="summarize") == 3
-    # Usage is known for the non-streamed reply and the one that asked for it, not the third.
-    assert proxy.sample("ollama_output_tokens_total", model="exact") == 8
-    assert proxy.sample("ollama_input_tokens_total", model="exact") == 52
-    assert proxy.sample("ollama_time_to_first_token_seconds_count", model="exact",
+    await _done(proxy, "exact:latest", "/v1/chat/completions", 3)
+    assert proxy.sample("ollama_requests_total", model="exact:latest",
+                        endpoint="/v1/chat/completions", status="success",
+                        prompt_category="summarize") == 3
+    # Usage is known for the non-streamed reply and the one that asked for it; the third
+    # carries none, so the proxy counts its four content chunks.
+    assert proxy.sample("ollama_output_tokens_total", model="exact:latest") == 12
+    assert proxy.sample("ollama_input_tokens_total", model="exact:latest") == 52
+    assert proxy.sample("ollama_time_to_first_token_seconds_count", model="exact:latest",
                         endpoint="/v1/chat/completions") == 2
 
 
@@ -106,9 +110,9 @@ async def test_embed_counts_input_tokens(fake: FakeOllama, proxy: RunningProxy,
     fake.scenarios["emb:latest"] = Scenario(prompt_eval_count=8)
     async with http.post(proxy.url + "/api/embed", data=b'{"model":"emb","input":"x"}') as r:
         await r.read()
-    await _done(proxy, "emb", "/api/embed")
-    assert proxy.sample("ollama_input_tokens_total", model="emb") == 8
-    assert proxy.sample("ollama_output_tokens_total", model="emb") == 0
+    await _done(proxy, "emb:latest", "/api/embed")
+    assert proxy.sample("ollama_input_tokens_total", model="emb:latest") == 8
+    assert proxy.sample("ollama_output_tokens_total", model="emb:latest") == 0
 
 
 @pytest.mark.parametrize(("scenario", "error_type", "status_code"), [
@@ -125,8 +129,8 @@ async def test_errors_are_counted_by_cause(
         assert r.status == status_code
         body = await r.read()
     assert b'"error"' in body  # relayed verbatim
-    await _done(proxy, "bad", "/api/generate")
-    assert proxy.sample("ollama_requests_total", model="bad", endpoint="/api/generate",
+    await _done(proxy, "bad:latest", "/api/generate")
+    assert proxy.sample("ollama_requests_total", model="bad:latest", endpoint="/api/generate",
                         status="error", prompt_category="other") == 1
     assert proxy.sample("ollama_errors_total", error_type=error_type) == 1
 
@@ -140,7 +144,7 @@ async def test_upstream_dies_mid_stream(fake: FakeOllama, proxy: RunningProxy) -
             with pytest.raises(aiohttp.ClientPayloadError):  # truncation is visible
                 await _read_into(resp, got)
         assert b"".join(got).count(b"\n") == 3
-        await _done(proxy, "dies", "/api/generate")
+        await _done(proxy, "dies:latest", "/api/generate")
         assert proxy.sample("ollama_errors_total", error_type="reset") == 1
         async with session.get(proxy.url + "/api/version") as resp:  # still serving
             assert resp.status == 200
@@ -184,9 +188,11 @@ async def test_model_labels_are_bounded(fake: FakeOllama, start_proxy: StartProx
     for name in names:
         async with http.post(proxy.url + "/api/show", data=b'{"model":"%s"}' % name.encode()):
             pass
-    await settle(lambda: _series(proxy, "ollama_requests_total") >= 5)
+    await settle(lambda: _total(proxy, "ollama_requests_total") == len(names))
     models = {labels["model"] for labels in _labels(proxy, "ollama_requests_total")}
-    assert models == {"llama3.2", "llama3.2:latest", "a1", "a2", "other"}
+    # `llama3.2` is `llama3.2:latest`: one model, one series (ollama.names). `none` is there
+    # from the start (Metrics._expose_from_the_start).
+    assert models == {"llama3.2:latest", "a1:latest", "a2:latest", "other", "none"}
 
 
 async def test_cardinality_stays_bounded_under_junk(fake: FakeOllama, proxy: RunningProxy,
@@ -241,3 +247,7 @@ def _labels(proxy: RunningProxy, name: str) -> list[dict[str, str]]:
 
 def _series(proxy: RunningProxy, name: str) -> int:
     return len(_labels(proxy, name))
+
+
+def _total(proxy: RunningProxy, name: str) -> float:
+    return sum(s.value for m in proxy.registry.collect() for s in m.samples if s.name == name)

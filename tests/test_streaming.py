@@ -63,9 +63,9 @@ async def test_split_lines_relayed_intact_and_counted_once(
     async with http.post(proxy.url + "/api/generate", data=body) as resp:
         proxied = await resp.read()
     assert proxied.count(b"\n") == direct.count(b"\n") == 5
-    await settle(lambda: proxy.sample("ollama_output_tokens_total", model="split") > 0)
-    assert proxy.sample("ollama_output_tokens_total", model="split") == 7
-    assert proxy.sample("ollama_input_tokens_total", model="split") == 11
+    await settle(lambda: proxy.sample("ollama_output_tokens_total", model="split:latest") > 0)
+    assert proxy.sample("ollama_output_tokens_total", model="split:latest") == 7
+    assert proxy.sample("ollama_input_tokens_total", model="split:latest") == 11
 
 
 async def _wait_for_first_byte_then_leave(url: str, body: bytes, leave_after: float) -> None:
@@ -92,11 +92,11 @@ async def test_disconnect_before_first_byte_closes_upstream(
     assert record.disconnected_at is not None
     assert record.disconnected_at - left < 1.5  # Ollama hears within a second of the client
     endpoint = path
-    await settle(lambda: proxy.sample("ollama_client_disconnects_total", model="thinker",
+    await settle(lambda: proxy.sample("ollama_client_disconnects_total", model="thinker:latest",
                                       endpoint=endpoint) == 1)
-    assert proxy.sample("ollama_requests_total", model="thinker", endpoint=endpoint,
+    assert proxy.sample("ollama_requests_total", model="thinker:latest", endpoint=endpoint,
                         status="cancelled", prompt_category="other") == 1
-    assert proxy.sample("ollama_active_requests", model="thinker") == 0
+    assert proxy.sample("ollama_active_requests", model="thinker:latest") == 0
 
 
 async def test_disconnect_mid_stream_closes_upstream(
@@ -113,9 +113,9 @@ async def test_disconnect_mid_stream_closes_upstream(
     record = await fake.wait_disconnected(timeout=2.0)
     assert record.disconnected_at is not None
     assert record.disconnected_at - left < 1.0
-    await settle(lambda: proxy.sample("ollama_client_disconnects_total", model="long",
+    await settle(lambda: proxy.sample("ollama_client_disconnects_total", model="long:latest",
                                       endpoint="/api/generate") == 1)
-    assert proxy.sample("ollama_active_requests", model="long") == 0
+    assert proxy.sample("ollama_active_requests", model="long:latest") == 0
     assert proxy.sample("ollama_errors_total", error_type="reset") == 0  # not Ollama's fault
 
 
@@ -131,7 +131,7 @@ async def test_no_total_timeout_on_slow_first_byte(
         async with http.post(proxy.url + "/api/generate", data=body) as resp:
             assert resp.status == 200
             assert b'"done":true' in await resp.read()
-    assert proxy.sample("ollama_requests_total", model="cold", endpoint="/api/generate",
+    assert proxy.sample("ollama_requests_total", model="cold:latest", endpoint="/api/generate",
                         status="success", prompt_category="other") == 2
 
 
@@ -167,7 +167,7 @@ async def test_clients_vanishing_at_any_moment_log_no_errors(
         writer.transport.abort()
 
     await asyncio.gather(*(vanish(n * 0.0005, n % 2 == 0) for n in range(80)))
-    await settle(lambda: proxy.sample("ollama_active_requests", model="quick") == 0, 5.0)
+    await settle(lambda: proxy.sample("ollama_active_requests", model="quick:latest") == 0, 5.0)
     async with http.get(proxy.url + "/api/version") as resp:
         assert resp.status == 200
 

@@ -219,8 +219,10 @@ def _origin_matches(origin: str, patterns: Sequence[str]) -> bool:
 
 
 def _norm_name(name: str) -> str:
+    """As Ollama resolves a name: case ignored, default host, namespace and tag filled in."""
+    name = name.lower().removeprefix("registry.ollama.ai/").removeprefix("library/")
     base = name.rsplit("/", 1)[-1]
-    return (name if ":" in base else name + ":latest").lower()
+    return name if ":" in base else name + ":latest"
 
 
 def _is_embedding_model(name: str) -> bool:

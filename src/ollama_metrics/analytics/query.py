@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from ..observe.categorize import CATEGORIES
+from ..ollama.names import normalize_model
 
 MAX_LIMIT = 1000
 # Times are unix seconds from 1970 to the end of year 9999: finite, and far from overflowing
@@ -132,6 +133,12 @@ def check_search(text: str) -> None:
                            f"characters before '*' (e.g. ka*), got {stem + '*'!r}")
 
 
+def _model(name: str | None) -> str | None:
+    """A model filter as the records spell it: `fast` finds `fast:latest` (ollama.names)."""
+    name = (name or "").strip()
+    return normalize_model(name) if name else None
+
+
 def parse(params: Mapping[str, str]) -> Query:
     """A Query from the search parameters (the original proxy's names, plus the new ones)."""
     known = {"start_time", "end_time", "since", "model", "prompt_search", "q", "prompt_category",
@@ -166,7 +173,7 @@ def parse(params: Mapping[str, str]) -> Query:
     return Query(
         start_time=start,
         end_time=end,
-        model=params.get("model") or None,
+        model=_model(params.get("model")),
         text=text,
         category=category,
         status=status,

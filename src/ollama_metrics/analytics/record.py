@@ -352,6 +352,7 @@ def build(i: Interaction, privacy: Privacy) -> Record:
         "eval_duration": _seconds(i.eval_duration_ns),
         "prompt_tokens": i.prompt_eval_count,
         "completion_tokens": i.eval_count,
+        "tokens_estimated": i.tokens_estimated,
         "tokens_per_second": i.tokens_per_second,
         "request_bytes": i.request_bytes,
         "response_bytes": i.response_bytes,

@@ -84,6 +84,9 @@ class Interaction:
     done_reason: str | None = None
     prompt_eval_count: int | None = None
     eval_count: int | None = None
+    # eval_count was counted by the proxy, one token per chunk, as the reply carried no count
+    # (an OpenAI-compatible stream without stream_options.include_usage): an estimate.
+    tokens_estimated: bool = False
     total_duration_ns: int | None = None
     load_duration_ns: int | None = None
     prompt_eval_duration_ns: int | None = None

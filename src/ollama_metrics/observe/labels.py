@@ -3,7 +3,9 @@
 Allowed values: every name the upstream lists in /api/tags (refreshed in the background), plus the
 first `max_extra` other names seen (models being pulled, typos, cloud models), then `other`.
 `none` stands for a request that names no model. The set only grows within those bounds, so
-Prometheus series stay stable for a process's life.
+Prometheus series stay stable for a process's life. Names arrive as ollama.names spells them
+(`fast` as `fast:latest`), in requests and in /api/tags alike, so one model is one label value,
+the same as the /api/ps gauges'.
 """
 
 from __future__ import annotations
@@ -33,8 +35,6 @@ class ModelLabels:
         if not model:
             return NONE
         if model in self._known or model in self._extra:
-            return model
-        if ":" not in model and f"{model}:latest" in self._known:
             return model
         if len(self._extra) < self._max_extra and len(model) <= MAX_NAME and model.isprintable():
             self._extra.add(model)

@@ -10,6 +10,7 @@ cold loads, durations reach two hours.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, TypeVar
 
 from prometheus_client import (
@@ -23,8 +24,8 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
-from .interaction import Interaction, Outcome
-from .labels import ModelLabels
+from .interaction import ErrorType, Interaction, Outcome
+from .labels import NONE, ModelLabels
 
 M = TypeVar("M", Counter, Gauge, Histogram)
 
@@ -55,6 +56,21 @@ STATUS = {
     Outcome.UPSTREAM_ERROR: "error",
     Outcome.CANCELLED: "cancelled",
 }
+
+
+_RESTARTS: weakref.WeakKeyDictionary[CollectorRegistry, Counter] = weakref.WeakKeyDictionary()
+
+
+def upstream_restarts(registry: CollectorRegistry) -> Counter:
+    """The registry's one ollama_upstream_restarts_total, made on first use: the Supervisor
+    counts on it, and Metrics shows it at 0 when the proxy started no Ollama, so that
+    `increase()` and `absent()` on it behave either way."""
+    counter = _RESTARTS.get(registry)
+    if counter is None:
+        counter = _RESTARTS[registry] = Counter(
+            "ollama_upstream_restarts_total",
+            "Times the proxy restarted an `ollama serve` that had exited", registry=registry)
+    return counter
 
 
 def new_registry() -> CollectorRegistry:
@@ -117,6 +133,30 @@ class Metrics:
             ["model", "endpoint"], registry=r)
         self.errors = Counter(
             "ollama_errors_total", "Failed requests by cause", ["error_type"], registry=r)
+        upstream_restarts(r)
+        self._expose_from_the_start()
+
+    def _expose_from_the_start(self) -> None:
+        """One series per family before any request, so that `absent()` and `increase()` on
+        what the dashboard and the alert rules name behave from the first scrape. Every cause
+        of error is known and few; the other families get the series a request that names no
+        model on an unknown route would make (model `none`, endpoint and category `other`),
+        which is a real series, not a placeholder, and adds no label value of its own."""
+        for error_type in ErrorType:
+            self._child(self.errors, error_type.value)
+        for status in sorted(set(STATUS.values())):
+            self._child(self.requests, NONE, "other", status, "other")
+        self._child(self.request_duration, NONE, "other", "other")
+        self._child(self.ttft, NONE, "other")
+        self._child(self.disconnects, NONE, "other")
+        self._child(self.tokens_generated, NONE, "other")
+        self._child(self.tokens_per_second, NONE, "other")
+        for histogram in (self.tpot, self.streaming_duration, self.load_duration,
+                          self.prefill_speed):
+            self._child(histogram, NONE)
+        self._child(self.input_tokens, NONE)
+        self._child(self.output_tokens, NONE)
+        self._child(self.active, NONE)
 
     def _child(self, metric: M, *values: str) -> M:
         """metric.labels(*values), cached: label values are bounded, and this is per request."""

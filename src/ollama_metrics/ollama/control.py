@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from yarl import URL
 
+from .names import normalize_model
+
 if TYPE_CHECKING:  # the command line reads these routes without importing aiohttp
     import aiohttp
 
@@ -74,7 +76,8 @@ async def model_names(session: aiohttp.ClientSession, base: URL) -> list[str] | 
     names: list[str] = []
     for m in body.get("models") or []:
         if isinstance(m, dict):
-            names.extend(v for v in (m.get("name"), m.get("model")) if isinstance(v, str))
+            names.extend(normalize_model(v) for v in (m.get("name"), m.get("model"))
+                         if isinstance(v, str))
     return names
 
 
@@ -128,7 +131,7 @@ def by_name(models: Any) -> dict[str, dict[str, Any]]:
         if isinstance(m, dict):
             name = m.get("model") or m.get("name")
             if isinstance(name, str) and name:
-                seen[name] = m
+                seen[normalize_model(name)] = m
     return seen
 
 

@@ -32,9 +32,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry
 
 from ..config import Config, parse_listen
+from ..observe.metrics import upstream_restarts
 from ..printable import printable
 from . import control, probe, upstream
 from .passthrough import find_ollama, ollama_environ
@@ -102,9 +103,7 @@ class Supervisor:
     def __init__(self, config: Config, registry: CollectorRegistry,
                  environ: Mapping[str, str]) -> None:
         self.config = config
-        self.restarts = Counter(
-            "ollama_upstream_restarts_total",
-            "Times the proxy restarted an `ollama serve` that had exited", registry=registry)
+        self.restarts = upstream_restarts(registry)
         self._environ = environ
         self._binary = ""
         self._proc: asyncio.subprocess.Process | None = None

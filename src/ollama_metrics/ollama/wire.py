@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from ..observe.interaction import Interaction
+from .names import normalize_model
 
 
 class Kind(Enum):
@@ -149,7 +150,7 @@ def read_request(body: bytes | bytearray, interaction: Interaction) -> None:
     interaction.request_json = data
     model = data.get("model", data.get("name"))  # "name" is /api/show's deprecated alias
     if isinstance(model, str) and model:
-        interaction.model = interaction.clip("model", model)
+        interaction.model = interaction.clip("model", normalize_model(model))
     stream = data.get("stream")
     if isinstance(stream, bool):
         interaction.stream = stream
@@ -272,6 +273,16 @@ class ReplyReader:
             self.i.chunks += 1
             self._mark(now)
 
+    def _count_chunks(self) -> None:
+        """A streamed reply that ended with no token count (an OpenAI-compatible stream without
+        include_usage, or one cut short) is counted by its chunks: Ollama streams one token
+        per chunk of content or thinking. Marked as the proxy's estimate; a count the reply
+        carries always wins, as it is read before this."""
+        i = self.i
+        if i.eval_count is None and i.chunks:
+            i.eval_count = i.chunks
+            i.tokens_estimated = True
+
     def _keep(self, pieces: list[str], text: str) -> None:
         room = TEXT_KEPT - self._kept
         if room > 0:
@@ -315,6 +326,7 @@ class _LineReader(ReplyReader):
         if self._carry:
             self.line(self._carry, self.i.last_token or 0.0)
             self._carry = b""
+        self._count_chunks()
 
     def line(self, line: bytes, now: float) -> None:
         raise NotImplementedError

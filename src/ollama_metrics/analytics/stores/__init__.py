@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any, Protocol, runtime_checkable
 
+from ...ollama.names import normalize_model
 from ..query import Page, Query
 from ..settings import AnalyticsConfig
 
@@ -59,12 +60,21 @@ FIELDS: list[tuple[str, str]] = [
     # Added by migration (sqlite m004, postgres m003): the names of the fields shortened or left
     # out by a cap (analytics.record), or null.
     ("truncated_fields", "json"),
+    # Added by migration (sqlite m007, postgres m005): true when completion_tokens was counted
+    # by the proxy from the reply's chunks because the reply carried no count (an estimate).
+    ("tokens_estimated", "bool"),
 ]
 # The fields the first migration created; later ones add the rest.
 FIELDS_V1 = FIELDS[:[name for name, _ in FIELDS].index("capture") + 1]
 FIELD_NAMES = [name for name, _ in FIELDS]
 JSON_FIELDS = frozenset(name for name, kind in FIELDS if kind == "json")
 BOOL_FIELDS = frozenset(name for name, kind in FIELDS if kind == "bool")
+
+
+def renamed_models(names: list[str]) -> list[tuple[str, str]]:
+    """(old, new) for each stored model name that ollama.names spells otherwise: what the
+    migrations to one name per model rename."""
+    return [(name, new) for name in names if (new := normalize_model(name)) != name]
 
 
 def column_filters(q: Query) -> list[tuple[str, str, Any]]:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from . import FIELDS_V1
+from . import FIELDS_V1, renamed_models
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
@@ -62,8 +62,20 @@ async def m003_truncated_fields(db: Connection) -> None:
     await db.execute("ALTER TABLE interactions ADD COLUMN truncated_fields jsonb")
 
 
+async def m004_model_names(db: Connection) -> None:
+    # One name per model (ollama.names): `fast` recorded before is `fast:latest` now.
+    cur = await db.execute("SELECT DISTINCT model FROM interactions WHERE model IS NOT NULL")
+    for old, new in renamed_models([row[0] for row in await cur.fetchall()]):
+        await db.execute("UPDATE interactions SET model = %s WHERE model = %s", (new, old))
+
+
+async def m005_tokens_estimated(db: Connection) -> None:
+    await db.execute("ALTER TABLE interactions ADD COLUMN tokens_estimated boolean")
+
+
 MIGRATIONS: list[Callable[[Connection], Awaitable[None]]] = [
-    m001_interactions, m002_full_text, m003_truncated_fields]
+    m001_interactions, m002_full_text, m003_truncated_fields, m004_model_names,
+    m005_tokens_estimated]
 
 
 async def migrate(db: Connection) -> list[str]:

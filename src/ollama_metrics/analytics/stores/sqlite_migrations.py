@@ -10,7 +10,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 
-from . import FIELDS_V1
+from . import FIELDS_V1, renamed_models
 
 _SQL_TYPE = {"text": "TEXT", "real": "REAL", "int": "INTEGER", "bool": "INTEGER", "json": "TEXT"}
 
@@ -74,9 +74,22 @@ def m005_prefix_index(db: sqlite3.Connection) -> None:
     db.execute("INSERT INTO interactions_fts (interactions_fts) VALUES ('rebuild')")
 
 
+def m006_model_names(db: sqlite3.Connection) -> None:
+    # One name per model (ollama.names): `fast` recorded before is `fast:latest` now. A store
+    # holds few distinct names, so each is renamed with one indexed UPDATE.
+    names = [row[0] for row in db.execute("SELECT DISTINCT model FROM interactions "
+                                          "WHERE model IS NOT NULL")]
+    for old, new in renamed_models(names):
+        db.execute("UPDATE interactions SET model = ? WHERE model = ?", (new, old))
+
+
+def m007_tokens_estimated(db: sqlite3.Connection) -> None:
+    db.execute("ALTER TABLE interactions ADD COLUMN tokens_estimated INTEGER")
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     m001_interactions, m002_full_text, m003_figures_index, m004_truncated_fields,
-    m005_prefix_index]
+    m005_prefix_index, m006_model_names, m007_tokens_estimated]
 
 
 def pending(db: sqlite3.Connection) -> list[str]:

@@ -75,7 +75,9 @@ function render(r) {
     fact("Prompt eval", fmtSeconds(r.prompt_eval_duration)),
     fact("Generation", fmtSeconds(r.eval_duration)),
     fact("Prompt tokens", fmtInt(r.prompt_tokens)),
-    fact("Output tokens", fmtInt(r.completion_tokens)),
+    fact("Output tokens", r.tokens_estimated
+      ? `${fmtInt(r.completion_tokens)} (counted by the proxy: an estimate)`
+      : fmtInt(r.completion_tokens)),
     fact("Tokens/s", fmtNumber(r.tokens_per_second)),
     fact("Request / reply size", `${fmtBytes(r.request_bytes)} / ${fmtBytes(r.response_bytes)}`),
     fact("Done reason", r.done_reason ?? DASH),

@@ -21,6 +21,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CollectorRegistry
 
 from ..analytics.settings import AnalyticsConfig
+from ..analytics.stores import check_usable
 from ..config import Config, connect_url
 from ..observe.metrics import new_registry
 from ..ollama import control, probe
@@ -38,13 +39,28 @@ class PortInUse(OSError):
     """The listen address is taken (usually by Ollama itself)."""
 
 
+class CannotListen(OSError):
+    """The listen address is not one this machine can listen on (not its own, unresolvable,
+    refused by the system); the message says which and what to do."""
+
+
 def bind(config: Config) -> socket.socket:
     family = socket.AF_INET6 if ":" in config.listen_host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    where = f"{config.listen_host}:{config.listen_port}"
+    fix = "listen on an address of this machine with --listen HOST:PORT (OLLAMA_METRICS_LISTEN)"
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:  # e.g. IPv6 turned off
+        raise CannotListen(exc.errno, f"cannot listen on {where}: {exc.strerror}; {fix}") \
+            from None
     if sys.platform != "win32":
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((config.listen_host, config.listen_port))
+    except socket.gaierror as exc:
+        sock.close()
+        raise CannotListen(exc.errno, f"cannot listen on {where}: no address is known for "
+                                      f"{config.listen_host!r} ({exc.strerror}); {fix}") from None
     except OSError as exc:
         sock.close()
         if exc.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", -1)):
@@ -55,7 +71,10 @@ def bind(config: Config) -> socket.socket:
                 "ollama serve, or run the proxy elsewhere with --listen HOST:PORT "
                 "(OLLAMA_METRICS_LISTEN)",
             ) from None
-        raise
+        why = "not an address of this machine" if exc.errno == errno.EADDRNOTAVAIL else \
+            "not allowed (ports below 1024 need privileges)" if exc.errno == errno.EACCES else \
+            exc.strerror
+        raise CannotListen(exc.errno, f"cannot listen on {where}: {why}; {fix}") from None
     sock.listen(1024)
     sock.setblocking(False)
     return sock
@@ -195,10 +214,14 @@ def run(config: Config, environ: Mapping[str, str],
     """Bind, then serve on uvloop where available.
 
     Raises before serving anything: internals.Unsupported when this aiohttp cannot take the
-    request guard, probe.OllamaInTheWay when an Ollama holds the listen address, PortInUse when
-    anything else does, and the Supervisor's errors when Ollama cannot be started.
+    request guard, StoreError when the analytics settings cannot work (check_usable),
+    probe.OllamaInTheWay when an Ollama holds the listen address, PortInUse when anything else
+    does, CannotListen when the address is not this machine's, and the Supervisor's errors when
+    Ollama cannot be started.
     """
     verify()
+    if analytics is not None:
+        check_usable(analytics)
     lift_open_file_limit()
     try:
         sock = bind(config)

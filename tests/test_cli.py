@@ -3,8 +3,10 @@ real processes where the process is the point -- ports, signals, start-up, the l
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import urllib.request
@@ -143,3 +145,31 @@ def test_start_failures_are_one_line_and_exit_2(tmp_path: Path, args: list[str],
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and said.replace("{file}", str(a_file)) in lines[0], result.stderr
     assert lines[0].startswith("ollama-metrics: ")
+
+
+@pytest.mark.slow(reason="a proxy process, a stream in flight and two signals")
+def test_second_signal_stops_at_once_after_writing_the_queue(tmp_path: Path) -> None:
+    """The first SIGINT starts the grace and says how to cut it short; the second stops at
+    once (not after the 60 s grace), and the records are in the store, the cut stream's too."""
+    slow = json.dumps({"slow:latest": {"tokens": ["x"] * 200, "token_delay": 0.3},
+                       "llama3.2:latest": {}})
+    with fake_process("--scenarios", slow) as fake, \
+            proxy_process(fake.url, "--analytics-dir", str(tmp_path),
+                          "--shutdown-grace", "60") as proxy:
+        with urllib.request.urlopen(urllib.request.Request(
+                proxy.url + "/api/generate", data=b'{"model": "llama3.2", "prompt": "hi"}')) as r:
+            r.read()
+        stream = urllib.request.urlopen(urllib.request.Request(
+            proxy.url + "/api/generate", data=b'{"model": "slow", "prompt": "long"}'))
+        try:
+            stream.readline()  # the stream is under way
+            proxy.proc.send_signal(signal.SIGINT)
+            proxy.wait_for("press Ctrl-C again")
+            proxy.proc.send_signal(signal.SIGINT)
+            assert proxy.proc.wait(timeout=8) == 0, proxy.output
+        finally:
+            stream.close()
+    assert "stopping now" in proxy.output and "Traceback" not in proxy.output
+    with sqlite3.connect(tmp_path / "interactions.db") as db:
+        models = sorted(m for (m,) in db.execute("SELECT model FROM interactions"))
+    assert models == ["llama3.2", "slow"]

@@ -122,11 +122,17 @@ async def serve(config: Config, sock: socket.socket, stop: asyncio.Event | None 
     and stopped after the proxy has drained.
     """
     stop = stop or asyncio.Event()
+    now = asyncio.Event()  # a second signal: stop without waiting for the grace
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            now.set()
+        stop.set()
     for sig in (signal.SIGINT, signal.SIGTERM):
         # Windows has no add_signal_handler; KeyboardInterrupt still stops the process there.
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
     registry = new_registry()
     supervisor = None
     if config.supervise:
@@ -142,7 +148,7 @@ async def serve(config: Config, sock: socket.socket, stop: asyncio.Event | None 
             await supervisor.stop()
             return
     try:
-        await _serve_app(config, sock, stop, registry, analytics)
+        await _serve_app(config, sock, stop, now, registry, analytics)
     finally:
         if supervisor is not None:
             await supervisor.stop()
@@ -164,7 +170,8 @@ async def _unless_stopped(work: Awaitable[None], stop: asyncio.Event) -> bool:
 
 
 async def _serve_app(config: Config, sock: socket.socket, stop: asyncio.Event,
-                     registry: CollectorRegistry, analytics: AnalyticsConfig | None) -> None:
+                     now: asyncio.Event, registry: CollectorRegistry,
+                     analytics: AnalyticsConfig | None) -> None:
     app = create_app(config, registry, analytics)
     runner = make_runner(app, config)
     await runner.setup()
@@ -189,9 +196,26 @@ async def _serve_app(config: Config, sock: socket.socket, stop: asyncio.Event,
     try:
         await stop.wait()
     finally:
-        log.info("shutting down (up to %ss for requests in flight)", config.shutdown_grace)
+        log.info("shutting down (up to %ss for requests in flight; press Ctrl-C again, or send "
+                 "a second SIGTERM, to stop now)", config.shutdown_grace)
         descriptors.stop()
-        await runner.cleanup()
+        await _cleanup(runner, now)
+
+
+async def _cleanup(runner: web.AppRunner, now: asyncio.Event) -> None:
+    """Shut down within the grace, or at once when `now` is set: the connections still open
+    are closed, which cancels their requests (each is recorded, as a client that went away
+    is); the app's cleanup still writes the records queued."""
+    cleanup = asyncio.ensure_future(runner.cleanup())
+    forced = asyncio.ensure_future(now.wait())
+    await asyncio.wait({cleanup, forced}, return_when=asyncio.FIRST_COMPLETED)
+    forced.cancel()
+    if not cleanup.done():
+        connections = runner.server.connections if runner.server is not None else []
+        log.warning("stopping now: closing %d connection(s) still open", len(connections))
+        for connection in connections:
+            connection.force_close()
+    await cleanup
 
 
 def _announce_analytics(config: Config, analytics: AnalyticsConfig | None) -> None:

@@ -31,7 +31,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 import aiohttp
-import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
@@ -42,6 +41,7 @@ from ..observe.interaction import ErrorType, Interaction, Outcome
 from ..ollama.wire import Kind, expects_done, read_request, reply_reader, route
 from ..printable import printable
 from .connection import BAD_BODY, bad_body
+from .errors import error_reply
 from .relay import relay_body
 
 log = logging.getLogger(__name__)
@@ -360,12 +360,7 @@ class Proxy:
         i.outcome, i.error_type, i.error, i.http_status = (
             Outcome.UPSTREAM_ERROR, error_type, message, status)
         log.warning("%s %s: %s", i.method, printable(i.path), printable(message))
-        return web.Response(
-            status=status,
-            body=orjson.dumps({"error": message}),
-            content_type="application/json",
-            charset="utf-8",
-        )
+        return error_reply(i.path, status, message, f"ollama_{error_type.value}")
 
 
 async def _abort(request: web.Request, response: web.StreamResponse) -> None:

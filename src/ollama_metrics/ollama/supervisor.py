@@ -243,7 +243,7 @@ class Supervisor:
                 return
             if loop.time() > deadline:
                 raise OllamaFailedToStart(
-                    f"ollama serve (pid {proc.pid}) did not answer at {self.config.upstream} "
+                    f"ollama serve (pid {proc.pid}) did not answer at {self.config.upstream_shown} "
                     f"within {self.config.ollama_start_timeout}s (--ollama-start-timeout): "
                     f"{health.error}")
             # Wake early if the child exits.

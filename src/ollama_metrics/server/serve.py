@@ -180,19 +180,20 @@ async def _serve_app(config: Config, sock: socket.socket, stop: asyncio.Event,
     descriptors.start()
     host, port = sock.getsockname()[:2]
     log.info("ollama-metrics listening on http://%s:%s, forwarding to %s",
-             f"[{host}]" if ":" in host else host, port, config.upstream)
+             f"[{host}]" if ":" in host else host, port, config.upstream_shown)
     if relay.UNAVAILABLE is not None:
         log.info("streamed replies take the plain relay (%s): correct, with more CPU per frame",
                  relay.UNAVAILABLE)
     _announce_analytics(config, analytics)
     health = await control.health(app[SESSION], config.upstream)
     if health.ok:
-        log.info("Ollama %s answers at %s", health.version or "(unknown version)", config.upstream)
+        log.info("Ollama %s answers at %s", health.version or "(unknown version)",
+                 config.upstream_shown)
     else:
         log.warning(
             "Ollama is not answering at %s (%s). Requests get 502 until it does: start it with "
             "OLLAMA_HOST=%s ollama serve, or point --upstream (OLLAMA_METRICS_UPSTREAM) at it.",
-            config.upstream, health.error, config.upstream.authority)
+            config.upstream_shown, health.error, f"{config.upstream.host}:{config.upstream.port}")
     try:
         await stop.wait()
     finally:

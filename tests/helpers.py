@@ -135,7 +135,7 @@ def fake_process(*args: str) -> Iterator[Process]:
 @contextmanager
 def proxy_process(upstream: str, *args: str) -> Iterator[Process]:
     """`python -m ollama_metrics serve` as a separate process on a free port, in a scratch
-    directory of its own (so the default ./ollama_analytics lands there)."""
+    directory of its own (conftest's data_home keeps its default analytics out of $HOME)."""
     with tempfile.TemporaryDirectory(prefix="ollama-metrics-proxy-") as scratch:
         p = _start([sys.executable, "-m", "ollama_metrics", "serve", "--listen", "127.0.0.1:0",
                     "--upstream", upstream, *args], r"listening on http://127\.0\.0\.1:(\d+)",

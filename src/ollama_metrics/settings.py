@@ -333,8 +333,11 @@ ANALYTICS = Settings(
     Setting("analytics_backend", "ANALYTICS_BACKEND", "sqlite", metavar="NAMES",
             check=parse_backends,
             help=f"Comma-separated: {', '.join(BACKENDS)}; or none to record nothing."),
-    Setting("analytics_dir", "ANALYTICS_DIR", "./ollama_analytics", metavar="DIR",
-            help="Where the sqlite and jsonl backends keep their files."),
+    # None: the per-user data directory (paths.analytics_dir), which depends on the platform
+    # and the environment, so the edge (cli/analytics_options.py) fills it in.
+    Setting("analytics_dir", "ANALYTICS_DIR", None, metavar="DIR",
+            help="Where the sqlite and jsonl backends keep their files [default: analytics/ in "
+                 "the per-user data directory, see README]."),
     Setting("analytics_postgres_dsn", "ANALYTICS_POSTGRES_DSN", None, metavar="DSN",
             help="PostgreSQL connection string for the postgres backend."),
     Setting("analytics_search_timeout", "ANALYTICS_SEARCH_TIMEOUT", 5.0, type=_MORE_THAN_ZERO,

@@ -53,8 +53,9 @@ class Process:
     """A child process whose stdout and stderr are drained into `lines` by background threads
     (an undrained pipe would eventually block the child's writes)."""
 
-    def __init__(self, args: list[str], cwd: str | None = None) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    def __init__(self, args: list[str], cwd: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, env=env, cwd=cwd)
         self.lines: list[str] = []

@@ -53,8 +53,9 @@ class Process:
     """A child process whose stdout and stderr are drained into `lines` by background threads
     (an undrained pipe would eventually block the child's writes)."""
 
-    def __init__(self, args: list[str], cwd: str | None = None) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    def __init__(self, args: list[str], cwd: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, env=env, cwd=cwd)
         self.lines: list[str] = []
@@ -135,7 +136,7 @@ def fake_process(*args: str) -> Iterator[Process]:
 @contextmanager
 def proxy_process(upstream: str, *args: str) -> Iterator[Process]:
     """`python -m ollama_metrics serve` as a separate process on a free port, in a scratch
-    directory of its own (so the default ./ollama_analytics lands there)."""
+    directory of its own (conftest's data_home keeps its default analytics out of $HOME)."""
     with tempfile.TemporaryDirectory(prefix="ollama-metrics-proxy-") as scratch:
         p = _start([sys.executable, "-m", "ollama_metrics", "serve", "--listen", "127.0.0.1:0",
                     "--upstream", upstream, *args], r"listening on http://127\.0\.0\.1:(\d+)",

@@ -3,8 +3,10 @@ real processes where the process is the point -- ports, signals, start-up, the l
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import urllib.request
@@ -105,3 +107,69 @@ def test_warns_when_prompts_are_reachable_from_the_network(tmp_path: Path) -> No
             finally:
                 assert proxy.stop() == 0
             assert ("with no ANALYTICS_TOKEN" in proxy.output) is warned
+
+
+# psycopg made unimportable in the child, whatever this machine has installed.
+_NO_PSYCOPG = """
+import sys
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("psycopg", "psycopg_pool"):
+            raise ImportError(f"No module named {name!r} (blocked by the test)")
+sys.meta_path.insert(0, _Block())
+from ollama_metrics.cli import main
+main(prog_name="ollama-metrics")
+"""
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (["--listen", "8.8.8.8:21440"], "cannot listen on 8.8.8.8:21440: not an address of this"),
+    (["--listen", "nosuchhost.invalid:21440"], "no address is known for 'nosuchhost.invalid'"),
+    (["--analytics-dir", "/proc/nope"], "cannot keep analytics in /proc/nope"),
+    (["--analytics-dir", "{file}"], "in {file} (a file, not a directory): name a directory"),
+    (["--analytics-backend", "postgres", "--analytics-postgres-dsn", "postgresql://x@h/db"],
+     "the postgres backend needs psycopg: pip install 'ollama-metrics[postgres]'"),
+])
+def test_start_failures_are_one_line_and_exit_2(tmp_path: Path, args: list[str],
+                                                said: str) -> None:
+    """A setting the proxy cannot start with is refused before it serves: one line naming the
+    cause and the fix, exit 2, no traceback."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    args = [arg.replace("{file}", str(a_file)) for arg in args]
+    result = subprocess.run(
+        [sys.executable, "-c", _NO_PSYCOPG, "serve", "--upstream", "http://127.0.0.1:9",
+         "--listen", "127.0.0.1:0", "--analytics-dir", str(tmp_path / "records"), *args],
+        capture_output=True, text=True, timeout=20)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and said.replace("{file}", str(a_file)) in lines[0], result.stderr
+    assert lines[0].startswith("ollama-metrics: ")
+
+
+@pytest.mark.slow(reason="a proxy process, a stream in flight and two signals")
+def test_second_signal_stops_at_once_after_writing_the_queue(tmp_path: Path) -> None:
+    """The first SIGINT starts the grace and says how to cut it short; the second stops at
+    once (not after the 60 s grace), and the records are in the store, the cut stream's too."""
+    slow = json.dumps({"slow:latest": {"tokens": ["x"] * 200, "token_delay": 0.3},
+                       "llama3.2:latest": {}})
+    with fake_process("--scenarios", slow) as fake, \
+            proxy_process(fake.url, "--analytics-dir", str(tmp_path),
+                          "--shutdown-grace", "60") as proxy:
+        with urllib.request.urlopen(urllib.request.Request(
+                proxy.url + "/api/generate", data=b'{"model": "llama3.2", "prompt": "hi"}')) as r:
+            r.read()
+        stream = urllib.request.urlopen(urllib.request.Request(
+            proxy.url + "/api/generate", data=b'{"model": "slow", "prompt": "long"}'))
+        try:
+            stream.readline()  # the stream is under way
+            proxy.proc.send_signal(signal.SIGINT)
+            proxy.wait_for("press Ctrl-C again")
+            proxy.proc.send_signal(signal.SIGINT)
+            assert proxy.proc.wait(timeout=8) == 0, proxy.output
+        finally:
+            stream.close()
+    assert "stopping now" in proxy.output and "Traceback" not in proxy.output
+    with sqlite3.connect(tmp_path / "interactions.db") as db:
+        models = sorted(m for (m,) in db.execute("SELECT model FROM interactions"))
+    assert models == ["llama3.2", "slow"]

@@ -6,14 +6,20 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import os
+import socket
+import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 from click.testing import CliRunner
 
 from analytics_helpers import DATA, _seed
+from helpers import fake_process, proxy_process
 from ollama_metrics.cli import main
 
 
@@ -80,3 +86,89 @@ def test_missing_store_is_explained(tmp_path: Path) -> None:
     result = cli(tmp_path / "nothing", "search")
     assert result.returncode == 1
     assert "no analytics database" in result.stderr
+
+
+# --- where the records are: the running proxy first, then the store on disk --------------------
+
+def _ask(*args: str, env: dict[str, str] | None = None) -> Ran:
+    result = CliRunner().invoke(main, list(args), env=env)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return Ran(result.exit_code, result.stdout, result.stderr)
+
+
+def _records(env: dict[str, str]) -> list[dict[str, Any]]:
+    """The records `search --json` finds, once the proxy has written them."""
+    deadline = time.monotonic() + 10
+    while True:
+        ran = _ask("search", "--json", env=env)
+        assert ran.returncode == 0, ran.stderr
+        found: list[dict[str, Any]] = orjson.loads(ran.stdout)
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
+
+
+@pytest.mark.slow(reason="a proxy process")
+def test_commands_ask_the_running_proxy_first(tmp_path: Path) -> None:
+    """The proxy records somewhere the command cannot know (its own --analytics-dir, behind a
+    token): search, stats and export still find the records, through the proxy."""
+    elsewhere = tmp_path / "the-proxy's-own"
+    with fake_process() as fake, proxy_process(fake.url, "--analytics-dir", str(elsewhere),
+                                               "--analytics-token", "tok") as proxy:
+        with urllib.request.urlopen(urllib.request.Request(
+                proxy.url + "/api/generate", data=b'{"model": "llama3.2", "prompt": "hi"}')) as r:
+            r.read()
+        listen = {"OLLAMA_METRICS_LISTEN": f"127.0.0.1:{proxy.port}"}
+        refused = _ask("search", env=listen)
+        assert refused.returncode == 1
+        assert "need its token: --analytics-token (ANALYTICS_TOKEN)" in refused.stderr
+        env = {**listen, "ANALYTICS_TOKEN": "tok"}
+        assert [r["prompt"] for r in _records(env)] == ["hi"]
+        stats = _ask("stats", "--json", env=env)
+        assert orjson.loads(stats.stdout)["totals"]["requests"] == 1
+        exported = _ask("export", "--format", "csv", env=env)
+        assert exported.returncode == 0 and "exported 1 interactions from the proxy at " \
+            f"http://127.0.0.1:{proxy.port} (recording to sqlite in {elsewhere})" \
+            in exported.stderr
+        assert len(list(csv.DictReader(io.StringIO(exported.stdout)))) == 1
+        none = _ask("search", "zebra", env=env)
+        assert f"no interactions match (looked in the proxy at http://127.0.0.1:{proxy.port}" \
+            in none.stdout
+        bad = _ask("search", "--since", "soon", env=env)
+        assert bad.returncode == 2
+
+
+@pytest.mark.slow(reason="a proxy process")
+def test_serve_and_the_commands_agree_on_the_data_directory(tmp_path: Path) -> None:
+    """Without ANALYTICS_DIR, the proxy records to the per-user data directory; the commands,
+    run from anywhere with no proxy answering, read the same store, and say where they looked
+    when it has nothing."""
+    data_home = tmp_path / "data-home"
+    store = data_home / "ollama-metrics" / "analytics" / "interactions.db"
+    nobody = {"OLLAMA_METRICS_LISTEN": f"127.0.0.1:{_free_port()}",
+              "XDG_DATA_HOME": str(data_home)}
+    missing = _ask("search", env=nobody)
+    assert missing.returncode == 1
+    assert f"no analytics database at {store} yet: nothing recorded (no proxy with " \
+        f"searchable records answers at http://{nobody['OLLAMA_METRICS_LISTEN']})" \
+        in missing.stderr
+    os.environ["XDG_DATA_HOME"], saved = str(data_home), os.environ["XDG_DATA_HOME"]
+    try:
+        with fake_process() as fake, proxy_process(fake.url) as proxy:
+            with urllib.request.urlopen(urllib.request.Request(
+                    proxy.url + "/api/generate", data=b'{"model": "llama3.2", "prompt": "hi"}')):
+                pass
+            proxy.wait_for(f"recording interactions to sqlite \\({store.parent}\\)")
+    finally:
+        os.environ["XDG_DATA_HOME"] = saved
+    assert store.exists()
+    assert [r["prompt"] for r in _records(nobody)] == ["hi"]
+    none = _ask("search", "zebra", env=nobody)
+    assert f"no interactions match (looked in {store} (no proxy" in none.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

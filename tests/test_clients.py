@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import socket
+
 import ollama
 import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
+from conftest import StartProxy
 from fake_ollama import FakeOllama
 from helpers import RunningProxy, settle
 
@@ -73,3 +76,23 @@ async def test_openai_client(fake: FakeOllama, proxy: RunningProxy) -> None:
                                       endpoint="/v1/chat/completions", status="success",
                                       prompt_category="question") == 2)
     assert proxy.sample("ollama_output_tokens_total", model="llama3.2:latest") == 8
+
+
+async def test_proxy_errors_speak_each_api(start_proxy: StartProxy) -> None:
+    """With Ollama down, the openai SDK's exception says why (the OpenAI error object on
+    /v1/*); the ollama client gets Ollama's own shape on the native routes."""
+    with socket.socket() as refused:
+        refused.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        proxy = await start_proxy(f"http://127.0.0.1:{refused.getsockname()[1]}")
+        client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="ollama", max_retries=0)
+        with pytest.raises(openai.InternalServerError) as err:
+            await client.chat.completions.create(model="llama3.2", messages=MESSAGES)
+        await client.close()
+        assert err.value.status_code == 502
+        assert "cannot reach Ollama at http://127.0.0.1:" in err.value.message
+        assert err.value.code == "ollama_connect" and err.value.type == "api_error"
+        async with ollama.AsyncClient(host=proxy.url) as native:
+            with pytest.raises(ollama.ResponseError) as native_err:
+                await native.chat(model="llama3.2", messages=MESSAGES)
+        assert native_err.value.status_code == 502
+        assert native_err.value.error.startswith("cannot reach Ollama at http://127.0.0.1:")

@@ -3,6 +3,7 @@ files never leave their directory, and prompt text never reaches the log at INFO
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import socket
 import sqlite3
@@ -222,3 +223,57 @@ async def test_prompt_text_never_in_the_log_at_info(tmp_path: Path) -> None:
         refused.close()
     assert "WARNING" in logs()  # the failures above were logged...
     assert MARKER not in logs()  # ...without the prompt
+
+
+# --- upstream credentials ----------------------------------------------------------------------
+
+CREDENTIALS = "gateway-user:pw-s3cret"
+
+
+def _with_credentials(url: str) -> str:
+    return url.replace("http://", f"http://{CREDENTIALS}@", 1)
+
+
+async def test_upstream_credentials_are_used_not_shown(
+    fake: FakeOllama, start_proxy: StartProxy, http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A client's own Authorization (the openai SDK sends one) still goes through: the
+    configured credentials replace it towards the upstream. They never appear in the proxy's
+    replies or log, masked as user:***@."""
+    import openai
+
+    proxy = await start_proxy(_with_credentials(fake.url))
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="sk-client", max_retries=0)
+    reply = await client.chat.completions.create(
+        model="llama3.2", messages=[{"role": "user", "content": "hi"}])
+    await client.close()
+    assert reply.choices[0].message.content == "Hello, world!"
+    sent = fake.requests[-1].headers
+    expected = "Basic " + base64.b64encode(CREDENTIALS.encode()).decode()
+    assert {k.lower(): v for k, v in sent.items()}["authorization"] == expected
+    async with http.get(proxy.url + "/test") as resp:
+        shown = (await resp.json())["upstream"]["url"]
+    assert shown.startswith("http://gateway-user:***@127.0.0.1:")
+
+    with socket.socket() as refused:
+        refused.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        down = await start_proxy(_with_credentials(f"http://127.0.0.1:{refused.getsockname()[1]}"))
+        for path in ("/api/generate", "/v1/chat/completions"):
+            async with http.post(down.url + path, data=b'{"model":"m"}') as resp:
+                body = await resp.text()
+            assert resp.status == 502 and "gateway-user:***@" in body, body
+    assert "pw-s3cret" not in body + caplog.text
+    assert "gateway-user:***@" in caplog.text
+
+
+@pytest.mark.slow(reason="a proxy process")
+def test_upstream_credentials_stay_out_of_the_start_log() -> None:
+    with socket.socket() as refused:
+        refused.bind(("127.0.0.1", 0))
+        port = refused.getsockname()[1]
+        with proxy_process(_with_credentials(f"http://127.0.0.1:{port}")) as proxy:
+            warning = proxy.wait_for("Ollama is not answering").string
+    assert "pw-s3cret" not in proxy.output
+    assert "gateway-user:***@" in proxy.output
+    assert f"OLLAMA_HOST=127.0.0.1:{port} ollama serve" in warning

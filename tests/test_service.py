@@ -116,10 +116,11 @@ def test_service_commands_with_systemd(standin: Path, tmp_path: Path,
     text = unit.read_text()
     # The options given on the command line, and the ollama program found; those given by
     # variable stay variables (out of command lines, which any user can read).
-    # A service runs from /: its analytics go to the data directory, not ./ollama_analytics.
+    # Its analytics go to the per-user data directory, the default of every command: no
+    # --analytics-dir of its own, and the installer's XDG_DATA_HOME.
     assert f"ExecStart={sys.executable} -m ollama_metrics serve --listen 127.0.0.1:11500 " \
-        f"--analytics-dir {tmp_path / 'data' / 'ollama-metrics' / 'analytics'} " \
         f"--ollama-bin {Path(__file__).parent / 'bin' / 'ollama'}\n" in text
+    assert f"Environment=XDG_DATA_HOME={tmp_path / 'data'}\n" in text
     assert "Environment=OLLAMA_METRICS_PS_INTERVAL=5\n" in text
     assert "Environment=ANALYTICS_TOKEN=do-not-show\n" in text
     assert unit.stat().st_mode & 0o777 == 0o600  # the token is in there: owner only

@@ -264,3 +264,26 @@ def urllib_stream(url: str, body: dict[str, object]) -> Iterator[bytes]:
             return
 
 
+
+
+def test_an_ollama_the_user_is_starting_is_waited_for(standin: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The quick start's race: the user's `ollama serve` takes a while to bind; the proxy,
+    started right after, waits for it instead of starting a second Ollama on its port."""
+    port = free_port()
+    theirs = Process(["ollama", "serve"], env={"OLLAMA_HOST": f"127.0.0.1:{port}",
+                                               "FAKE_OLLAMA_BIND_DELAY": "1.5"})
+    try:
+        time.sleep(0.2)  # it runs (the stand-in's interpreter is up), and does not listen yet
+        proxy = Process([sys.executable, "-m", "ollama_metrics", "serve", *serve_args(port)])
+        try:
+            proxy.port = int(proxy.wait_for(r"listening on http://127\.0\.0\.1:(\d+)").group(1))
+            assert "waiting up to 3.0s for it" in proxy.output
+            assert "Ollama 0.33.0 already answers" in proxy.output
+            assert get(proxy.url + "/api/version")[0] == 200
+        finally:
+            assert proxy.stop() == 0
+        assert theirs.proc.poll() is None, theirs.output  # theirs still serves
+    finally:
+        theirs.stop()
+    assert [pid for pid, _ in runs(standin, "serve")] == [theirs.proc.pid]

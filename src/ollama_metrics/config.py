@@ -14,7 +14,7 @@ from typing import Any
 
 from yarl import URL
 
-from .settings import OLLAMA, PROXY, ConfigError, parse_listen, parse_upstream
+from .settings import OLLAMA, PROXY, ConfigError, parse_listen, parse_upstream, shown
 
 __all__ = ["ENV", "Config", "ConfigError", "connect_url", "connectable", "parse_listen",
            "parse_upstream"]
@@ -99,6 +99,11 @@ class Config:
         return f"{host}:{self.listen_port}"
 
     @property
+    def upstream_shown(self) -> str:
+        """The upstream as logs, replies and suggestions show it: credentials masked."""
+        return shown(self.upstream)
+
+    @property
     def listens_on_loopback(self) -> bool:
         if self.listen_host == "localhost":
             return True
@@ -122,8 +127,8 @@ class Config:
         if url.port == port and (url.host == host or (url.host in local and host in local)):
             raise ConfigError(
                 "ollama_host" if config.supervise else "upstream",
-                f"{url} is the proxy's own address; the proxy would call itself. Point it at "
-                f"Ollama (by default {_D['upstream']})")
+                f"{shown(url)} is the proxy's own address; the proxy would call itself. Point it "
+                f"at Ollama (by default {_D['upstream']})")
         # --- Ollama wrapper ---
         if config.supervise and child_port == 0:
             raise ConfigError("ollama_host", "must name a port, got "

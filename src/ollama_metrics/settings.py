@@ -180,6 +180,28 @@ def parse_upstream(value: str) -> URL:
     return url
 
 
+def shown(url: URL) -> str:
+    """`url` as it may be shown (logs, replies, status, suggested commands): credentials in it
+    are masked, `http://user:***@host:port`."""
+    if url.password is not None:
+        url = url.with_password("***")
+    elif url.user is not None:
+        url = url.with_user("***")
+    return str(url)
+
+
+def masked_in(text: str, url: URL) -> str:
+    """`text` (an error message that may quote `url`) with `url`'s credentials masked."""
+    if url.user is None:
+        return text
+    for user, password in ((url.raw_user, url.raw_password), (url.user, url.password)):
+        if password is not None:
+            text = text.replace(f"{user}:{password}@", f"{user}:***@")
+        elif user:
+            text = text.replace(f"{user}@", "***@")
+    return text
+
+
 def _metrics_path(value: str) -> None:
     if not value.startswith("/") or value.startswith(("/api/", "/v1/")):
         raise ValueError(f"must start with / and not shadow an Ollama route: {value!r}")
@@ -311,8 +333,11 @@ ANALYTICS = Settings(
     Setting("analytics_backend", "ANALYTICS_BACKEND", "sqlite", metavar="NAMES",
             check=parse_backends,
             help=f"Comma-separated: {', '.join(BACKENDS)}; or none to record nothing."),
-    Setting("analytics_dir", "ANALYTICS_DIR", "./ollama_analytics", metavar="DIR",
-            help="Where the sqlite and jsonl backends keep their files."),
+    # None: the per-user data directory (paths.analytics_dir), which depends on the platform
+    # and the environment, so the edge (cli/analytics_options.py) fills it in.
+    Setting("analytics_dir", "ANALYTICS_DIR", None, metavar="DIR",
+            help="Where the sqlite and jsonl backends keep their files [default: analytics/ in "
+                 "the per-user data directory, see README]."),
     Setting("analytics_postgres_dsn", "ANALYTICS_POSTGRES_DSN", None, metavar="DSN",
             help="PostgreSQL connection string for the postgres backend."),
     Setting("analytics_search_timeout", "ANALYTICS_SEARCH_TIMEOUT", 5.0, type=_MORE_THAN_ZERO,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..paths import analytics_dir
 from ..settings import ANALYTICS, BACKENDS, CAPTURE_LEVELS, ConfigError, parse_backends
 
 __all__ = ["BACKENDS", "CAPTURE_LEVELS", "ENV", "AnalyticsConfig"]
@@ -27,7 +28,7 @@ def _fields(v: dict[str, Any]) -> dict[str, Any]:
     return {
         **v,
         "backends": parse_backends(backend),
-        "dir": Path(v["dir"]).expanduser(),
+        "dir": Path(v["dir"]).expanduser() if v["dir"] else analytics_dir({}),
         "redact_patterns": tuple(re.compile(p) for p in patterns if p.strip()),
         "token": (v["token"] or "").strip() or None,
         "postgres_dsn": v["postgres_dsn"] or None,

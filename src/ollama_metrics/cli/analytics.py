@@ -1,8 +1,10 @@
-"""`ollama-metrics search | stats | export`: read recorded interactions from the store.
+"""`ollama-metrics search | stats | export`: read recorded interactions.
 
-They open the configured queryable store directly (the proxy need not be running) and print
-readable tables, or JSON with --json. Query parsing is analytics.query's, so the CLI and the
-HTTP API accept and reject the same things.
+They ask the proxy running at --listen first (it knows its store, wherever that is:
+analytics.remote), and otherwise open the configured queryable store themselves (the proxy need
+not be running); a store named on their command line is read directly. They print readable
+tables, or JSON with --json, and say where they looked when nothing is found. Query parsing is
+analytics.query's, so the CLI and the HTTP API accept and reject the same things.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import asyncio
 import datetime as dt
 import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import IO, Any, TypeVar
 
 import click
@@ -18,10 +21,20 @@ import orjson
 
 from ..analytics.api import csv_line, csv_row, jsonl_line
 from ..analytics.query import BadQuery, Query, parse
+from ..analytics.remote import Remote, RemoteError, find
+from ..analytics.settings import AnalyticsConfig
 from ..analytics.stores import FIELD_NAMES, QueryableStore, StoreError, open_stores, queryable
+from ..config import connect_url
+from ..settings import ANALYTICS, PROXY, STORE, parse_listen
 from .analytics_options import build_analytics, store_options
+from .options import options
 
 T = TypeVar("T")
+
+
+def _proxy_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Where the running proxy is, and its token: asked first."""
+    return options([PROXY["listen"], ANALYTICS["analytics_token"]])(f)
 
 
 def _filters(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -36,27 +49,72 @@ def _filters(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-def _query(text: str | None = None, limit: int | None = None, **filters: Any) -> Query:
+def _query(text: str | None = None, limit: int | None = None, **filters: Any
+           ) -> dict[str, str]:
+    """The query's parameters, as the HTTP API takes them; checked here (UsageError)."""
     params = {k: str(v) for k, v in filters.items() if v is not None}
     if text:
         params["prompt_search"] = text
     if limit is not None:
         params["limit"] = str(limit)
+    _parsed(params)
+    return params
+
+
+def _parsed(params: dict[str, str]) -> Query:
     try:
         return parse(params)
     except BadQuery as exc:
         raise click.UsageError(str(exc)) from None
 
 
-def _with_store(options: dict[str, Any], work: Callable[[QueryableStore], Awaitable[T]]) -> T:
+@dataclass
+class _Source:
+    """Where a command reads: the running proxy (`remote`), or the store on disk."""
+
+    settings: AnalyticsConfig
+    remote: Remote | None
+    asked: str  # the proxy it asked, for the message when it reads the disk instead
+
+    @property
+    def where(self) -> str:
+        if self.remote is not None:
+            return self.remote.where
+        store = queryable(open_stores(self.settings))
+        path = getattr(store, "path", None)
+        return f"{path if path is not None else getattr(store, 'name', '?')} ({self.asked})"
+
+
+def _source(options: dict[str, Any]) -> _Source:
+    listen, token = options.pop("listen"), options.pop("analytics_token")
     settings = build_analytics(**options)
-    store = queryable(open_stores(settings))
+    named = click.get_current_context().get_parameter_source
+    url = connect_url(*parse_listen(listen)) if listen else None
+    if url is None or any(named(s.name) == click.core.ParameterSource.COMMANDLINE
+                          for s in STORE):
+        return _Source(settings, None, "a store named on the command line")
+    remote = find(url, token, settings.search_timeout + 5.0)
+    return _Source(settings, remote, f"no proxy with searchable records answers at {url}")
+
+
+def _remote(work: Callable[[], T]) -> T:
+    try:
+        return work()
+    except RemoteError as exc:
+        if exc.status == 400:
+            raise click.UsageError(str(exc)) from None
+        raise click.ClickException(str(exc)) from None
+
+
+def _with_store(source: _Source, work: Callable[[QueryableStore], Awaitable[T]]) -> T:
+    store = queryable(open_stores(source.settings))
     if store is None:
         raise click.UsageError("searching needs the sqlite or postgres backend "
-                               "(--analytics-backend / ANALYTICS_BACKEND)")
+                               f"(--analytics-backend / ANALYTICS_BACKEND); {source.asked}")
     path = getattr(store, "path", None)
     if path is not None and not path.exists():
-        raise click.ClickException(f"no analytics database at {path} yet: nothing recorded")
+        raise click.ClickException(f"no analytics database at {path} yet: nothing recorded "
+                                   f"({source.asked})")
 
     async def main() -> T:
         await store.open()
@@ -99,37 +157,50 @@ def table(rows: list[list[str]], header: list[str], out: IO[str]) -> None:
 @_filters
 @click.option("--limit", type=int, default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the records as JSON.")
+@_proxy_options
 @store_options
 def search(text: str | None, since: str | None, model: str | None, category: str | None,
            status: str | None, endpoint: str | None, limit: int, as_json: bool,
            **options: Any) -> None:
     """Find recorded interactions, newest first (TEXT: full-text search of prompt and reply)."""
-    query = _query(text, limit, since=since, model=model, prompt_category=category,
-                   status=status, endpoint=endpoint)
-    page = _with_store(options, lambda store: store.search(query))
+    params = _query(text, limit, since=since, model=model, prompt_category=category,
+                    status=status, endpoint=endpoint)
+    source = _source(options)
+    if source.remote is not None:
+        remote = source.remote
+        records = _remote(lambda: remote.get("analytics/search", params))["results"]
+    else:
+        records = _with_store(source, lambda store: store.search(_parsed(params))).records
     if as_json:
-        click.echo(orjson.dumps(page.records, option=orjson.OPT_INDENT_2).decode())
+        click.echo(orjson.dumps(records, option=orjson.OPT_INDENT_2).decode())
         return
     rows = [[_when(r["started_at"]), str(r["model"] or "-"), str(r["endpoint"]),
              str(r["outcome"]), f"{r['prompt_tokens'] or 0}/{r['completion_tokens'] or 0}",
              _num(r["ttft"]), _num(r["duration"]), str(r["prompt_category"]),
-             _one_line(r["prompt"], 48), str(r["id"])] for r in page.records]
+             _one_line(r["prompt"], 48), str(r["id"])] for r in records]
     table(rows, ["time", "model", "endpoint", "status", "tokens in/out", "ttft s", "total s",
                  "category", "prompt", "id"], sys.stdout)
     if not rows:
-        click.echo("no interactions match")
+        click.echo(f"no interactions match (looked in {source.where})")
 
 
 @click.command()
 @_filters
 @click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
+@_proxy_options
 @store_options
 def stats(since: str | None, model: str | None, category: str | None, status: str | None,
           endpoint: str | None, as_json: bool, **options: Any) -> None:
     """Totals, per model and per category: requests, tokens, errors, p50/p95 latency and TTFT."""
-    query = _query(since=since, model=model, prompt_category=category, status=status,
-                   endpoint=endpoint)
-    result = _with_store(options, lambda store: store.stats(query))
+    params = _query(since=since, model=model, prompt_category=category, status=status,
+                    endpoint=endpoint)
+    source = _source(options)
+    if source.remote is not None:
+        remote = source.remote
+        result = _remote(lambda: remote.get("analytics/stats", params))
+        result.pop("range", None)  # the API's addition; the store's own figures otherwise
+    else:
+        result = _with_store(source, lambda store: store.stats(_parsed(params)))
     if as_json:
         click.echo(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
         return
@@ -145,6 +216,8 @@ def stats(since: str | None, model: str | None, category: str | None, status: st
           + [row(f"model {s['model']}", s) for s in result["models"]]
           + [row(f"category {s['prompt_category']}", s) for s in result["categories"]],
           header, sys.stdout)
+    if not result["totals"]["requests"]:
+        click.echo(f"nothing recorded matches (looked in {source.where})")
 
 
 @click.command()
@@ -153,22 +226,37 @@ def stats(since: str | None, model: str | None, category: str | None, status: st
               show_default=True)
 @click.option("--output", "-o", type=click.File("wb"), default="-",
               help="File to write (default: standard output).")
+@_proxy_options
 @store_options
 def export(since: str | None, model: str | None, category: str | None, status: str | None,
            endpoint: str | None, fmt: str, output: IO[bytes], **options: Any) -> None:
     """Write every matching record, newest first, as JSON lines or CSV."""
-    query = _query(since=since, model=model, prompt_category=category, status=status,
-                   endpoint=endpoint)
+    params = _query(since=since, model=model, prompt_category=category, status=status,
+                    endpoint=endpoint)
+    source = _source(options)
+    if fmt == "csv":
+        output.write(csv_line(FIELD_NAMES))
 
-    async def write(store: QueryableStore) -> int:
-        n = 0
-        if fmt == "csv":
-            output.write(csv_line(FIELD_NAMES))
-        async for record in store.export(query):
-            output.write(jsonl_line(record) if fmt == "jsonl" else csv_row(record))
-            n += 1
-        return n
+    def write(record: dict[str, Any]) -> None:
+        output.write(jsonl_line(record) if fmt == "jsonl" else csv_row(record))
 
-    count = _with_store(options, write)
+    if source.remote is not None:
+        remote = source.remote
+
+        def fetch() -> int:
+            n = 0
+            for line in remote.lines("analytics/export", {**params, "format": "jsonl"}):
+                write(orjson.loads(line))
+                n += 1
+            return n
+        count = _remote(fetch)
+    else:
+        async def read(store: QueryableStore) -> int:
+            n = 0
+            async for record in store.export(_parsed(params)):
+                write(record)
+                n += 1
+            return n
+        count = _with_store(source, read)
     output.flush()
-    click.echo(f"exported {count} interactions", err=True)
+    click.echo(f"exported {count} interactions from {source.where}", err=True)

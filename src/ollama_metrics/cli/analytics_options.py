@@ -3,12 +3,14 @@ like the proxy's, from their settings (..settings.ANALYTICS)."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import click
 
 from ..analytics.settings import AnalyticsConfig
 from ..config import ConfigError
+from ..paths import analytics_dir
 from ..settings import ANALYTICS, STORE
 from .options import F, options
 
@@ -29,6 +31,10 @@ def split_analytics(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_analytics(**options: Any) -> AnalyticsConfig:
+    """The analytics settings; without ANALYTICS_DIR, the files go to the per-user data
+    directory of this environment (XDG_DATA_HOME, LOCALAPPDATA, ...)."""
+    if not options.get("analytics_dir"):
+        options["analytics_dir"] = str(analytics_dir(os.environ))
     try:
         return AnalyticsConfig.build(**options)
     except ConfigError as exc:

@@ -18,6 +18,7 @@ from .options import build_config, ollama_options, proxy_options
 
 # Exit statuses of `serve` (and of `run`, which may start it); the README lists them.
 EXIT_FAILED = 1
+EXIT_BAD_SETTING = 2  # as click's for a bad option: the address, the analytics store
 EXIT_PORT_IN_USE = 3
 EXIT_OLLAMA_IN_THE_WAY = 4
 EXIT_OLLAMA_PORT_TAKEN = 5
@@ -33,11 +34,12 @@ def fail(message: str, code: int) -> NoReturn:
 @contextlib.contextmanager
 def start_errors() -> Iterator[None]:
     """Expected failures to start, as a message and an exit status (no traceback)."""
+    from ..analytics.stores import StoreError
     from ..ollama.passthrough import OllamaNotFound, ProxyNotStarted
     from ..ollama.probe import OllamaInTheWay
     from ..ollama.supervisor import OllamaFailedToStart, OllamaPortTaken
     from ..server.internals import Unsupported
-    from ..server.serve import PortInUse
+    from ..server.serve import CannotListen, PortInUse
 
     try:
         yield
@@ -45,6 +47,10 @@ def start_errors() -> Iterator[None]:
         fail(str(exc), EXIT_OLLAMA_IN_THE_WAY)
     except PortInUse as exc:
         fail(exc.strerror or str(exc), EXIT_PORT_IN_USE)
+    except CannotListen as exc:
+        fail(exc.strerror or str(exc), EXIT_BAD_SETTING)
+    except StoreError as exc:
+        fail(str(exc), EXIT_BAD_SETTING)
     except OllamaPortTaken as exc:
         fail(str(exc), EXIT_OLLAMA_PORT_TAKEN)
     except OllamaNotFound as exc:

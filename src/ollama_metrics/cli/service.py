@@ -58,18 +58,23 @@ def service() -> None:
 @click.pass_context
 def install(ctx: click.Context, /, user: bool, **options: Any) -> None:
     """Install the service with this interpreter and these `serve` options."""
-    from ..paths import data_dir, log_dir
+    from ..paths import log_dir
     from ..service import spec
 
     analytics = build_analytics(**split_analytics(options))  # validated now, not at start
     config = build_config(**options)
     manager = _manager(user)
-    # A service runs from / (or the system directory): pin where its analytics go.
+    # Unnamed, the service's analytics go where every command looks: the per-user data
+    # directory. A named one is made absolute, as the service runs from / (or the system
+    # directory).
     named = ctx.get_parameter_source("analytics_dir") != click.core.ParameterSource.DEFAULT
-    where = analytics.dir.resolve() if named else data_dir(os.environ) / "analytics"
-    args = [*given_args(ctx), "--analytics-dir", str(where)]
-    what = spec(config, args, os.environ, log_dir(os.environ) / "service.log",
-                given_environ(ctx))
+    args = given_args(ctx)
+    if named:
+        args += ["--analytics-dir", str(analytics.dir.resolve())]
+    environ = given_environ(ctx)
+    if "XDG_DATA_HOME" in os.environ:  # the service's data directory is the installer's
+        environ["XDG_DATA_HOME"] = os.environ["XDG_DATA_HOME"]
+    what = spec(config, args, os.environ, log_dir(os.environ) / "service.log", environ)
     _do(lambda: manager.install(what))
 
 

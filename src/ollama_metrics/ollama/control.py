@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from yarl import URL
 
+from ..settings import masked_in
 from .names import normalize_model
 
 if TYPE_CHECKING:  # the command line reads these routes without importing aiohttp
@@ -44,7 +45,7 @@ async def get(session: aiohttp.ClientSession, base: URL, route: str, timeout: fl
                 raise Unanswered(f"GET /{route} answered {resp.status}")
             parsed = orjson.loads(body)
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError, orjson.JSONDecodeError) as exc:
-        raise Unanswered(str(exc) or type(exc).__name__) from None
+        raise Unanswered(masked_in(str(exc) or type(exc).__name__, base)) from None
     if not isinstance(parsed, dict):
         raise Unanswered(f"GET /{route} answered something else than a JSON object")
     return parsed

@@ -9,10 +9,12 @@ http_proxy and friends; these are local addresses.
 from __future__ import annotations
 
 import enum
+import os
 import socket
 import sys
 import urllib.error
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from yarl import URL
@@ -59,6 +61,33 @@ def identify(base: URL, timeout: float = 3.0) -> Answer:
     if status == 200 and isinstance(body, dict) and isinstance(body.get("version"), str):
         return Answer(Who.OLLAMA, body["version"])
     return Answer(Who.OTHER)
+
+
+def _port_of(ollama_host: str) -> int:
+    """The port of an OLLAMA_HOST value, as `ollama serve` reads it (default 11434)."""
+    value = ollama_host.strip().strip("\"'").split("://", 1)[-1].split("/", 1)[0]
+    _, sep, port = value.rpartition(":")
+    return int(port) if sep and port.isdigit() else 11434
+
+
+def ollama_starting(port: int, proc: Path = Path("/proc")) -> list[int]:
+    """The pids of this user's `ollama serve` processes that will listen on `port` (by their
+    OLLAMA_HOST): one the user started a moment ago may not listen yet (Ollama takes a couple of
+    seconds before it binds). Read from /proc, so Linux only; elsewhere always empty."""
+    found = []
+    for entry in proc.glob("[0-9]*") if proc.is_dir() else ():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if not any(Path(os.fsdecode(arg)).name in ("ollama", "ollama.exe")
+                       and argv[i + 1:i + 2] == [b"serve"] for i, arg in enumerate(argv)):
+                continue
+            environ = dict(item.partition(b"=")[::2] for item in
+                           (entry / "environ").read_bytes().split(b"\0") if item)
+        except OSError:  # gone, or another user's
+            continue
+        if _port_of(os.fsdecode(environ.get(b"OLLAMA_HOST", b""))) == port:
+            found.append(int(entry.name))
+    return found
 
 
 def port_free(host: str, port: int) -> bool:

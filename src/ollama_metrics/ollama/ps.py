@@ -134,7 +134,7 @@ async def poll(session: aiohttp.ClientSession, config: Config, gauges: ModelGaug
             was_up = True
         except control.Unanswered as exc:
             if was_up:
-                log.info("Ollama stopped answering /api/ps at %s: %s", config.upstream,
+                log.info("Ollama stopped answering /api/ps at %s: %s", config.upstream_shown,
                          printable(str(exc)))
             gauges.down()
             loaded.down(time.time())

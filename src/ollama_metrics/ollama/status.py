@@ -50,7 +50,7 @@ def gather(config: Config) -> Status:
                       proxy.health.get("analytics"))
     direct = probe.identify(config.upstream)
     reachable = direct.who is probe.Who.OLLAMA
-    return Status(url, proxy, str(config.upstream), reachable, direct.version,
+    return Status(url, proxy, config.upstream_shown, reachable, direct.version,
                   None if reachable else f"{direct.who.value} answers there",
                   _loaded(config.upstream, reachable), metrics_url)
 

@@ -2,7 +2,9 @@
 
 Contract:
 - `start()` checks the child's address first. An Ollama already answering there is used as it is
-  (adopted, not supervised); anything else there is an error (OllamaPortTaken). Otherwise it finds
+  (adopted, not supervised); so is one the user is starting for it (an `ollama serve` process
+  of theirs for that port, probe.ollama_starting), given THEIRS_WAIT seconds to answer; anything
+  else there is an error (OllamaPortTaken). Otherwise it finds
   the ollama program (OllamaNotFound), spawns `ollama serve` with OLLAMA_HOST set to the child's
   address (every other variable passes through) and returns once it answers GET /api/version, or
   raises OllamaFailedToStart with the child's last words.
@@ -43,6 +45,9 @@ from .passthrough import find_ollama, ollama_environ
 log = logging.getLogger("ollama_metrics.ollama.supervisor")
 
 TAIL_CHARS = 4096
+# How long an `ollama serve` the user started for the child's address (it can take a couple of
+# seconds to bind) is waited for before the proxy starts its own; the README says it.
+THEIRS_WAIT = 3.0
 
 
 class OllamaPortTaken(Exception):
@@ -123,14 +128,17 @@ class Supervisor:
     async def start(self) -> None:
         """Have an Ollama answering at the child's address, starting one if need be."""
         config = self.config
+        host, port = parse_listen(config.ollama_host)
         answer = await asyncio.to_thread(probe.identify, config.upstream, 2.0)
+        if answer.who is probe.Who.NOTHING and (
+                starting := await asyncio.to_thread(probe.ollama_starting, port)):
+            answer = await self._wait_for_theirs(starting)
         if answer.who is probe.Who.OLLAMA:
             self.adopted = True
             log.info("Ollama %s already answers at %s; forwarding to it as it is (it was not "
                      "started by ollama-metrics, so it is not restarted if it stops)",
                      answer.version or "", config.ollama_host)
             return
-        host, port = parse_listen(config.ollama_host)
         if answer.who is not probe.Who.NOTHING or not probe.port_free(host, port):
             raise OllamaPortTaken(
                 f"{config.ollama_host}, where Ollama should listen, is taken by "
@@ -175,6 +183,18 @@ class Supervisor:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    async def _wait_for_theirs(self, pids: list[int]) -> probe.Answer:
+        """An `ollama serve` started by hand for the child's address is given THEIRS_WAIT
+        seconds to answer before the proxy starts its own (which would take the port first)."""
+        log.info("an ollama serve started for %s (pid %s) does not answer yet; waiting up to "
+                 "%ss for it", self.config.ollama_host, ", ".join(map(str, pids)), THEIRS_WAIT)
+        deadline = time.monotonic() + THEIRS_WAIT
+        while True:
+            answer = await asyncio.to_thread(probe.identify, self.config.upstream, 1.0)
+            if answer.who is not probe.Who.NOTHING or time.monotonic() >= deadline:
+                return answer
+            await asyncio.sleep(0.1)
 
     async def _adopt_late(self) -> bool:
         """An Ollama started by hand at the same moment may have won the port race."""
@@ -242,7 +262,7 @@ class Supervisor:
                 return
             if loop.time() > deadline:
                 raise OllamaFailedToStart(
-                    f"ollama serve (pid {proc.pid}) did not answer at {self.config.upstream} "
+                    f"ollama serve (pid {proc.pid}) did not answer at {self.config.upstream_shown} "
                     f"within {self.config.ollama_start_timeout}s (--ollama-start-timeout): "
                     f"{health.error}")
             # Wake early if the child exits.

@@ -48,5 +48,5 @@ async def refresh_models(session: aiohttp.ClientSession, config: Config, labels:
         if names is not None:
             labels.set_known(names)
         else:
-            log.debug("could not list models at %s", config.upstream)
+            log.debug("could not list models at %s", config.upstream_shown)
         await asyncio.sleep(config.model_refresh or 60.0)

@@ -115,7 +115,7 @@ async def _test(request: web.Request) -> web.Response:
         "status": "ok" if health.ok else "degraded",
         "proxy": {"name": "ollama-metrics", "version": __version__, "listen": config.listen},
         "upstream": {
-            "url": str(config.upstream),
+            "url": config.upstream_shown,
             "reachable": health.ok,
             "version": health.version,
             "error": health.error,

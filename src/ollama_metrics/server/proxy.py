@@ -31,7 +31,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 import aiohttp
-import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
@@ -41,7 +40,9 @@ from ..observe.categorize import categorize
 from ..observe.interaction import ErrorType, Interaction, Outcome
 from ..ollama.wire import Kind, expects_done, read_request, reply_reader, route
 from ..printable import printable
+from ..settings import masked_in
 from .connection import BAD_BODY, bad_body
+from .errors import error_reply
 from .relay import relay_body
 
 log = logging.getLogger(__name__)
@@ -110,8 +111,13 @@ class Proxy:
         self._config = config
         self._session = session
         self._observers = tuple(observers)
-        self._base = str(config.upstream).rstrip("/")
-        self._upstream_name = str(config.upstream)
+        # Credentials in the upstream URL go as our own Authorization header (replacing a
+        # client's, which is meant for us, not Ollama's gateway): aiohttp refuses a request
+        # with both the header and credentials in its URL.
+        self._base = str(config.upstream.with_user(None)).rstrip("/")
+        self._auth = None if config.upstream.user is None else aiohttp.encode_basic_auth(
+            config.upstream.user, config.upstream.password or "")
+        self._upstream_name = config.upstream_shown
         self._parse_cap = config.max_parse_bytes
         self._parse_budget = 2 * config.max_parse_bytes  # bytes of bodies held for parsing at once
         self._parse_held = 0
@@ -257,6 +263,8 @@ class Proxy:
         i: Interaction,
     ) -> web.StreamResponse:
         headers = filter_headers(request.headers)
+        if self._auth is not None:
+            headers["Authorization"] = self._auth
         data: bytes | AsyncIterator[bytes | memoryview] | aiohttp.StreamReader | None
         if isinstance(body, bytearray):
             # A body read whole goes on with its exact length. A large one goes as slices of
@@ -357,15 +365,11 @@ class Proxy:
 
     def _fail(self, i: Interaction, error_type: ErrorType, status: int, message: str
               ) -> web.Response:
+        message = masked_in(message, self._config.upstream)
         i.outcome, i.error_type, i.error, i.http_status = (
             Outcome.UPSTREAM_ERROR, error_type, message, status)
         log.warning("%s %s: %s", i.method, printable(i.path), printable(message))
-        return web.Response(
-            status=status,
-            body=orjson.dumps({"error": message}),
-            content_type="application/json",
-            charset="utf-8",
-        )
+        return error_reply(i.path, status, message, f"ollama_{error_type.value}")
 
 
 async def _abort(request: web.Request, response: web.StreamResponse) -> None:

@@ -21,6 +21,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CollectorRegistry
 
 from ..analytics.settings import AnalyticsConfig
+from ..analytics.stores import check_usable
 from ..config import Config, connect_url
 from ..observe.metrics import new_registry
 from ..ollama import control, probe
@@ -38,13 +39,28 @@ class PortInUse(OSError):
     """The listen address is taken (usually by Ollama itself)."""
 
 
+class CannotListen(OSError):
+    """The listen address is not one this machine can listen on (not its own, unresolvable,
+    refused by the system); the message says which and what to do."""
+
+
 def bind(config: Config) -> socket.socket:
     family = socket.AF_INET6 if ":" in config.listen_host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    where = f"{config.listen_host}:{config.listen_port}"
+    fix = "listen on an address of this machine with --listen HOST:PORT (OLLAMA_METRICS_LISTEN)"
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:  # e.g. IPv6 turned off
+        raise CannotListen(exc.errno, f"cannot listen on {where}: {exc.strerror}; {fix}") \
+            from None
     if sys.platform != "win32":
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((config.listen_host, config.listen_port))
+    except socket.gaierror as exc:
+        sock.close()
+        raise CannotListen(exc.errno, f"cannot listen on {where}: no address is known for "
+                                      f"{config.listen_host!r} ({exc.strerror}); {fix}") from None
     except OSError as exc:
         sock.close()
         if exc.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", -1)):
@@ -55,7 +71,10 @@ def bind(config: Config) -> socket.socket:
                 "ollama serve, or run the proxy elsewhere with --listen HOST:PORT "
                 "(OLLAMA_METRICS_LISTEN)",
             ) from None
-        raise
+        why = "not an address of this machine" if exc.errno == errno.EADDRNOTAVAIL else \
+            "not allowed (ports below 1024 need privileges)" if exc.errno == errno.EACCES else \
+            exc.strerror
+        raise CannotListen(exc.errno, f"cannot listen on {where}: {why}; {fix}") from None
     sock.listen(1024)
     sock.setblocking(False)
     return sock
@@ -103,11 +122,17 @@ async def serve(config: Config, sock: socket.socket, stop: asyncio.Event | None 
     and stopped after the proxy has drained.
     """
     stop = stop or asyncio.Event()
+    now = asyncio.Event()  # a second signal: stop without waiting for the grace
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            now.set()
+        stop.set()
     for sig in (signal.SIGINT, signal.SIGTERM):
         # Windows has no add_signal_handler; KeyboardInterrupt still stops the process there.
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
     registry = new_registry()
     supervisor = None
     if config.supervise:
@@ -123,7 +148,7 @@ async def serve(config: Config, sock: socket.socket, stop: asyncio.Event | None 
             await supervisor.stop()
             return
     try:
-        await _serve_app(config, sock, stop, registry, analytics)
+        await _serve_app(config, sock, stop, now, registry, analytics)
     finally:
         if supervisor is not None:
             await supervisor.stop()
@@ -145,7 +170,8 @@ async def _unless_stopped(work: Awaitable[None], stop: asyncio.Event) -> bool:
 
 
 async def _serve_app(config: Config, sock: socket.socket, stop: asyncio.Event,
-                     registry: CollectorRegistry, analytics: AnalyticsConfig | None) -> None:
+                     now: asyncio.Event, registry: CollectorRegistry,
+                     analytics: AnalyticsConfig | None) -> None:
     app = create_app(config, registry, analytics)
     runner = make_runner(app, config)
     await runner.setup()
@@ -154,25 +180,43 @@ async def _serve_app(config: Config, sock: socket.socket, stop: asyncio.Event,
     descriptors.start()
     host, port = sock.getsockname()[:2]
     log.info("ollama-metrics listening on http://%s:%s, forwarding to %s",
-             f"[{host}]" if ":" in host else host, port, config.upstream)
+             f"[{host}]" if ":" in host else host, port, config.upstream_shown)
     if relay.UNAVAILABLE is not None:
         log.info("streamed replies take the plain relay (%s): correct, with more CPU per frame",
                  relay.UNAVAILABLE)
     _announce_analytics(config, analytics)
     health = await control.health(app[SESSION], config.upstream)
     if health.ok:
-        log.info("Ollama %s answers at %s", health.version or "(unknown version)", config.upstream)
+        log.info("Ollama %s answers at %s", health.version or "(unknown version)",
+                 config.upstream_shown)
     else:
         log.warning(
             "Ollama is not answering at %s (%s). Requests get 502 until it does: start it with "
             "OLLAMA_HOST=%s ollama serve, or point --upstream (OLLAMA_METRICS_UPSTREAM) at it.",
-            config.upstream, health.error, config.upstream.authority)
+            config.upstream_shown, health.error, f"{config.upstream.host}:{config.upstream.port}")
     try:
         await stop.wait()
     finally:
-        log.info("shutting down (up to %ss for requests in flight)", config.shutdown_grace)
+        log.info("shutting down (up to %ss for requests in flight; press Ctrl-C again, or send "
+                 "a second SIGTERM, to stop now)", config.shutdown_grace)
         descriptors.stop()
-        await runner.cleanup()
+        await _cleanup(runner, now)
+
+
+async def _cleanup(runner: web.AppRunner, now: asyncio.Event) -> None:
+    """Shut down within the grace, or at once when `now` is set: the connections still open
+    are closed, which cancels their requests (each is recorded, as a client that went away
+    is); the app's cleanup still writes the records queued."""
+    cleanup = asyncio.ensure_future(runner.cleanup())
+    forced = asyncio.ensure_future(now.wait())
+    await asyncio.wait({cleanup, forced}, return_when=asyncio.FIRST_COMPLETED)
+    forced.cancel()
+    if not cleanup.done():
+        connections = runner.server.connections if runner.server is not None else []
+        log.warning("stopping now: closing %d connection(s) still open", len(connections))
+        for connection in connections:
+            connection.force_close()
+    await cleanup
 
 
 def _announce_analytics(config: Config, analytics: AnalyticsConfig | None) -> None:
@@ -195,10 +239,14 @@ def run(config: Config, environ: Mapping[str, str],
     """Bind, then serve on uvloop where available.
 
     Raises before serving anything: internals.Unsupported when this aiohttp cannot take the
-    request guard, probe.OllamaInTheWay when an Ollama holds the listen address, PortInUse when
-    anything else does, and the Supervisor's errors when Ollama cannot be started.
+    request guard, StoreError when the analytics settings cannot work (check_usable),
+    probe.OllamaInTheWay when an Ollama holds the listen address, PortInUse when anything else
+    does, CannotListen when the address is not this machine's, and the Supervisor's errors when
+    Ollama cannot be started.
     """
     verify()
+    if analytics is not None:
+        check_usable(analytics)
     lift_open_file_limit()
     try:
         sock = bind(config)

@@ -8,6 +8,7 @@ Optional backends import their libraries lazily, so a plain install needs none o
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from typing import Any, Protocol, runtime_checkable
 
@@ -153,6 +154,29 @@ class QueryableStore(Store, Protocol):
         `start` (a multiple of `step`, epoch seconds); buckets without requests are left out."""
 
     def export(self, query: Query) -> AsyncIterator[Record]: ...
+
+
+def check_usable(settings: AnalyticsConfig) -> None:
+    """Refuse, before the proxy serves, settings its stores could never work with: a directory
+    that cannot be created or written, an optional backend whose library is not installed.
+    (An unreachable database or Loki may come up later: their writers retry.) StoreError says
+    which and what to do."""
+    if {"sqlite", "jsonl"} & set(settings.backends):
+        where = settings.dir
+        try:
+            where.mkdir(parents=True, exist_ok=True)
+            probe = where / f".ollama-metrics-check-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as exc:
+            why = "a file, not a directory" if where.is_file() else \
+                (exc.strerror or type(exc).__name__).lower()
+            raise StoreError(
+                f"cannot keep analytics in {where} ({why}): name a directory this user can "
+                "write with --analytics-dir (ANALYTICS_DIR), or record nothing with "
+                "--analytics-backend none") from None
+    if "postgres" in settings.backends:
+        from . import postgres  # noqa: F401  raises StoreError when psycopg is missing
 
 
 def open_stores(settings: AnalyticsConfig) -> list[Store]:

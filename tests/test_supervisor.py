@@ -173,6 +173,21 @@ def test_child_that_ignores_sigterm_is_killed_after_the_grace_period(
     assert "did not stop within 0.5s; killing it" in proxy.output
 
 
+def test_a_second_signal_kills_a_slow_ollama_at_once(
+    standin: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ctrl-C twice: the proxy does not wait out Ollama's stop grace either."""
+    monkeypatch.setenv("FAKE_OLLAMA_IGNORE_TERM", "1")
+    with wrapper_process("--ollama-stop-grace", "60") as proxy:
+        child = child_pid(proxy)
+        proxy.proc.send_signal(signal.SIGINT)
+        proxy.wait_for("stopping ollama serve")
+        proxy.proc.send_signal(signal.SIGINT)
+        assert proxy.proc.wait(timeout=8) == 0
+    assert gone(child, timeout=0)
+    assert "stopping now: killing ollama serve" in proxy.output
+
+
 def test_an_ollama_that_never_answers(standin: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAKE_OLLAMA_SILENT", "1")
     result = _serve(*serve_args(free_port(), "--ollama-start-timeout", "0.5"))

@@ -161,8 +161,9 @@ class Supervisor:
             raise
         self._watcher = asyncio.create_task(self._watch())
 
-    async def stop(self) -> None:
-        """Stop the child politely, then by force after the grace period."""
+    async def stop(self, now: asyncio.Event | None = None) -> None:
+        """Stop the child politely, then by force after the grace period, or as soon as `now`
+        is set (a second Ctrl-C)."""
         self._stopping = True
         if self._watcher is not None:
             self._watcher.cancel()
@@ -173,11 +174,18 @@ class Supervisor:
             log.info("stopping ollama serve (pid %d, up to %ss)", proc.pid,
                      self.config.ollama_stop_grace)
             _polite_stop(proc)
-            try:
-                await asyncio.wait_for(proc.wait(), self.config.ollama_stop_grace)
-            except asyncio.TimeoutError:
-                log.warning("ollama serve (pid %d) did not stop within %ss; killing it",
-                            proc.pid, self.config.ollama_stop_grace)
+            exited = asyncio.ensure_future(proc.wait())
+            forced = asyncio.ensure_future((now or asyncio.Event()).wait())
+            await asyncio.wait({exited, forced}, timeout=self.config.ollama_stop_grace,
+                               return_when=asyncio.FIRST_COMPLETED)
+            forced.cancel()
+            if not exited.done():
+                exited.cancel()
+                if now is not None and now.is_set():
+                    log.warning("stopping now: killing ollama serve (pid %d)", proc.pid)
+                else:
+                    log.warning("ollama serve (pid %d) did not stop within %ss; killing it",
+                                proc.pid, self.config.ollama_stop_grace)
                 _kill(proc)
         await self._reap()
         if self._session is not None:

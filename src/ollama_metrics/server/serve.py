@@ -151,7 +151,7 @@ async def serve(config: Config, sock: socket.socket, stop: asyncio.Event | None 
         await _serve_app(config, sock, stop, now, registry, analytics)
     finally:
         if supervisor is not None:
-            await supervisor.stop()
+            await supervisor.stop(now)
 
 
 async def _unless_stopped(work: Awaitable[None], stop: asyncio.Event) -> bool:

@@ -62,7 +62,7 @@ async def test_one_model_is_one_label_and_one_group(
                                       endpoint="/api/generate", status="success",
                                       prompt_category="question") == 3)
     families = {m.name: m for m in proxy.registry.collect()}
-    request_models = {s.labels["model"] for s in families["ollama_requests"].samples}
+    request_models = {s.labels["model"] for s in families["ollama_requests"].samples if s.value}
     assert request_models == {"llama3.2:latest"}
     # The same value the loaded-model gauge carries, so the two join in PromQL.
     await settle(lambda: proxy.sample("ollama_model_loaded", model="llama3.2:latest") == 1)

@@ -172,4 +172,4 @@ def test_second_signal_stops_at_once_after_writing_the_queue(tmp_path: Path) -> 
     assert "stopping now" in proxy.output and "Traceback" not in proxy.output
     with sqlite3.connect(tmp_path / "interactions.db") as db:
         models = sorted(m for (m,) in db.execute("SELECT model FROM interactions"))
-    assert models == ["llama3.2", "slow"]
+    assert models == ["llama3.2:latest", "slow:latest"]

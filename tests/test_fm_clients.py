@@ -60,8 +60,8 @@ async def test_fm04_client_disconnect_mid_stream(
     assert row["outcome"] == "cancelled"
     assert row["response_bytes"] >= len(got) > 0
     assert row["response"].startswith("t0 t1 ") and row["response"] != "".join(tokens)
-    assert proxy.sample("ollama_active_requests", model="long") == 0
-    assert proxy.sample("ollama_client_disconnects_total", model="long",
+    assert proxy.sample("ollama_active_requests", model="long:latest") == 0
+    assert proxy.sample("ollama_client_disconnects_total", model="long:latest",
                         endpoint="/api/generate") == 1
     noisy = [r for r in caplog.records if r.exc_info or r.levelname in ("WARNING", "ERROR")]
     assert not noisy, [r.getMessage() for r in noisy]
@@ -81,10 +81,10 @@ async def test_fm05_client_disconnect_before_first_byte(
         left = time.monotonic()
     record = await fake.wait_disconnected(timeout=2.0)
     assert record.disconnected_at is not None and record.disconnected_at - left < 1.0
-    await settle(lambda: proxy.sample("ollama_requests_total", model="thinker",
+    await settle(lambda: proxy.sample("ollama_requests_total", model="thinker:latest",
                                       endpoint="/api/generate", status="cancelled",
                                       prompt_category="other") == 1)
-    assert proxy.sample("ollama_active_requests", model="thinker") == 0
+    assert proxy.sample("ollama_active_requests", model="thinker:latest") == 0
 
 
 # --- 21. Slow clients ---------------------------------------------------------------------------
@@ -231,6 +231,6 @@ async def test_fm23_graceful_shutdown_with_streams_in_flight(tmp_path: Path) -> 
     db = sqlite3.connect(tmp_path / "interactions.db")
     rows = db.execute("SELECT model, outcome, response_bytes, error FROM interactions").fetchall()
     db.close()
-    assert sorted((m, o) for m, o, _, _ in rows) == [("long", "cancelled")] * 5 + [
-        ("short", "ok")] * 5
-    assert all(n > 0 and "shutdown" in e for m, _, n, e in rows if m == "long")
+    assert sorted((m, o) for m, o, _, _ in rows) == [("long:latest", "cancelled")] * 5 + [
+        ("short:latest", "ok")] * 5
+    assert all(n > 0 and "shutdown" in e for m, _, n, e in rows if m == "long:latest")

@@ -232,7 +232,7 @@ async def test_fm15_malformed_bodies_and_unknown_paths(
               for m in proxy.registry.collect() if m.name == "ollama_requests"
               for s in m.samples}
     assert ("none", "other") in labels  # the unknown path
-    assert {model for model, _ in labels} <= {"none", "llama3.2", "all-minilm"}
+    assert {model for model, _ in labels} <= {"none", "llama3.2:latest", "all-minilm:latest"}
     assert {endpoint for _, endpoint in labels} <= {
         "/api/generate", "/api/chat", "/api/embed", "/v1/chat/completions", "/api/tags",
         "/api/delete", "other"}

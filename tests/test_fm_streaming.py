@@ -172,11 +172,11 @@ async def test_fm03_long_generation_and_idle_timeout(
     assert took > 7.5  # four times the idle timeout, and it completed
     assert 1.9 < waited < 2.9
     rows = {r["model"]: r for r in await records(idle, http, 3)}
-    assert rows["long"]["outcome"] == "ok"
-    assert rows["long"]["response"] == "".join(f"t{n} " for n in range(16))
-    assert rows["silent"]["outcome"] == rows["stalls"]["outcome"] == "upstream_error"
-    assert rows["silent"]["http_status"] == 504
-    assert "Ollama sent nothing for 2.0s mid-reply" in rows["stalls"]["error"]
+    assert rows["long:latest"]["outcome"] == "ok"
+    assert rows["long:latest"]["response"] == "".join(f"t{n} " for n in range(16))
+    assert rows["silent:latest"]["outcome"] == rows["stalls:latest"]["outcome"] == "upstream_error"
+    assert rows["silent:latest"]["http_status"] == 504
+    assert "Ollama sent nothing for 2.0s mid-reply" in rows["stalls:latest"]["error"]
     assert idle.sample("ollama_errors_total", error_type="timeout") == 2
 
 

@@ -238,8 +238,8 @@ def test_live_view_in_tmux(tmp_path: Path) -> None:
                     recent = [line.split() for line in parts.get("Recent", [])[1:]]
                     return (bool(tokens_in_flight(screen, "slow:latest"))
                             and quick is not None and quick[2] == f"{36 / 60:.1f}"
-                            and sum(r[1] == "quick" for r in recent) == 3
-                            and ["nope", "/api/generate", "error", "404"] in
+                            and sum(r[1] == "quick:latest" for r in recent) == 3
+                            and ["nope:latest", "/api/generate", "error", "404"] in
                             [r[1:5] for r in recent])
 
                 term.wait(ready, "the slow stream in flight, quick ones done, tokens/s")

@@ -7,7 +7,7 @@ from concurrent import futures
 from typing import Any
 
 from aiohttp import web
-from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
@@ -48,12 +48,15 @@ class Receiver:
     async def _metrics(self, request: web.Request) -> web.Response:
         message = metrics_service_pb2.ExportMetricsServiceRequest()
         message.ParseFromString(await request.read())
+        self.take_metrics(message)
+        return web.Response(body=metrics_service_pb2.ExportMetricsServiceResponse()
+                            .SerializeToString(), content_type="application/x-protobuf")
+
+    def take_metrics(self, message: metrics_service_pb2.ExportMetricsServiceRequest) -> None:
         for rm in message.resource_metrics:
             for sm in rm.scope_metrics:
                 for metric in sm.metrics:
                     self.metrics[metric.name] = metric
-        return web.Response(body=metrics_service_pb2.ExportMetricsServiceResponse()
-                            .SerializeToString(), content_type="application/x-protobuf")
 
     async def start(self) -> None:
         app = web.Application()
@@ -86,12 +89,26 @@ class GrpcTraces(trace_service_pb2_grpc.TraceServiceServicer):
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
+class GrpcMetrics(metrics_service_pb2_grpc.MetricsServiceServicer):
+    """The OTLP metrics service over gRPC, feeding a Receiver."""
+
+    def __init__(self, receiver: Receiver) -> None:
+        self.receiver = receiver
+
+    def Export(self, request: metrics_service_pb2.ExportMetricsServiceRequest,
+               context: Any) -> metrics_service_pb2.ExportMetricsServiceResponse:
+        self.receiver.take_metrics(request)
+        return metrics_service_pb2.ExportMetricsServiceResponse()
+
+
 def grpc_server(receiver: Receiver) -> tuple[Any, int]:
     import grpc
 
     server = grpc.server(futures.ThreadPoolExecutor(2))
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(  # type: ignore[no-untyped-call]
         GrpcTraces(receiver), server)
+    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        GrpcMetrics(receiver), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     return server, port

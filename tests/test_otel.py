@@ -12,12 +12,14 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 
+import aiohttp
 import ollama
+import openai
 import pytest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from conftest import StartProxy
-from fake_ollama import FakeOllama
+from fake_ollama import FakeOllama, Scenario
 from helpers import RunningProxy, settle
 from otlp_receiver import Receiver, attributes, grpc_server
 
@@ -101,6 +103,27 @@ async def test_streamed_generate_embed_and_errors(
     assert failed.status.code == Status.STATUS_CODE_ERROR
 
 
+async def test_openai_routes_and_a_cancelled_call(
+        receiver: Receiver, fake: FakeOllama, start_proxy: StartProxy) -> None:
+    proxy = await _otel_proxy(fake, start_proxy)
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="ollama")
+    async with client:
+        await client.chat.completions.create(model="llama3.2", messages=MESSAGES,  # type: ignore[arg-type]
+                                             max_tokens=32, temperature=0.5)
+    [span] = await _spans(receiver, "chat llama3.2")
+    a = attributes(span)
+    assert a["gen_ai.request.max_tokens"] == 32
+    assert a["gen_ai.request.temperature"] == 0.5
+    assert a["ollama_metrics.endpoint"] == "/v1/chat/completions"
+    fake.scenarios["slow:latest"] = Scenario(tokens=["a"] * 50, token_delay=0.05)
+    async with aiohttp.ClientSession() as http, http.post(
+            proxy.url + "/api/generate", json={"model": "slow", "prompt": "hi"}) as reply:
+        await reply.content.readline()  # the first token, then the client goes away
+    [cancelled] = await _spans(receiver, "text_completion slow")
+    assert attributes(cancelled)["error.type"] == "cancelled"
+    assert attributes(cancelled)["ollama_metrics.outcome"] == "cancelled"
+
+
 async def test_the_app_trace_holds_the_proxy_span(
         receiver: Receiver, fake: FakeOllama, start_proxy: StartProxy) -> None:
     """An app instrumented with the SDK, calling through the proxy inside its span."""
@@ -164,7 +187,7 @@ async def test_genai_metrics_with_the_spec_buckets(
                 .histogram.data_points[0].explicit_bounds)[:3] == [0.001, 0.005, 0.01]
 
 
-@pytest.mark.slow(reason="the gRPC metric export retries against a receiver of traces only")
+@pytest.mark.slow(reason="the gRPC exporters take seconds to shut down")
 async def test_export_over_grpc(
         receiver: Receiver, fake: FakeOllama, start_proxy: StartProxy,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -176,6 +199,7 @@ async def test_export_over_grpc(
             await client.chat(model="llama3.2", messages=MESSAGES, stream=False)
         [span] = await _spans(receiver, "chat llama3.2")
         assert attributes(span)["gen_ai.provider.name"] == "ollama"
+        await settle(lambda: "gen_ai.client.operation.duration" in receiver.metrics, 5.0)
     finally:
         server.stop(None)
 

@@ -80,6 +80,11 @@ class Config:
     shutdown_grace: float = _D["shutdown_grace"]
     metrics_path: str = _D["metrics_path"]
     log_level: str = _D["log_level"]
+    # OpenTelemetry export (observe/otel.py); where to, how and what sampled are the SDK's own
+    # OTEL_* variables, read by the SDK.
+    otel: bool = _D["otel"]
+    otel_protocol: str = _D["otel_protocol"]
+    otel_content: bool = _D["otel_content"]
     # --- Ollama wrapper ---
     # True when no upstream was given: `serve` starts `ollama serve` listening at `ollama_host`,
     # supervises it, and `upstream` is that address.

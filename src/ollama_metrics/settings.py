@@ -304,6 +304,15 @@ PROXY = Settings(
     Setting("log_level", "OLLAMA_METRICS_LOG_LEVEL", "INFO",
             type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
             help="Log verbosity. Prompt text is never logged."),
+    Setting("otel", "OLLAMA_METRICS_OTEL", False, type=click.BOOL,
+            help="Export each Ollama call as an OpenTelemetry GenAI span and metrics by OTLP "
+                 "(configured by the standard OTEL_* variables; needs the `otel` extra)."),
+    Setting("otel_protocol", "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf",
+            type=click.Choice(["http/protobuf", "grpc"]),
+            help="How spans and metrics are sent (the OpenTelemetry variable of that name)."),
+    Setting("otel_content", "OLLAMA_METRICS_OTEL_CONTENT", False, type=click.BOOL,
+            help="Put prompt and reply text on the spans, after the analytics capture level and "
+                 "redaction."),
 )
 
 OLLAMA = Settings(

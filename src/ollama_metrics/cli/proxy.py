@@ -18,7 +18,9 @@ from .options import build_config, ollama_options, proxy_options
 
 # Exit statuses of `serve` (and of `run`, which may start it); the README lists them.
 EXIT_FAILED = 1
-EXIT_BAD_SETTING = 2  # as click's for a bad option: the address, the analytics store
+# As click's for a bad option: also an unusable address or analytics store, and --otel without
+# the otel extra.
+EXIT_BAD_SETTING = 2
 EXIT_PORT_IN_USE = 3
 EXIT_OLLAMA_IN_THE_WAY = 4
 EXIT_OLLAMA_PORT_TAKEN = 5
@@ -69,6 +71,13 @@ def serve(**options: Any) -> None:
     """Run the proxy, with Ollama started behind it (or the one at --upstream)."""
     analytics = build_analytics(**split_analytics(options))
     config = build_config(**options)
+    if config.otel:
+        from ..observe import otel
+
+        try:
+            otel.load(config.otel_protocol)
+        except otel.Missing as exc:
+            fail(str(exc), EXIT_BAD_SETTING)
     logging.basicConfig(
         level=config.log_level, stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -61,6 +61,9 @@ class Interaction:
     id: str = field(default_factory=new_id)
     client_ip: str | None = None
     user_agent: str | None = None
+    # The client's W3C trace context headers, as sent (OpenTelemetry export parents its span).
+    traceparent: str | None = None
+    tracestate: str | None = None
     model: str | None = None
     stream: bool = False
     options: dict[str, Any] | None = None
@@ -72,6 +75,7 @@ class Interaction:
 
     # What came back.
     http_status: int | None = None
+    response_model: str | None = None  # the model the reply names
     response_bytes: int = 0
     first_token: float | None = None  # perf_counter at the first content chunk
     last_token: float | None = None  # perf_counter at the last content chunk

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from ..observe.interaction import Interaction
+from ..observe.interaction import CAPS, Interaction
 from .names import normalize_model
 
 
@@ -209,6 +209,7 @@ class ReplyReader:
             self._calls(calls, now)
         if obj.get("done") is True:
             i.done = True
+            i.response_model = _model(obj.get("model"), i)
             reason = obj.get("done_reason")
             i.done_reason = reason if isinstance(reason, str) else None
             i.prompt_eval_count = _int(obj.get("prompt_eval_count"), i.prompt_eval_count)
@@ -221,6 +222,7 @@ class ReplyReader:
             i.eval_duration_ns = _int(obj.get("eval_duration"), i.eval_duration_ns)
         elif "embeddings" in obj or "embedding" in obj:  # /api/embed(dings): no done flag
             i.done = True
+            i.response_model = _model(obj.get("model"), i)
             vectors = obj.get("embeddings") or [obj.get("embedding")]
             if isinstance(vectors, list) and vectors and isinstance(vectors[0], list):
                 i.embedding_dims = len(vectors[0])
@@ -234,6 +236,8 @@ class ReplyReader:
         if error is not None:
             i.error = i.clip("error", _error_message(error))
             return
+        if "model" in obj:
+            i.response_model = _model(obj.get("model"), i)
         choices = obj.get("choices")
         if isinstance(choices, list):
             for choice in choices:
@@ -447,6 +451,11 @@ def _loads(data: bytes) -> dict[str, Any] | None:
     except orjson.JSONDecodeError:
         return None
     return obj if isinstance(obj, dict) else None
+
+
+def _model(value: Any, i: Interaction) -> str | None:
+    """The model a reply names, cut to the model name's cap, else what was known."""
+    return value[: CAPS["model"]] if isinstance(value, str) and value else i.response_model
 
 
 def _int(value: Any, default: int | None) -> int | None:

@@ -20,7 +20,9 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from .. import __version__
+from ..analytics import otel_content
 from ..analytics.api import AnalyticsApi, require_token
+from ..analytics.privacy import Privacy
 from ..analytics.recorder import Recorder
 from ..analytics.settings import AnalyticsConfig
 from ..analytics.stores import open_stores, queryable
@@ -29,6 +31,7 @@ from ..dashboard import routes as dashboard
 from ..observe.labels import ModelLabels
 from ..observe.live import Live
 from ..observe.metrics import Metrics, new_registry
+from ..observe.otel import Export
 from ..ollama import control, ps, upstream
 from . import hosts
 from .proxy import Observer, Proxy, strip_own_server_header
@@ -74,6 +77,13 @@ def create_app(config: Config, registry: CollectorRegistry | None = None,
     live = Live()
     app[LIVE] = live
     observers: list[Observer] = [metrics, live]
+    if config.otel:  # before the recorder, which lets go of the parsed request
+        export = Export(upstream=config.upstream, registry=registry, labels=labels,
+                        version=__version__, protocol=config.otel_protocol,
+                        content=otel_content.builder(Privacy.from_settings(analytics))
+                        if config.otel_content else None)
+        observers.append(export)
+        app.cleanup_ctx.append(_exporting(export, config.shutdown_grace))
     stores = open_stores(analytics)
     if stores:
         recorder = Recorder(stores, analytics, registry)
@@ -103,6 +113,17 @@ def _recording(recorder: Recorder) -> Callable[[web.Application], AsyncIterator[
         await recorder.start()
         yield
         await recorder.close()
+
+    return ctx
+
+
+def _exporting(export: Export, grace: float) -> Callable[[web.Application],
+                                                             AsyncIterator[None]]:
+    """Spans and metrics still waiting are sent on shutdown, off the event loop."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        yield
+        await asyncio.to_thread(export.close, grace)
 
     return ctx
 

@@ -183,6 +183,8 @@ class Proxy:
             started=time.perf_counter(),
             client_ip=request.remote,
             user_agent=request.headers.get("User-Agent"),
+            traceparent=request.headers.get("traceparent"),
+            tracestate=request.headers.get("tracestate"),
             stream=kind.streams_by_default,
         )
         try:

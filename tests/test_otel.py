@@ -1,0 +1,231 @@
+"""OpenTelemetry export (--otel): GenAI spans and metrics, checked as a collector receives them.
+
+A receiver of ours decodes OTLP with the official opentelemetry-proto messages; an application
+instrumented with the SDK calls Ollama through the proxy with the `ollama` client and finds the
+proxy's span inside its own trace. The proxy is configured as a user would: OTEL_* variables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+
+import aiohttp
+import ollama
+import openai
+import pytest
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+
+from conftest import StartProxy
+from fake_ollama import FakeOllama, Scenario
+from helpers import RunningProxy, settle
+from otlp_receiver import Receiver, attributes, grpc_server
+
+MESSAGES = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Why is the sky blue? Mail me at bob@example.com"}]
+
+
+@pytest.fixture
+async def receiver(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Receiver]:
+    r = Receiver()
+    await r.start()
+    # The SDK reads its standard variables itself.
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", r.url)
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "20")
+    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "100")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "proxy-under-test")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "2")
+    yield r
+    await r.close()
+
+
+async def _spans(receiver: Receiver, name: str, count: int = 1) -> list[Span]:
+    await settle(lambda: len(receiver.named(name)) >= count, timeout=5.0)
+    return receiver.named(name)
+
+
+async def _otel_proxy(fake: FakeOllama, start_proxy: StartProxy, **settings: object
+                      ) -> RunningProxy:
+    return await start_proxy(fake.url, otel=True, **settings)
+
+
+async def test_a_chat_is_one_genai_span(receiver: Receiver, fake: FakeOllama,
+                                        start_proxy: StartProxy) -> None:
+    proxy = await _otel_proxy(fake, start_proxy)
+    async with ollama.AsyncClient(host=proxy.url) as client:
+        await client.chat(model="llama3.2", messages=MESSAGES, stream=False,
+                          options={"temperature": 0.2, "top_p": 0.9, "num_predict": 64,
+                                   "seed": 7, "stop": ["\n\n"]})
+        await client.list()  # not an Ollama call: no span
+    [span] = await _spans(receiver, "chat llama3.2")
+    a = attributes(span)
+    assert span.kind == Span.SPAN_KIND_CLIENT
+    assert not span.parent_span_id  # no trace context from the client: a root
+    assert a["gen_ai.operation.name"] == "chat"
+    assert a["gen_ai.provider.name"] == "ollama"
+    assert a["gen_ai.request.model"] == "llama3.2"
+    assert a["gen_ai.response.model"] == "llama3.2"
+    assert a["gen_ai.request.temperature"] == 0.2
+    assert a["gen_ai.request.top_p"] == 0.9
+    assert a["gen_ai.request.max_tokens"] == 64
+    assert a["gen_ai.request.seed"] == 7
+    assert a["gen_ai.request.stop_sequences"] == ["\n\n"]
+    assert a["gen_ai.response.finish_reasons"] == ["stop"]
+    assert a["gen_ai.usage.output_tokens"] == 4
+    assert isinstance(a["gen_ai.usage.input_tokens"], int)
+    assert a["server.address"] == "127.0.0.1"
+    assert a["server.port"] == fake.port
+    assert "error.type" not in a
+    assert not any(k.startswith("gen_ai.input") or k.startswith("gen_ai.output") for k in a)
+    assert span.end_time_unix_nano > span.start_time_unix_nano
+    assert receiver.resources[0]["service.name"] == "proxy-under-test"
+    assert len(receiver.spans) == 1
+
+
+async def test_streamed_generate_embed_and_errors(
+        receiver: Receiver, fake: FakeOllama, start_proxy: StartProxy) -> None:
+    proxy = await _otel_proxy(fake, start_proxy)
+    async with ollama.AsyncClient(host=proxy.url) as client:
+        async for _ in await client.generate(model="llama3.2", prompt="hi", stream=True):
+            pass
+        await client.embed(model="all-minilm", input=["a", "b"])
+        with pytest.raises(ollama.ResponseError):
+            await client.chat(model="missing", messages=MESSAGES)
+    [generate] = await _spans(receiver, "text_completion llama3.2")
+    assert any(e.name == "gen_ai.first_token" for e in generate.events)
+    assert attributes(generate)["ollama_metrics.time_to_first_token"] > 0
+    [embed] = await _spans(receiver, "embeddings all-minilm")
+    assert attributes(embed)["gen_ai.embeddings.dimension.count"] > 0
+    [failed] = await _spans(receiver, "chat missing")
+    assert attributes(failed)["error.type"] == "404"
+    assert failed.status.code == Status.STATUS_CODE_ERROR
+
+
+async def test_openai_routes_and_a_cancelled_call(
+        receiver: Receiver, fake: FakeOllama, start_proxy: StartProxy) -> None:
+    proxy = await _otel_proxy(fake, start_proxy)
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="ollama")
+    async with client:
+        await client.chat.completions.create(model="llama3.2", messages=MESSAGES,  # type: ignore[arg-type]
+                                             max_tokens=32, temperature=0.5)
+    [span] = await _spans(receiver, "chat llama3.2")
+    a = attributes(span)
+    assert a["gen_ai.request.max_tokens"] == 32
+    assert a["gen_ai.request.temperature"] == 0.5
+    assert a["ollama_metrics.endpoint"] == "/v1/chat/completions"
+    fake.scenarios["slow:latest"] = Scenario(tokens=["a"] * 50, token_delay=0.05)
+    async with aiohttp.ClientSession() as http, http.post(
+            proxy.url + "/api/generate", json={"model": "slow", "prompt": "hi"}) as reply:
+        await reply.content.readline()  # the first token, then the client goes away
+    [cancelled] = await _spans(receiver, "text_completion slow")
+    assert attributes(cancelled)["error.type"] == "cancelled"
+    assert attributes(cancelled)["ollama_metrics.outcome"] == "cancelled"
+
+
+async def test_the_app_trace_holds_the_proxy_span(
+        receiver: Receiver, fake: FakeOllama, start_proxy: StartProxy) -> None:
+    """An app instrumented with the SDK, calling through the proxy inside its span."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.propagate import inject
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    proxy = await _otel_proxy(fake, start_proxy)
+    app = TracerProvider()
+    app.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(
+        endpoint=receiver.url + "/v1/traces")))
+    tracer = app.get_tracer("the-app")
+    with tracer.start_as_current_span("answer-question") as parent:
+        headers: dict[str, str] = {}
+        inject(headers)  # what an instrumented HTTP client adds
+        async with ollama.AsyncClient(host=proxy.url, headers=headers) as client:
+            await client.chat(model="llama3.2", messages=MESSAGES, stream=False)
+    await asyncio.to_thread(app.shutdown)
+    [ours] = await _spans(receiver, "chat llama3.2")
+    [theirs] = await _spans(receiver, "answer-question")  # the app's, through its own exporter
+    context = parent.get_span_context()
+    assert theirs.span_id == context.span_id.to_bytes(8, "big")
+    assert ours.trace_id == context.trace_id.to_bytes(16, "big")
+    assert ours.parent_span_id == context.span_id.to_bytes(8, "big")
+    sent = [r.headers for r in fake.requests if r.path_qs == "/api/chat"]
+    assert [h.get("traceparent") for h in sent] == [headers["traceparent"]]  # unchanged
+
+
+async def test_content_only_with_otel_content_and_redacted(
+        receiver: Receiver, fake: FakeOllama, start_proxy: StartProxy) -> None:
+    proxy = await _otel_proxy(fake, start_proxy, otel_content=True)
+    async with ollama.AsyncClient(host=proxy.url) as client:
+        await client.chat(model="llama3.2", messages=MESSAGES, stream=False)
+    [span] = await _spans(receiver, "chat llama3.2")
+    a = attributes(span)
+    assert "Why is the sky blue?" in a["gen_ai.input.messages"]
+    assert "bob@example.com" not in a["gen_ai.input.messages"]
+    assert "[REDACTED_EMAIL]" in a["gen_ai.input.messages"]
+    assert "Hello, world!" in a["gen_ai.output.messages"]
+
+
+async def test_genai_metrics_with_the_spec_buckets(
+        receiver: Receiver, fake: FakeOllama, start_proxy: StartProxy) -> None:
+    proxy = await _otel_proxy(fake, start_proxy)
+    async with ollama.AsyncClient(host=proxy.url) as client:
+        async for _ in await client.chat(model="llama3.2", messages=MESSAGES, stream=True):
+            pass
+    names = ("gen_ai.client.operation.duration", "gen_ai.client.token.usage",
+             "gen_ai.server.request.duration", "gen_ai.server.time_to_first_token",
+             "gen_ai.server.time_per_output_token")
+    await settle(lambda: all(n in receiver.metrics for n in names), timeout=5.0)
+    duration = receiver.metrics["gen_ai.client.operation.duration"]
+    assert list(duration.histogram.data_points[0].explicit_bounds) == [
+        0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92]
+    tokens = receiver.metrics["gen_ai.client.token.usage"]
+    kinds = {value.value.string_value for p in tokens.histogram.data_points
+             for value in p.attributes if value.key == "gen_ai.token.type"}
+    assert kinds == {"input", "output"}
+    assert list(receiver.metrics["gen_ai.server.time_to_first_token"]
+                .histogram.data_points[0].explicit_bounds)[:3] == [0.001, 0.005, 0.01]
+
+
+@pytest.mark.slow(reason="the gRPC exporters take seconds to shut down")
+async def test_export_over_grpc(
+        receiver: Receiver, fake: FakeOllama, start_proxy: StartProxy,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    server, port = grpc_server(receiver)
+    try:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+        proxy = await _otel_proxy(fake, start_proxy, otel_protocol="grpc")
+        async with ollama.AsyncClient(host=proxy.url) as client:
+            await client.chat(model="llama3.2", messages=MESSAGES, stream=False)
+        [span] = await _spans(receiver, "chat llama3.2")
+        assert attributes(span)["gen_ai.provider.name"] == "ollama"
+        await settle(lambda: "gen_ai.client.operation.duration" in receiver.metrics, 5.0)
+    finally:
+        server.stop(None)
+
+
+@pytest.mark.slow(reason="waits for the exporter to give up")
+async def test_an_unreachable_collector_costs_counted_spans(
+        fake: FakeOllama, start_proxy: StartProxy, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")  # nothing there
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "1")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "20")
+    proxy = await _otel_proxy(fake, start_proxy)
+    async with ollama.AsyncClient(host=proxy.url) as client:
+        await client.chat(model="llama3.2", messages=MESSAGES, stream=False)
+    await settle(lambda: proxy.sample("ollama_otel_spans_dropped_total",
+                                      reason="export_failed") == 1, timeout=10.0)
+    caplog.clear()  # the SDK's exporter logs its failure, as it should
+
+
+def test_otel_without_the_extra_fails_at_start() -> None:
+    code = ("import sys; sys.modules['opentelemetry'] = None\n"
+            "from ollama_metrics.cli import main\n"
+            "main(['serve', '--otel', '--upstream', 'http://127.0.0.1:9'])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "pip install 'ollama-metrics[otel]'" in lines[0]

@@ -116,6 +116,26 @@ async def test_openai_stream_with_usage(proxy: RunningProxy, http: aiohttp.Clien
     assert r["system"] == "Be brief."
 
 
+async def test_content_parts_read_by_one_rule(proxy: RunningProxy,
+                                              http: aiohttp.ClientSession) -> None:
+    """The request is read once: the stored prompt, the message text and the system text are
+    the same text of the content parts, joined by one rule."""
+    parts = [{"type": "text", "text": "Why is the sky"},
+             {"type": "image_url", "image_url": {"url": "https://i.example/sky.png"}},
+             {"type": "text", "text": "blue?"}]
+    async with http.post(proxy.url + "/v1/chat/completions", json={
+            "model": "exact", "messages": [
+                {"role": "system", "content": [{"type": "text", "text": "Be"},
+                                               {"type": "text", "text": "brief."}]},
+                {"role": "user", "content": parts}]}) as resp:
+        assert resp.status == 200
+    (r,) = await records(proxy, http, 1)
+    assert r["prompt"] == r["messages"][1]["content"] == "Why is the sky\nblue?"
+    assert r["system"] == r["messages"][0]["content"] == "Be\nbrief."
+    assert r["messages"][1]["images"] == [{"url": "https://i.example/sky.png"}]
+    assert r["image_count"] == 1
+
+
 async def test_embeddings_keep_input_not_vectors(fake: FakeOllama, proxy: RunningProxy,
                                                  http: aiohttp.ClientSession) -> None:
     fake.scenarios["emb:latest"] = Scenario(embedding_dims=7, prompt_eval_count=3)

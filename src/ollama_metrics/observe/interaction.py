@@ -51,6 +51,24 @@ def new_id() -> str:
 
 
 @dataclass(slots=True)
+class Message:
+    """One message of a chat request (or of /v1/responses' `input`), as ollama.request reads it.
+
+    Values are the client's own objects, referenced rather than copied or decoded: analytics
+    bounds, redacts and hashes them later, off the request path.
+    """
+
+    role: Any  # a string in any well-formed request; whatever was sent otherwise
+    text: str  # the content: a string, or the text of its parts joined by "\n"
+    images: list[Any] | None = None  # as sent: base64, a data: URL, an http(s) URL (or junk)
+    thinking: Any = None
+    tool_calls: Any = None
+    tool_name: Any = None
+    tool_call_id: Any = None
+    name: Any = None
+
+
+@dataclass(slots=True)
 class Interaction:
     # What was asked.
     method: str
@@ -67,8 +85,11 @@ class Interaction:
     prompt: str | None = None  # the text the prompt category is judged from
     system: str | None = None
     request_bytes: int = 0
-    # The parsed JSON request, kept only until analytics has taken what it stores from it.
-    request_json: dict[str, Any] | None = None
+    # The request's messages and /api/generate's images, read once by ollama.request; kept only
+    # until analytics has taken what it stores from them (they hold the client's texts and
+    # images by reference).
+    messages: list[Message] | None = None
+    images: list[Any] | None = None
 
     # What came back.
     http_status: int | None = None

@@ -39,7 +39,8 @@ from yarl import URL
 from ..config import Config
 from ..observe.categorize import categorize
 from ..observe.interaction import ErrorType, Interaction, Outcome
-from ..ollama.wire import Kind, expects_done, read_request, reply_reader, route
+from ..ollama.request import read_request
+from ..ollama.wire import Kind, expects_done, reply_reader, route
 from ..printable import printable
 from .connection import BAD_BODY, bad_body
 from .relay import relay_body

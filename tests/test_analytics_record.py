@@ -58,7 +58,7 @@ async def test_chat_record(proxy: RunningProxy, http: aiohttp.ClientSession,
     assert (r["method"], r["path"], r["endpoint"]) == ("POST", "/api/chat", "/api/chat")
     assert (r["model"], r["stream"], r["options"]) == ("exact", stream,
                                                        {"temperature": 0.1, "num_ctx": 2048})
-    assert (r["http_status"], r["outcome"], r["error"]) == (200, "ok", None)
+    assert (r["http_status"], r["outcome"], r["error"]) == (200, "success", None)
     assert r["prompt"] == "Why is the sky blue?"
     assert r["system"] == "Be brief."
     assert [(m["role"], m["content"]) for m in r["messages"]] == [
@@ -108,7 +108,7 @@ async def test_openai_stream_with_usage(proxy: RunningProxy, http: aiohttp.Clien
     finally:
         await client.close()
     (r,) = await records(proxy, http, 1)
-    assert (r["endpoint"], r["stream"], r["outcome"]) == ("/v1/chat/completions", True, "ok")
+    assert (r["endpoint"], r["stream"], r["outcome"]) == ("/v1/chat/completions", True, "success")
     assert r["user_agent"].startswith("AsyncOpenAI")
     assert r["response"] == "The sky is blue"
     assert (r["prompt_tokens"], r["completion_tokens"]) == (26, 4)

@@ -32,10 +32,11 @@ _OPERATORS = frozenset({"AND", "OR", "NOT", "NEAR", "or"})  # FTS5's, and websea
 _WORD = re.compile(r"\w+")
 _PREFIX = re.compile(r"(\w*)\"?\*")
 
-# Filter values for `status`: the stored outcomes, plus the metric names the original used.
+# Filter values for `status`: the stored outcomes, `error` for both kinds of error (as the metric's
+# label counts them), and `ok`, the stored word for success before migration 6, for old scripts.
 STATUSES: dict[str, tuple[str, ...]] = {
-    "ok": ("ok",),
-    "success": ("ok",),
+    "success": ("success",),
+    "ok": ("success",),
     "error": ("error", "upstream_error"),
     "upstream_error": ("upstream_error",),
     "cancelled": ("cancelled",),

@@ -321,6 +321,10 @@ def build(i: Interaction, privacy: Privacy) -> Record:
         b.slot(record, "response", "response", i.response_text)
     if i.thinking_pieces:
         b.slot(record, "thinking", "thinking", "".join(i.thinking_pieces))
+    # Sized at the longest its marks can be, so that they still fit once written.
+    record["truncated"] = True
+    record["truncated_fields"] = sorted(b.marks | i.capped | {s.field for s in b.slots}
+                                        | {"record"})
     fields = b.marks | b.fit(record) | i.capped
     record["truncated"] = bool(fields)
     record["truncated_fields"] = sorted(fields) or None

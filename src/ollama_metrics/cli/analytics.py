@@ -29,7 +29,7 @@ def _filters(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--since", metavar="DURATION", help="Only the last 15m, 1h, 7d, …"),
         click.option("--model", help="Only this model (exact name)."),
         click.option("--category", help="Only this prompt category."),
-        click.option("--status", help="ok, error, cancelled or upstream_error."),
+        click.option("--status", help="success, error, cancelled or upstream_error."),
         click.option("--endpoint", help="Only this route, e.g. /api/chat."),
     ]):
         f = decorator(f)

@@ -17,9 +17,10 @@ from typing import Any
 
 
 class Outcome(str, Enum):
-    """How an exchange ended, as stored. Metrics fold these into success/error/cancelled."""
+    """How an exchange ended, as stored and shown. The metric's `status` label is the same word,
+    with upstream_error folded into error."""
 
-    OK = "ok"
+    SUCCESS = "success"
     ERROR = "error"  # Ollama answered with an error (HTTP status or in-band error line)
     UPSTREAM_ERROR = "upstream_error"  # unreachable, reset, timed out or truncated
     CANCELLED = "cancelled"  # the client went away first
@@ -114,7 +115,7 @@ class Interaction:
     # How it ended.
     ended_at: float | None = None
     ended: float | None = None
-    outcome: Outcome = Outcome.OK
+    outcome: Outcome = Outcome.SUCCESS
     error_type: ErrorType | None = None
     error: str | None = None
     prompt_category: str = "other"

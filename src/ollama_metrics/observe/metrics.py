@@ -49,12 +49,11 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 # (re)load is worth a sample.
 MIN_LOAD_SECONDS = 0.1
 
-STATUS = {
-    Outcome.OK: "success",
-    Outcome.ERROR: "error",
-    Outcome.UPSTREAM_ERROR: "error",
-    Outcome.CANCELLED: "cancelled",
-}
+
+def status_label(outcome: Outcome) -> str:
+    """The `status` label: the stored outcome word, with upstream_error folded into error (the
+    original proxy's three values: success, error, cancelled)."""
+    return Outcome.ERROR.value if outcome is Outcome.UPSTREAM_ERROR else outcome.value
 
 
 def new_registry() -> CollectorRegistry:
@@ -138,7 +137,7 @@ class Metrics:
         model = self.model_label(i.model)
         category = i.prompt_category
         endpoint = i.endpoint
-        self._child(self.requests, model, endpoint, STATUS[i.outcome], category).inc()
+        self._child(self.requests, model, endpoint, status_label(i.outcome), category).inc()
         self._child(self.request_duration, model, endpoint, category).observe(i.duration)
         if i.outcome is Outcome.CANCELLED:
             self._child(self.disconnects, model, endpoint).inc()

@@ -62,8 +62,13 @@ async def m003_truncated_fields(db: Connection) -> None:
     await db.execute("ALTER TABLE interactions ADD COLUMN truncated_fields jsonb")
 
 
+async def m004_outcome_success(db: Connection) -> None:
+    # Success was stored as `ok` while the metric label said `success`; one word now, end to end.
+    await db.execute("UPDATE interactions SET outcome = 'success' WHERE outcome = 'ok'")
+
+
 MIGRATIONS: list[Callable[[Connection], Awaitable[None]]] = [
-    m001_interactions, m002_full_text, m003_truncated_fields]
+    m001_interactions, m002_full_text, m003_truncated_fields, m004_outcome_success]
 
 
 async def migrate(db: Connection) -> list[str]:

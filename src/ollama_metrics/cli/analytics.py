@@ -1,8 +1,8 @@
 """`ollama-metrics search | stats | export`: read recorded interactions from the store.
 
 They open the configured queryable store directly (the proxy need not be running) and print
-readable tables, or JSON with --json. Query parsing is analytics.query's, so the CLI and the
-HTTP API accept and reject the same things.
+readable tables, or JSON with --json. The typed options go straight to analytics.query's
+`query`, which validates them for the HTTP API too: both accept and reject the same things.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import click
 import orjson
 
 from ..analytics.api import csv_line, csv_row, jsonl_line
-from ..analytics.query import BadQuery, Query, parse
+from ..analytics.query import BadQuery, Query, query
 from ..analytics.stores import FIELD_NAMES, QueryableStore, StoreError, open_stores, queryable
 from .analytics_options import build_analytics, store_options
 
@@ -36,14 +36,9 @@ def _filters(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-def _query(text: str | None = None, limit: int | None = None, **filters: Any) -> Query:
-    params = {k: str(v) for k, v in filters.items() if v is not None}
-    if text:
-        params["prompt_search"] = text
-    if limit is not None:
-        params["limit"] = str(limit)
+def _query(**options: Any) -> Query:
     try:
-        return parse(params)
+        return query(**options)
     except BadQuery as exc:
         raise click.UsageError(str(exc)) from None
 
@@ -104,9 +99,9 @@ def search(text: str | None, since: str | None, model: str | None, category: str
            status: str | None, endpoint: str | None, limit: int, as_json: bool,
            **options: Any) -> None:
     """Find recorded interactions, newest first (TEXT: full-text search of prompt and reply)."""
-    query = _query(text, limit, since=since, model=model, prompt_category=category,
+    asked = _query(text=text, limit=limit, since=since, model=model, category=category,
                    status=status, endpoint=endpoint)
-    page = _with_store(options, lambda store: store.search(query))
+    page = _with_store(options, lambda store: store.search(asked))
     if as_json:
         click.echo(orjson.dumps(page.records, option=orjson.OPT_INDENT_2).decode())
         return
@@ -127,9 +122,9 @@ def search(text: str | None, since: str | None, model: str | None, category: str
 def stats(since: str | None, model: str | None, category: str | None, status: str | None,
           endpoint: str | None, as_json: bool, **options: Any) -> None:
     """Totals, per model and per category: requests, tokens, errors, p50/p95 latency and TTFT."""
-    query = _query(since=since, model=model, prompt_category=category, status=status,
+    asked = _query(since=since, model=model, category=category, status=status,
                    endpoint=endpoint)
-    result = _with_store(options, lambda store: store.stats(query))
+    result = _with_store(options, lambda store: store.stats(asked))
     if as_json:
         click.echo(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
         return
@@ -157,14 +152,14 @@ def stats(since: str | None, model: str | None, category: str | None, status: st
 def export(since: str | None, model: str | None, category: str | None, status: str | None,
            endpoint: str | None, fmt: str, output: IO[bytes], **options: Any) -> None:
     """Write every matching record, newest first, as JSON lines or CSV."""
-    query = _query(since=since, model=model, prompt_category=category, status=status,
+    asked = _query(since=since, model=model, category=category, status=status,
                    endpoint=endpoint)
 
     async def write(store: QueryableStore) -> int:
         n = 0
         if fmt == "csv":
             output.write(csv_line(FIELD_NAMES))
-        async for record in store.export(query):
+        async for record in store.export(asked):
             output.write(jsonl_line(record) if fmt == "jsonl" else csv_row(record))
             n += 1
         return n

@@ -67,15 +67,16 @@ def read_request(body: bytes | bytearray, interaction: Interaction) -> None:
 
 
 def _message(m: dict[str, Any]) -> Message:
+    content = m.get("content")
+    if isinstance(content, str) and len(m) <= 2:  # {"role", "content"}: most messages, fast
+        return Message(m.get("role"), content)
     images: list[Any] = []
-    text = _text(m.get("content"), images)
+    text = _text(content, images)
     sent = m.get("images")  # native chat: base64 strings
     if isinstance(sent, list):
         images = [*images, *sent] if images else sent
-    return Message(
-        role=m.get("role"), text=text, images=images or None, thinking=m.get("thinking"),
-        tool_calls=m.get("tool_calls"), tool_name=m.get("tool_name"),
-        tool_call_id=m.get("tool_call_id"), name=m.get("name"))
+    return Message(m.get("role"), text, images or None, m.get("thinking"), m.get("tool_calls"),
+                   m.get("tool_name"), m.get("tool_call_id"), m.get("name"))
 
 
 def _text(content: Any, images: list[Any] | None = None) -> str:

@@ -83,7 +83,7 @@ class RecordMaker:
             "client_ip": "127.0.0.1", "user_agent": "ollama-python/0.6.3", "method": "POST",
             "path": "/api/chat", "endpoint": "/api/chat", "model": self.rng.choice(MODELS),
             "stream": True, "options": {"temperature": 0.7}, "http_status": 200,
-            "outcome": "ok" if self.rng.random() > 0.02 else "error", "error": None,
+            "outcome": "success" if self.rng.random() > 0.02 else "error", "error": None,
             "prompt": prompt, "messages": [{"role": "user", "content": prompt}],
             "system": "You are helpful.", "response": response, "thinking": None,
             "tool_calls": None, "images": None, "image_count": 0,

@@ -40,7 +40,7 @@ def record(n: int, **fields: Any) -> dict[str, Any]:
     base: dict[str, Any] = {name: None for name in FIELD_NAMES}
     base.update(id=f"rec{n:05d}", started_at=T0 + n, ended_at=T0 + n + 1, method="POST",
                 path="/api/chat", endpoint="/api/chat", model="llama3.2:latest", stream=True,
-                http_status=200, outcome="ok", prompt=f"question number {n}",
+                http_status=200, outcome="success", prompt=f"question number {n}",
                 response=f"answer number {n}", prompt_category="question", duration=float(n),
                 ttft=n / 10, prompt_tokens=10, completion_tokens=n, truncated=False,
                 capture="full", image_count=0)

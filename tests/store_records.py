@@ -26,7 +26,7 @@ def full_record(n: int = 0, **changes: Any) -> Record:
         "options": {"temperature": 0.7, "num_ctx": 8192, "stop": ["\n", "</s>"],
                     "nested": {"déjà": [1, 2.5, None, True, "vu"]}},
         "http_status": 200,
-        "outcome": "ok",
+        "outcome": "success",
         "error": None,
         "prompt": "Wie heißt die Hauptstadt? 日本語 🦙 it's \"quoted\"; back\\slash; 100% --",
         "messages": [{"role": "system", "content": "be brief"},

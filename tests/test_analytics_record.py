@@ -58,7 +58,7 @@ async def test_chat_record(proxy: RunningProxy, http: aiohttp.ClientSession,
     assert (r["method"], r["path"], r["endpoint"]) == ("POST", "/api/chat", "/api/chat")
     assert (r["model"], r["stream"], r["options"]) == ("exact:latest", stream,
                                                        {"temperature": 0.1, "num_ctx": 2048})
-    assert (r["http_status"], r["outcome"], r["error"]) == (200, "ok", None)
+    assert (r["http_status"], r["outcome"], r["error"]) == (200, "success", None)
     assert r["prompt"] == "Why is the sky blue?"
     assert r["system"] == "Be brief."
     assert [(m["role"], m["content"]) for m in r["messages"]] == [
@@ -108,7 +108,7 @@ async def test_openai_stream_with_usage(proxy: RunningProxy, http: aiohttp.Clien
     finally:
         await client.close()
     (r,) = await records(proxy, http, 1)
-    assert (r["endpoint"], r["stream"], r["outcome"]) == ("/v1/chat/completions", True, "ok")
+    assert (r["endpoint"], r["stream"], r["outcome"]) == ("/v1/chat/completions", True, "success")
     assert r["user_agent"].startswith("AsyncOpenAI")
     assert r["response"] == "The sky is blue"
     assert (r["prompt_tokens"], r["completion_tokens"]) == (26, 4)
@@ -145,6 +145,26 @@ async def test_openai_default_stream_counts_tokens_by_chunk(
     assert proxy.sample("ollama_tokens_generated_sum", **model, prompt_category="question") == 16
     assert proxy.sample("ollama_tokens_generated_count", **model,
                         prompt_category="question") == 2
+
+
+async def test_content_parts_read_by_one_rule(proxy: RunningProxy,
+                                              http: aiohttp.ClientSession) -> None:
+    """The request is read once: the stored prompt, the message text and the system text are
+    the same text of the content parts, joined by one rule."""
+    parts = [{"type": "text", "text": "Why is the sky"},
+             {"type": "image_url", "image_url": {"url": "https://i.example/sky.png"}},
+             {"type": "text", "text": "blue?"}]
+    async with http.post(proxy.url + "/v1/chat/completions", json={
+            "model": "exact", "messages": [
+                {"role": "system", "content": [{"type": "text", "text": "Be"},
+                                               {"type": "text", "text": "brief."}]},
+                {"role": "user", "content": parts}]}) as resp:
+        assert resp.status == 200
+    (r,) = await records(proxy, http, 1)
+    assert r["prompt"] == r["messages"][1]["content"] == "Why is the sky\nblue?"
+    assert r["system"] == r["messages"][0]["content"] == "Be\nbrief."
+    assert r["messages"][1]["images"] == [{"url": "https://i.example/sky.png"}]
+    assert r["image_count"] == 1
 
 
 async def test_embeddings_keep_input_not_vectors(fake: FakeOllama, proxy: RunningProxy,

@@ -24,7 +24,7 @@ from fake_ollama import FakeOllama, Scenario
 from helpers import fake_process, proxy_process, settle
 from ollama_metrics.analytics.settings import AnalyticsConfig
 from ollama_metrics.observe.interaction import CAPS
-from ollama_metrics.ollama import wire as ollama
+from ollama_metrics.ollama.request import read_request
 
 HUGE = 20 * 1024 * 1024
 
@@ -84,9 +84,9 @@ async def test_recent_zero_lists_none(proxy: Any, http: aiohttp.ClientSession) -
 
 @pytest.fixture
 def parse_threads() -> Iterator[list[str]]:
-    """Names of the threads ollama.read_request ran on, seen through the profiler hook."""
+    """Names of the threads read_request ran on, seen through the profiler hook."""
     seen: list[str] = []
-    code = ollama.read_request.__code__
+    code = read_request.__code__
 
     def hook(frame: types.FrameType, event: str, arg: object) -> None:
         if event == "call" and frame.f_code is code:

@@ -172,3 +172,21 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def test_typed_values_are_validated_once_by_the_query_layer() -> None:
+    """The CLI hands typed values to analytics.query.query; the HTTP parser reads its strings
+    into the same call, so both accept and refuse alike, with the same reasons."""
+    from ollama_metrics.analytics.query import BadQuery, parse, query
+
+    typed = query(since="1h", model="qwen3", status="ok", limit=5, text="  meeting ")
+    assert (typed.model, typed.status, typed.outcomes, typed.limit, typed.text) == (
+        "qwen3", "ok", ("success",), 5, "meeting")
+    assert parse({"limit": "5", "status": "success"}) == query(limit=5, status="success")
+    for bad, reason in (({"limit": 0}, "limit: must be between 1 and 1000"),
+                        ({"start_time": float("nan")}, "start_time: expected unix seconds"),
+                        ({"order": "rank"}, "order=rank needs prompt_search")):
+        with pytest.raises(BadQuery, match=reason):
+            query(**bad)
+        with pytest.raises(BadQuery, match=reason):
+            parse({k: str(v) for k, v in bad.items()})

@@ -232,5 +232,5 @@ async def test_fm23_graceful_shutdown_with_streams_in_flight(tmp_path: Path) -> 
     rows = db.execute("SELECT model, outcome, response_bytes, error FROM interactions").fetchall()
     db.close()
     assert sorted((m, o) for m, o, _, _ in rows) == [("long:latest", "cancelled")] * 5 + [
-        ("short:latest", "ok")] * 5
+        ("short:latest", "success")] * 5
     assert all(n > 0 and "shutdown" in e for m, _, n, e in rows if m == "long:latest")

@@ -103,7 +103,7 @@ async def test_fm02_split_lines(fake: FakeOllama, start_proxy: StartProxy,
         proxied = await resp.read()
     assert mask_clock(proxied) == mask_clock(direct)
     (row,) = await records(proxy, http, 1)
-    assert (row["outcome"], row["prompt_tokens"], row["completion_tokens"]) == ("ok", 11, 7)
+    assert (row["outcome"], row["prompt_tokens"], row["completion_tokens"]) == ("success", 11, 7)
     assert row["response"] == "Hello, world!"
     assert proxy.sample("ollama_output_tokens_total", model="split:latest") == 7
     assert proxy.sample("ollama_input_tokens_total", model="split:latest") == 11
@@ -172,7 +172,7 @@ async def test_fm03_long_generation_and_idle_timeout(
     assert took > 7.5  # four times the idle timeout, and it completed
     assert 1.9 < waited < 2.9
     rows = {r["model"]: r for r in await records(idle, http, 3)}
-    assert rows["long:latest"]["outcome"] == "ok"
+    assert rows["long:latest"]["outcome"] == "success"
     assert rows["long:latest"]["response"] == "".join(f"t{n} " for n in range(16))
     assert rows["silent:latest"]["outcome"] == rows["stalls:latest"]["outcome"] == "upstream_error"
     assert rows["silent:latest"]["http_status"] == 504

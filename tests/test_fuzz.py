@@ -30,7 +30,8 @@ from ollama_metrics.observe.categorize import categorize
 from ollama_metrics.observe.interaction import Interaction
 from ollama_metrics.observe.labels import ModelLabels
 from ollama_metrics.observe.metrics import Metrics, new_registry
-from ollama_metrics.ollama.wire import read_request, reply_reader
+from ollama_metrics.ollama.request import read_request
+from ollama_metrics.ollama.wire import reply_reader
 from wire import upstream
 
 settings.register_profile("ci", derandomize=True, database=None, deadline=None, max_examples=200,
@@ -125,9 +126,9 @@ def _observe(i: Interaction, metrics: Metrics) -> None:
     i.ended, i.ended_at = 1.0, 1.0
     i.prompt_category = categorize(i.prompt or "")
     metrics.finished(i, metrics.started(i))
-    body = i.request_json
+    request = i.messages, i.images
     for capture in ("full", "metadata"):
-        i.request_json = body  # build() lets go of it
+        i.messages, i.images = request  # build() lets go of them
         rec = record.build(i, Privacy(capture=capture, max_messages=4, max_record_bytes=4096))
         assert len(orjson.dumps(rec)) <= 4096
 

@@ -185,7 +185,7 @@ def _record(n: int, started_at: float) -> dict[str, Any]:
     from ollama_metrics.analytics.stores import FIELD_NAMES
 
     record: dict[str, Any] = dict.fromkeys(FIELD_NAMES)
-    record.update(id=f"r{n}", started_at=started_at, ended_at=started_at + 1, outcome="ok",
+    record.update(id=f"r{n}", started_at=started_at, ended_at=started_at + 1, outcome="success",
                   prompt=f"prompt {n}", response="x" * 200, model="m", endpoint="/api/chat",
                   prompt_category="other", truncated=False, capture="full", image_count=0)
     return record
@@ -253,7 +253,7 @@ def test_sigterm_drains_records_in_flight(tmp_path: Path) -> None:
     assert results == [11] * 10  # every stream completed: 10 tokens and the final line
     db = sqlite3.connect(tmp_path / "interactions.db")
     assert db.execute("SELECT COUNT(*), MIN(outcome), MAX(outcome) FROM interactions"
-                      ).fetchone() == (10, "ok", "ok")
+                      ).fetchone() == (10, "success", "success")
     db.close()
 
 
@@ -294,6 +294,37 @@ async def test_sqlite_lets_its_caches_go_when_idle(tmp_path: Path) -> None:
     finally:
         await store.close()
     print(f"SQLite heap {busy / 2**20:.1f} MiB busy, {idle / 2**20:.2f} MiB idle")
+
+
+async def test_sqlite_migration_renames_the_stored_ok_to_success(tmp_path: Path) -> None:
+    """Rows stored as `ok` read as `success` after the migration; `ok` still filters them."""
+    from ollama_metrics.analytics.query import Query
+    from ollama_metrics.analytics.stores import sqlite_migrations
+    from ollama_metrics.analytics.stores.sqlite import SqliteStore, _connect
+
+    path = tmp_path / "interactions.db"
+    db = _connect(path)
+    try:
+        db.execute("CREATE TABLE _migrations (name TEXT PRIMARY KEY, applied_at REAL)")
+        for step in sqlite_migrations.MIGRATIONS[:5]:
+            step(db)
+            db.execute("INSERT INTO _migrations VALUES (?, ?)", (step.__name__, time.time()))
+        for n, outcome in enumerate(["ok", "error", "ok"]):
+            db.execute("INSERT INTO interactions (id, started_at, outcome, truncated, capture, "
+                       "image_count) VALUES (?, ?, ?, 0, 'full', 0)",
+                       (f"old{n}", time.time(), outcome))
+        db.commit()
+    finally:
+        db.close()
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        for status in ("success", "ok"):
+            page = await store.search(Query(status=status))
+            assert sorted(str(r["id"]) for r in page.records) == ["old0", "old2"]
+            assert {r["outcome"] for r in page.records} == {"success"}
+    finally:
+        await store.close()
 
 
 async def test_sqlite_migrates_an_older_store_and_stats_read_only_the_index(

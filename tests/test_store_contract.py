@@ -91,8 +91,8 @@ async def test_empty_batch_is_harmless(store: QueryableStore) -> None:
 @pytest.fixture
 async def varied(store: QueryableStore) -> QueryableStore:
     """Ten records, written in order of their start times (rec-00000 oldest)."""
-    outcomes = ["ok", "ok", "error", "upstream_error", "cancelled", "ok", "ok", "error", "ok",
-                "cancelled"]
+    outcomes = ["success", "success", "error", "upstream_error", "cancelled", "success", "success",
+                "error", "success", "cancelled"]
     await store.write_batch([
         full_record(i, model="llama" if i % 2 else "qwen", outcome=outcomes[i],
                     prompt_category="code_write" if i < 3 else "question",
@@ -112,7 +112,7 @@ async def varied(store: QueryableStore) -> QueryableStore:
     ({"model": "lla"}, []),
     ({"category": "code_write"}, [2, 1, 0]),
     ({"endpoint": "/v1/chat/completions"}, [5, 4]),
-    ({"status": "ok"}, [8, 6, 5, 1, 0]),
+    ({"status": "ok"}, [8, 6, 5, 1, 0]),  # the old word, kept as an alias
     ({"status": "success"}, [8, 6, 5, 1, 0]),
     ({"status": "error"}, [7, 3, 2]),  # upstream errors are errors too
     ({"status": "upstream_error"}, [3]),
@@ -227,8 +227,8 @@ def _stats_records() -> list[Record]:
     order = [7, 19, 2, 13, 1, 20, 5, 11, 17, 3, 9, 15, 4, 18, 6, 12, 8, 16, 10, 14]
     records = [full_record(n, model="a", duration=float(n), prompt_category="question",
                            ttft=n / 10 if n <= 10 else None, prompt_tokens=n,
-                           completion_tokens=2 * n, outcome="ok") for n in order]
-    for n, outcome in zip(range(21, 25), ["error", "upstream_error", "cancelled", "ok"],
+                           completion_tokens=2 * n, outcome="success") for n in order]
+    for n, outcome in zip(range(21, 25), ["error", "upstream_error", "cancelled", "success"],
                           strict=True):
         records.append(full_record(n, model="b", duration=100.0 + n, prompt_category="list",
                                    ttft=None, prompt_tokens=None, completion_tokens=1,

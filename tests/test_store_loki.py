@@ -34,7 +34,7 @@ def record(n: int, **fields: Any) -> Record:
     rec: Record = dict.fromkeys(FIELD_NAMES)
     rec.update(id=f"r{n:04d}", started_at=T0 + n, ended_at=T0 + n + 0.5, method="POST",
                path="/api/chat", endpoint="/api/chat", model="llama3.2:latest", stream=True,
-               http_status=200, outcome="ok", prompt=f"question {n}", response=f"answer {n}",
+               http_status=200, outcome="success", prompt=f"question {n}", response=f"answer {n}",
                prompt_category="qa", image_count=0, truncated=False, capture="full")
     rec.update(fields)
     return rec
@@ -65,7 +65,7 @@ async def test_one_push_per_batch_with_streams_grouped_by_labels(
         assert stream["stream"]["job"] == "ollama-metrics"
         assert stream["stream"]["endpoint"] == "/api/chat"
     main = {"job": "ollama-metrics", "model": "a", "endpoint": "/api/chat",
-            "prompt_category": "qa", "outcome": "ok"}
+            "prompt_category": "qa", "outcome": "success"}
     values = by_labels[tuple(sorted(main.items()))]
     # Sorted by started_at, whatever the batch order.
     assert [v[0] for v in values] == [str(int(T0 + n) * 10**9) for n in (0, 3, 5)]

@@ -109,7 +109,7 @@ async def test_render_real_snapshot(fake: FakeOllama, start_proxy: StartProxy) -
     recent = screen["Recent"]
     assert len(recent) == 5  # header and the four finished requests, newest first
     assert recent[1].split()[1:5] == ["missing:latest", "/api/generate", "error", "404"]
-    assert recent[-1].split()[1:5] == ["llama3.2:latest", "/api/generate", "ok", "200"]
+    assert recent[-1].split()[1:5] == ["llama3.2:latest", "/api/generate", "success", "200"]
     assert re.fullmatch(r"\d\d:\d\d:\d\d", recent[1].split()[0])
 
     # The long name is cut to its column, never shown whole, and never pushes columns right.

@@ -21,11 +21,11 @@ from .stores import Record
 
 
 def builder(privacy: Privacy) -> Callable[[Interaction, dict[str, Any] | None], dict[str, str]]:
-    """The content of an exchange (`body`: its parsed request, which the recorder may already
-    have let go of on the Interaction)."""
+    """The content of an exchange, as the store would keep it (`body`: the request's top-level
+    parameters, unused here: the content is the Interaction's)."""
 
     def content(i: Interaction, body: dict[str, Any] | None) -> dict[str, str]:
-        return attributes(record.build(dataclasses.replace(i, request_json=body), privacy))
+        return attributes(record.build(dataclasses.replace(i), privacy))  # build lets go of a copy
 
     return content
 

@@ -1,4 +1,5 @@
-"""What a search asks for: one validated Query, parsed from HTTP parameters or CLI options.
+"""What a search asks for: one validated Query, built from typed values (`query`: the CLI's
+options) or parsed from HTTP parameters (`parse`, which reads the strings and calls `query`).
 
 Every store answers the same Query. Bad input raises BadQuery with a reason a user can act on;
 the API turns it into a 400 and the CLI into a usage error. Values are never interpolated into
@@ -33,10 +34,11 @@ _OPERATORS = frozenset({"AND", "OR", "NOT", "NEAR", "or"})  # FTS5's, and websea
 _WORD = re.compile(r"\w+")
 _PREFIX = re.compile(r"(\w*)\"?\*")
 
-# Filter values for `status`: the stored outcomes, plus the metric names the original used.
+# Filter values for `status`: the stored outcomes, `error` for both kinds of error (as the metric's
+# label counts them), and `ok`, the stored word for success before migration 6, for old scripts.
 STATUSES: dict[str, tuple[str, ...]] = {
-    "ok": ("ok",),
-    "success": ("ok",),
+    "success": ("success",),
+    "ok": ("success",),
     "error": ("error", "upstream_error"),
     "upstream_error": ("upstream_error",),
     "cancelled": ("cancelled",),
@@ -95,25 +97,19 @@ def _number(params: Mapping[str, str], name: str) -> float | None:
     if raw is None or raw == "":
         return None
     try:
-        value = float(raw)
+        return float(raw)
     except ValueError:
         raise BadQuery(f"{name}: expected unix seconds, got {raw!r}") from None
-    if not 0 <= value <= MAX_TIME:  # NaN and infinities included
-        raise BadQuery(f"{name}: expected unix seconds from 0 to {MAX_TIME:.0f}, got {raw!r}")
-    return value
 
 
-def _int(params: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+def _int(params: Mapping[str, str], name: str) -> int | None:
     raw = params.get(name)
     if raw is None or raw == "":
-        return default
+        return None
     try:
-        value = int(raw)
+        return int(raw)
     except ValueError:
         raise BadQuery(f"{name}: expected a whole number, got {raw!r}") from None
-    if not low <= value <= high:
-        raise BadQuery(f"{name}: must be between {low} and {high}, got {value}")
-    return value
 
 
 def check_search(text: str) -> None:
@@ -139,6 +135,48 @@ def _model(name: str | None) -> str | None:
     return normalize_model(name) if name else None
 
 
+def query(*, start_time: float | None = None, end_time: float | None = None,
+          since: str | None = None, model: str | None = None, text: str | None = None,
+          category: str | None = None, status: str | None = None, endpoint: str | None = None,
+          limit: int | None = None, offset: int | None = None, cursor: int | None = None,
+          order: str = "time") -> Query:
+    """A validated Query from typed values (the CLI's options, or parsed HTTP parameters).
+    None and empty strings mean "not given": the default."""
+    limit = DEFAULT_LIMIT if limit is None else limit
+    offset = offset or 0
+    for name, when in (("start_time", start_time), ("end_time", end_time)):
+        if when is not None and not 0 <= when <= MAX_TIME:  # NaN and infinities included
+            raise BadQuery(f"{name}: expected unix seconds from 0 to {MAX_TIME:.0f}, "
+                           f"got {when:g}")
+    if since:
+        if start_time is not None:
+            raise BadQuery("give start_time or since, not both")
+        start_time = parse_since(since)
+    if start_time is not None and end_time is not None and end_time < start_time:
+        raise BadQuery("end_time is before start_time")
+    category = category or None
+    if category is not None and category not in CATEGORIES:
+        raise BadQuery(f"prompt_category: one of {', '.join(CATEGORIES)}, got {category!r}")
+    status = status or None
+    if status is not None and status not in STATUSES:
+        raise BadQuery(f"status: one of {', '.join(STATUSES)}, got {status!r}")
+    order = order or "time"
+    if order not in ("time", "rank"):
+        raise BadQuery(f"order: time or rank, got {order!r}")
+    text = (text or "").strip() or None
+    if text is not None:
+        check_search(text)
+    if order == "rank" and text is None:
+        raise BadQuery("order=rank needs prompt_search")
+    for name, value, low, high in (("limit", limit, 1, MAX_LIMIT), ("offset", offset, 0, 10**9),
+                                   ("cursor", cursor, 0, 2**62)):
+        if value is not None and not low <= value <= high:
+            raise BadQuery(f"{name}: must be between {low} and {high}, got {value}")
+    return Query(start_time=start_time, end_time=end_time, model=_model(model), text=text,
+                 category=category, status=status, endpoint=endpoint or None, limit=limit,
+                 offset=offset, cursor=cursor, order=order)
+
+
 def parse(params: Mapping[str, str]) -> Query:
     """A Query from the search parameters (the original proxy's names, plus the new ones)."""
     known = {"start_time", "end_time", "since", "model", "prompt_search", "q", "prompt_category",
@@ -146,40 +184,17 @@ def parse(params: Mapping[str, str]) -> Query:
     unknown = sorted(set(params) - known)
     if unknown:
         raise BadQuery(f"unknown parameter {unknown[0]!r}; known: {', '.join(sorted(known))}")
-    start = _number(params, "start_time")
-    if params.get("since"):
-        if start is not None:
-            raise BadQuery("give start_time or since, not both")
-        start = parse_since(params["since"])
-    end = _number(params, "end_time")
-    if start is not None and end is not None and end < start:
-        raise BadQuery("end_time is before start_time")
-    category = params.get("prompt_category") or params.get("category") or None
-    if category is not None and category not in CATEGORIES:
-        raise BadQuery(f"prompt_category: one of {', '.join(CATEGORIES)}, got {category!r}")
-    status = params.get("status") or None
-    if status is not None and status not in STATUSES:
-        raise BadQuery(f"status: one of {', '.join(STATUSES)}, got {status!r}")
-    order = params.get("order") or "time"
-    if order not in ("time", "rank"):
-        raise BadQuery(f"order: time or rank, got {order!r}")
-    text = (params.get("prompt_search") or params.get("q") or "").strip() or None
-    if text is not None:
-        check_search(text)
-    if order == "rank" and text is None:
-        raise BadQuery("order=rank needs prompt_search")
-    cursor_raw = params.get("cursor")
-    cursor = _int(params, "cursor", 0, 0, 2**62) if cursor_raw else None
-    return Query(
-        start_time=start,
-        end_time=end,
-        model=_model(params.get("model")),
-        text=text,
-        category=category,
-        status=status,
-        endpoint=params.get("endpoint") or None,
-        limit=_int(params, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT),
-        offset=_int(params, "offset", 0, 0, 10**9),
-        cursor=cursor,
-        order=order,
+    return query(
+        start_time=_number(params, "start_time"),
+        end_time=_number(params, "end_time"),
+        since=params.get("since"),
+        model=params.get("model"),
+        text=params.get("prompt_search") or params.get("q"),
+        category=params.get("prompt_category") or params.get("category"),
+        status=params.get("status"),
+        endpoint=params.get("endpoint"),
+        limit=_int(params, "limit"),
+        offset=_int(params, "offset"),
+        cursor=_int(params, "cursor"),
+        order=params.get("order") or "time",
     )

@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from ..observe.interaction import Interaction
+from ..observe.interaction import Interaction, Message
 from .privacy import TRUNCATED, Privacy
 from .stores import Record
 
@@ -95,29 +95,6 @@ class _Builder:
         self.images.append(ref)
         return ref
 
-    def content(self, content: Any, images: list[dict[str, Any]]) -> str:
-        """Text of a message content (a string or a list of parts); image parts go to
-        `images`."""
-        if isinstance(content, str):
-            return content
-        texts = []
-        for part in _list(content):
-            if not isinstance(part, dict):
-                continue
-            kind = part.get("type")
-            data: Any = _NO_IMAGE
-            if isinstance(part.get("text"), str):
-                texts.append(part["text"])
-            elif kind == "image_url":
-                url = part.get("image_url")
-                data = url.get("url") if isinstance(url, dict) else url
-            elif kind in ("image", "input_image"):
-                source = part.get("source")
-                data = source.get("data") if isinstance(source, dict) else part.get("image_url")
-            if data is not _NO_IMAGE and (ref := self.image(data)) is not None:
-                images.append(ref)
-        return "\n".join(texts)
-
     def calls(self, raw: Any, field: str) -> list[dict[str, Any]] | None:
         """Tool calls in a known shape (id, type, index, function name and arguments), at most
         MAX_CALLS; at `metadata` one empty entry per call, so only their number is kept."""
@@ -150,44 +127,39 @@ class _Builder:
             kept.append(out)
         return kept
 
-    def messages(self, body: dict[str, Any]) -> list[dict[str, Any]] | None:
-        raw = body.get("messages")
-        if raw is None and isinstance(body.get("input"), list):  # /v1/responses
-            raw = [m for m in body["input"] if isinstance(m, dict) and "role" in m] or None
-        if not isinstance(raw, list):
+    def messages(self, raw: list[Message] | None) -> list[dict[str, Any]] | None:
+        if raw is None:
             return None
         elided = len(raw) - self.p.max_messages
         if elided > 0:  # the start (system prompt, task) and the end (the question) matter most
             self.marks.add("messages")
             head = self.p.max_messages // 2
-            raw = [*raw[:head], _ELIDED, *raw[len(raw) - (self.p.max_messages - head):]]
+            kept: list[Message | None] = [
+                *raw[:head], None, *raw[len(raw) - (self.p.max_messages - head):]]
+        else:
+            kept = [*raw]
         messages = []
-        for m in raw:
-            if m is _ELIDED:
+        for m in kept:
+            if m is None:
                 messages.append({"elided": elided})
                 continue
-            if not isinstance(m, dict):
-                continue
-            role = m.get("role")
+            role = m.role
             message: dict[str, Any] = {
                 "role": role if isinstance(role, str) and role in _ROLES
                 else self.name(role, "messages.role")}
-            own: list[dict[str, Any]] = []
-            content = self.content(m.get("content"), own)
-            self.slot(message, "content", "messages.content", content)
-            for data in _list(m.get("images")):  # native chat: base64 strings
-                if (ref := self.image(data)) is not None:
-                    own.append(ref)
+            self.slot(message, "content", "messages.content", m.text)
+            own = [ref for data in m.images or () if (ref := self.image(data)) is not None]
             if own:
                 message["images"] = own
             if self.p.keeps_text:
-                if m.get("thinking"):
-                    self.slot(message, "thinking", "messages.thinking", str(m["thinking"]))
-                if calls := self.calls(m.get("tool_calls"), "messages.tool_calls"):
+                if m.thinking:
+                    self.slot(message, "thinking", "messages.thinking", str(m.thinking))
+                if calls := self.calls(m.tool_calls, "messages.tool_calls"):
                     message["tool_calls"] = calls
-                for key in ("tool_name", "tool_call_id", "name"):
-                    if m.get(key):
-                        message[key] = self.name(m[key], f"messages.{key}")
+                for key, value in (("tool_name", m.tool_name), ("tool_call_id", m.tool_call_id),
+                                   ("name", m.name)):
+                    if value:
+                        message[key] = self.name(value, f"messages.{key}")
             messages.append(message)
         return messages
 
@@ -257,10 +229,6 @@ class _Builder:
         return cut
 
 
-_ELIDED = object()
-_NO_IMAGE = object()
-
-
 def _fair_share(sizes: list[int], room: int) -> int:
     """The largest L for which sum(min(size, L)) <= room: short texts are kept whole, long ones
     share what is left equally."""
@@ -292,29 +260,15 @@ def _image_ref(data: Any) -> dict[str, Any]:
     return {"bytes": size, "sha256": digest.hexdigest()}
 
 
-def _input_text(body: dict[str, Any]) -> str | None:
-    """The text an embedding request embeds (all inputs, one per line)."""
-    inp = body.get("input", body.get("prompt"))
-    if isinstance(inp, str):
-        return inp
-    if isinstance(inp, list) and all(isinstance(x, str) for x in inp):
-        return "\n".join(inp)
-    return None
-
-
 def build(i: Interaction, privacy: Privacy) -> Record:
     """The record of `i`. Fields the proxy already shortened on the Interaction (`i.capped`: the
     model name, the error text, a body left unread) are named in `truncated_fields` with the
     record's own."""
-    body = i.request_json or {}
-    i.request_json = None  # large bodies (images) should not outlive the exchange
     b = _Builder(privacy)
-    messages = b.messages(body)
-    for data in _list(body.get("images")):  # /api/generate
+    messages = b.messages(i.messages)
+    for data in i.images or ():  # /api/generate
         b.image(data)
-    prompt = i.prompt
-    if i.embedding_dims is not None or i.endpoint in ("/api/embed", "/v1/embeddings"):
-        prompt = _input_text(body) or prompt
+    i.messages = i.images = None  # large requests (images) should not outlive the exchange
     error = None
     if i.error and privacy.keeps_text:  # not cut to `truncated`'s length: it is a diagnosis
         error, cut = privacy.clip(i.error, ERROR_CHARS)
@@ -362,12 +316,16 @@ def build(i: Interaction, privacy: Privacy) -> Record:
         "truncated_fields": None,
         "capture": privacy.capture,
     }
-    b.slot(record, "prompt", "prompt", prompt)
+    b.slot(record, "prompt", "prompt", i.prompt)
     b.slot(record, "system", "system", i.system)
     if i.response_pieces:
         b.slot(record, "response", "response", i.response_text)
     if i.thinking_pieces:
         b.slot(record, "thinking", "thinking", "".join(i.thinking_pieces))
+    # Sized at the longest its marks can be, so that they still fit once written.
+    record["truncated"] = True
+    record["truncated_fields"] = sorted(b.marks | i.capped | {s.field for s in b.slots}
+                                        | {"record"})
     fields = b.marks | b.fit(record) | i.capped
     record["truncated"] = bool(fields)
     record["truncated_fields"] = sorted(fields) or None

@@ -3,8 +3,9 @@
 They ask the proxy running at --listen first (it knows its store, wherever that is:
 analytics.remote), and otherwise open the configured queryable store themselves (the proxy need
 not be running); a store named on their command line is read directly. They print readable
-tables, or JSON with --json, and say where they looked when nothing is found. Query parsing is
-analytics.query's, so the CLI and the HTTP API accept and reject the same things.
+tables, or JSON with --json, and say where they looked when nothing is found. The typed options
+go straight to analytics.query's `query`, which checks them for the HTTP API too, so both accept
+and reject the same things.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import click
 import orjson
 
 from ..analytics.api import csv_line, csv_row, jsonl_line
-from ..analytics.query import BadQuery, Query, parse
+from ..analytics.query import BadQuery, Query, query
 from ..analytics.remote import Remote, RemoteError, find
 from ..analytics.settings import AnalyticsConfig
 from ..analytics.stores import FIELD_NAMES, QueryableStore, StoreError, open_stores, queryable
@@ -42,30 +43,23 @@ def _filters(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--since", metavar="DURATION", help="Only the last 15m, 1h, 7d, …"),
         click.option("--model", help="Only this model (exact name)."),
         click.option("--category", help="Only this prompt category."),
-        click.option("--status", help="ok, error, cancelled or upstream_error."),
+        click.option("--status", help="success, error, cancelled or upstream_error."),
         click.option("--endpoint", help="Only this route, e.g. /api/chat."),
     ]):
         f = decorator(f)
     return f
 
 
-def _query(text: str | None = None, limit: int | None = None, **filters: Any
-           ) -> dict[str, str]:
-    """The query's parameters, as the HTTP API takes them; checked here (UsageError)."""
-    params = {k: str(v) for k, v in filters.items() if v is not None}
-    if text:
-        params["prompt_search"] = text
-    if limit is not None:
-        params["limit"] = str(limit)
-    _parsed(params)
-    return params
-
-
-def _parsed(params: dict[str, str]) -> Query:
+def _query(text: str | None = None, limit: int | None = None, *, category: str | None = None,
+           **filters: Any) -> tuple[Query, dict[str, str]]:
+    """The query, checked once by analytics.query from the typed options (UsageError), and
+    its parameters as the HTTP API takes them, for asking a running proxy."""
     try:
-        return parse(params)
+        asked = query(text=text, limit=limit, category=category, **filters)
     except BadQuery as exc:
         raise click.UsageError(str(exc)) from None
+    given = {**filters, "prompt_search": text, "limit": limit, "prompt_category": category}
+    return asked, {k: str(v) for k, v in given.items() if v is not None and v != ""}
 
 
 @dataclass
@@ -163,14 +157,14 @@ def search(text: str | None, since: str | None, model: str | None, category: str
            status: str | None, endpoint: str | None, limit: int, as_json: bool,
            **options: Any) -> None:
     """Find recorded interactions, newest first (TEXT: full-text search of prompt and reply)."""
-    params = _query(text, limit, since=since, model=model, prompt_category=category,
+    asked, params = _query(text, limit, since=since, model=model, category=category,
                     status=status, endpoint=endpoint)
     source = _source(options)
     if source.remote is not None:
         remote = source.remote
         records = _remote(lambda: remote.get("analytics/search", params))["results"]
     else:
-        records = _with_store(source, lambda store: store.search(_parsed(params))).records
+        records = _with_store(source, lambda store: store.search(asked)).records
     if as_json:
         click.echo(orjson.dumps(records, option=orjson.OPT_INDENT_2).decode())
         return
@@ -192,7 +186,7 @@ def search(text: str | None, since: str | None, model: str | None, category: str
 def stats(since: str | None, model: str | None, category: str | None, status: str | None,
           endpoint: str | None, as_json: bool, **options: Any) -> None:
     """Totals, per model and per category: requests, tokens, errors, p50/p95 latency and TTFT."""
-    params = _query(since=since, model=model, prompt_category=category, status=status,
+    asked, params = _query(since=since, model=model, category=category, status=status,
                     endpoint=endpoint)
     source = _source(options)
     if source.remote is not None:
@@ -200,7 +194,7 @@ def stats(since: str | None, model: str | None, category: str | None, status: st
         result = _remote(lambda: remote.get("analytics/stats", params))
         result.pop("range", None)  # the API's addition; the store's own figures otherwise
     else:
-        result = _with_store(source, lambda store: store.stats(_parsed(params)))
+        result = _with_store(source, lambda store: store.stats(asked))
     if as_json:
         click.echo(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
         return
@@ -231,7 +225,7 @@ def stats(since: str | None, model: str | None, category: str | None, status: st
 def export(since: str | None, model: str | None, category: str | None, status: str | None,
            endpoint: str | None, fmt: str, output: IO[bytes], **options: Any) -> None:
     """Write every matching record, newest first, as JSON lines or CSV."""
-    params = _query(since=since, model=model, prompt_category=category, status=status,
+    asked, params = _query(since=since, model=model, category=category, status=status,
                     endpoint=endpoint)
     source = _source(options)
     if fmt == "csv":
@@ -253,7 +247,7 @@ def export(since: str | None, model: str | None, category: str | None, status: s
     else:
         async def read(store: QueryableStore) -> int:
             n = 0
-            async for record in store.export(_parsed(params)):
+            async for record in store.export(asked):
                 write(record)
                 n += 1
             return n

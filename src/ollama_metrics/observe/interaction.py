@@ -17,9 +17,10 @@ from typing import Any
 
 
 class Outcome(str, Enum):
-    """How an exchange ended, as stored. Metrics fold these into success/error/cancelled."""
+    """How an exchange ended, as stored and shown. The metric's `status` label is the same word,
+    with upstream_error folded into error."""
 
-    OK = "ok"
+    SUCCESS = "success"
     ERROR = "error"  # Ollama answered with an error (HTTP status or in-band error line)
     UPSTREAM_ERROR = "upstream_error"  # unreachable, reset, timed out or truncated
     CANCELLED = "cancelled"  # the client went away first
@@ -51,6 +52,24 @@ def new_id() -> str:
 
 
 @dataclass(slots=True)
+class Message:
+    """One message of a chat request (or of /v1/responses' `input`), as ollama.request reads it.
+
+    Values are the client's own objects, referenced rather than copied or decoded: analytics
+    bounds, redacts and hashes them later, off the request path.
+    """
+
+    role: Any  # a string in any well-formed request; whatever was sent otherwise
+    text: str  # the content: a string, or the text of its parts joined by "\n"
+    images: list[Any] | None = None  # as sent: base64, a data: URL, an http(s) URL (or junk)
+    thinking: Any = None
+    tool_calls: Any = None
+    tool_name: Any = None
+    tool_call_id: Any = None
+    name: Any = None
+
+
+@dataclass(slots=True)
 class Interaction:
     # What was asked.
     method: str
@@ -67,11 +86,16 @@ class Interaction:
     model: str | None = None
     stream: bool = False
     options: dict[str, Any] | None = None
+    # OpenAI-style generation parameters at the top of the body (temperature, max_tokens, stop…)
+    params: dict[str, Any] | None = None
     prompt: str | None = None  # the text the prompt category is judged from
     system: str | None = None
     request_bytes: int = 0
-    # The parsed JSON request, kept only until analytics has taken what it stores from it.
-    request_json: dict[str, Any] | None = None
+    # The request's messages and /api/generate's images, read once by ollama.request; kept only
+    # until analytics has taken what it stores from them (they hold the client's texts and
+    # images by reference).
+    messages: list[Message] | None = None
+    images: list[Any] | None = None
 
     # What came back.
     http_status: int | None = None
@@ -100,7 +124,7 @@ class Interaction:
     # How it ended.
     ended_at: float | None = None
     ended: float | None = None
-    outcome: Outcome = Outcome.OK
+    outcome: Outcome = Outcome.SUCCESS
     error_type: ErrorType | None = None
     error: str | None = None
     prompt_category: str = "other"

@@ -14,7 +14,7 @@ from collections import deque
 from typing import Any
 
 from .interaction import Interaction
-from .metrics import STATUS
+from .metrics import status_label
 
 RATE_WINDOW = 60.0  # seconds over which per-model rates are computed
 ACTIVE_SHOWN = 1000  # requests in flight listed in a snapshot, the longest-running first
@@ -35,7 +35,7 @@ class Live:
             "id": i.id,
             "model": i.model,
             "endpoint": i.endpoint,
-            "status": STATUS[i.outcome],
+            "status": status_label(i.outcome),
             "http_status": i.http_status,
             "ended_at": i.ended_at,
             "duration": i.duration,

@@ -50,12 +50,11 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 # (re)load is worth a sample.
 MIN_LOAD_SECONDS = 0.1
 
-STATUS = {
-    Outcome.OK: "success",
-    Outcome.ERROR: "error",
-    Outcome.UPSTREAM_ERROR: "error",
-    Outcome.CANCELLED: "cancelled",
-}
+
+def status_label(outcome: Outcome) -> str:
+    """The `status` label: the stored outcome word, with upstream_error folded into error (the
+    original proxy's three values: success, error, cancelled)."""
+    return Outcome.ERROR.value if outcome is Outcome.UPSTREAM_ERROR else outcome.value
 
 
 _RESTARTS: weakref.WeakKeyDictionary[CollectorRegistry, Counter] = weakref.WeakKeyDictionary()
@@ -144,7 +143,7 @@ class Metrics:
         which is a real series, not a placeholder, and adds no label value of its own."""
         for error_type in ErrorType:
             self._child(self.errors, error_type.value)
-        for status in sorted(set(STATUS.values())):
+        for status in sorted({status_label(outcome) for outcome in Outcome}):
             self._child(self.requests, NONE, "other", status, "other")
         self._child(self.request_duration, NONE, "other", "other")
         self._child(self.ttft, NONE, "other")
@@ -178,7 +177,7 @@ class Metrics:
         model = self.model_label(i.model)
         category = i.prompt_category
         endpoint = i.endpoint
-        self._child(self.requests, model, endpoint, STATUS[i.outcome], category).inc()
+        self._child(self.requests, model, endpoint, status_label(i.outcome), category).inc()
         self._child(self.request_duration, model, endpoint, category).observe(i.duration)
         if i.outcome is Outcome.CANCELLED:
             self._child(self.disconnects, model, endpoint).inc()

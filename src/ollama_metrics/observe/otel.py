@@ -21,6 +21,7 @@ collector is slow or away), `export_failed` when the exporter gave up on a batch
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -149,7 +150,7 @@ def error_type(i: Interaction) -> str | None:
         return str(i.http_status)
     if i.error_type is not None:
         return i.error_type.value
-    return None if i.outcome is Outcome.OK else "_OTHER"
+    return None if i.outcome is Outcome.SUCCESS else "_OTHER"
 
 
 class Export:
@@ -232,7 +233,10 @@ class Export:
         operation = OPERATIONS.get(i.endpoint)
         if operation is None:
             return
-        body = i.request_json  # the recorder lets go of it once it has built its record
+        # A copy: the recorder lets go of the request's messages and images once it has built
+        # its record, and this one may be exported after that.
+        i = copy.copy(i)
+        body = i.params
         try:
             if self._thread is None:
                 self._emit(i, body, operation)
@@ -332,7 +336,7 @@ class Export:
                                      {**attributes, "gen_ai.token.type": "input"})
         if i.eval_count is not None:
             self._token_usage.record(i.eval_count, {**attributes, "gen_ai.token.type": "output"})
-        if i.outcome is not Outcome.OK:
+        if i.outcome is not Outcome.SUCCESS:
             return
         self._request_duration.record(i.duration, attributes)
         if i.ttft is not None:

@@ -1,4 +1,4 @@
-"""Ollama API knowledge: route templates, what a request asks for, what a reply says.
+"""Ollama API knowledge: route templates and what a reply says (ollama.request reads requests).
 
 Pure code, no I/O: the proxy forwards bytes untouched and feeds copies of them here. Every parser
 is total: bad JSON, binary data or a line split across chunks never raises; it only means less is
@@ -13,7 +13,6 @@ from typing import Any
 import orjson
 
 from ..observe.interaction import CAPS, Interaction
-from .names import normalize_model
 
 
 class Kind(Enum):
@@ -86,87 +85,6 @@ def route(path: str) -> tuple[str, Kind]:
         if path.startswith(prefix) and len(path) > len(prefix) and "/" not in path[len(prefix) :]:
             return template, Kind.OTHER
     return "other", Kind.OTHER
-
-
-# --- requests -------------------------------------------------------------------------------
-
-
-def _text(content: Any) -> str:
-    """Message content as text: a string, or OpenAI/Anthropic content parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return " ".join(
-            p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
-        )
-    return ""
-
-
-def _last_user_text(messages: Any) -> str | None:
-    if not isinstance(messages, list):
-        return None
-    for message in reversed(messages):
-        if isinstance(message, dict) and message.get("role") == "user":
-            return _text(message.get("content"))
-    return ""
-
-
-def _input_text(inp: Any) -> str | None:
-    """`input` is a string, a list of strings (embeddings) or a list of messages (responses)."""
-    if isinstance(inp, str):
-        return inp
-    if isinstance(inp, list):
-        if any(isinstance(m, dict) and "role" in m for m in inp):
-            return _last_user_text(inp)
-        return " ".join(x for x in inp if isinstance(x, str))
-    return None
-
-
-def _system_text(body: dict[str, Any]) -> str | None:
-    system = body.get("system")  # /api/generate, Anthropic
-    if system is not None:
-        return _text(system) or None
-    messages = body.get("messages")
-    if isinstance(messages, list):
-        parts = [
-            _text(m.get("content"))
-            for m in messages
-            if isinstance(m, dict) and m.get("role") in ("system", "developer")
-        ]
-        return "\n".join(parts) or None
-    return None
-
-
-def read_request(body: bytes | bytearray, interaction: Interaction) -> None:
-    """Fill model, stream flag, options and prompt text from a JSON request body."""
-    if not body or body[:1] not in (b"{", b" ", b"\n", b"\r", b"\t"):
-        return
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return
-    if not isinstance(data, dict):
-        return
-    interaction.request_json = data
-    model = data.get("model", data.get("name"))  # "name" is /api/show's deprecated alias
-    if isinstance(model, str) and model:
-        interaction.model = interaction.clip("model", normalize_model(model))
-    stream = data.get("stream")
-    if isinstance(stream, bool):
-        interaction.stream = stream
-    options = data.get("options")
-    if isinstance(options, dict):
-        interaction.options = options
-    prompt: Any = None
-    if "messages" in data:
-        prompt = _last_user_text(data["messages"])
-    elif "prompt" in data:
-        prompt = data["prompt"]
-    elif "input" in data:  # /api/embed, /v1/embeddings, /v1/responses
-        prompt = _input_text(data["input"])
-    if isinstance(prompt, str):
-        interaction.prompt = prompt
-    interaction.system = _system_text(data)
 
 
 # --- replies --------------------------------------------------------------------------------

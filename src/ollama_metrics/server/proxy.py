@@ -38,7 +38,8 @@ from yarl import URL
 from ..config import Config
 from ..observe.categorize import categorize
 from ..observe.interaction import ErrorType, Interaction, Outcome
-from ..ollama.wire import Kind, expects_done, read_request, reply_reader, route
+from ..ollama.request import read_request
+from ..ollama.wire import Kind, expects_done, reply_reader, route
 from ..printable import printable
 from ..settings import masked_in
 from .connection import BAD_BODY, bad_body

@@ -105,8 +105,6 @@ PER_MODEL = (Column("MODEL", 0, True), Column("REQ/S", 7), Column("TOK/S", 8),
 RECENT = (Column("TIME", 8, True), Column("MODEL", 0, True), Column("ENDPOINT", 16, True),
           Column("STATUS", 11, True), Column("DURATION", 8), Column("TTFT", 6),
           Column("TOKENS", 6), Column("TOK/S", 6))
-# The stored outcome's word (as `search --status` takes it), not the metric label's "success".
-STATUS_WORD = {"success": "ok"}
 
 
 def _clean(text: object) -> str:
@@ -180,7 +178,7 @@ def _recent_rows(snapshot: Snapshot) -> list[list[str]]:
 
 
 def _status(word: Any, http_status: Any) -> str:
-    word = STATUS_WORD.get(word, word) or "-"
+    word = word or "-"
     # A cancelled request's code is whatever Ollama had started to send: not worth the room.
     return word if word == "cancelled" or not http_status else f"{word} {http_status}"
 

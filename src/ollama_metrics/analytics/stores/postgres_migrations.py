@@ -73,9 +73,14 @@ async def m005_tokens_estimated(db: Connection) -> None:
     await db.execute("ALTER TABLE interactions ADD COLUMN tokens_estimated boolean")
 
 
+async def m006_outcome_success(db: Connection) -> None:
+    # Success was stored as `ok` while the metric label said `success`; one word now, end to end.
+    await db.execute("UPDATE interactions SET outcome = 'success' WHERE outcome = 'ok'")
+
+
 MIGRATIONS: list[Callable[[Connection], Awaitable[None]]] = [
     m001_interactions, m002_full_text, m003_truncated_fields, m004_model_names,
-    m005_tokens_estimated]
+    m005_tokens_estimated, m006_outcome_success]
 
 
 async def migrate(db: Connection) -> list[str]:

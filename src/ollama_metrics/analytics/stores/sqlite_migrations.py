@@ -87,9 +87,15 @@ def m007_tokens_estimated(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE interactions ADD COLUMN tokens_estimated INTEGER")
 
 
+def m008_outcome_success(db: sqlite3.Connection) -> None:
+    # Success was stored as `ok` while the metric label said `success`; one word now, end to
+    # end. Only `outcome` changes, which the full-text index does not hold.
+    db.execute("UPDATE interactions SET outcome = 'success' WHERE outcome = 'ok'")
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     m001_interactions, m002_full_text, m003_figures_index, m004_truncated_fields,
-    m005_prefix_index, m006_model_names, m007_tokens_estimated]
+    m005_prefix_index, m006_model_names, m007_tokens_estimated, m008_outcome_success]
 
 
 def pending(db: sqlite3.Connection) -> list[str]:

@@ -127,7 +127,7 @@ export function preview(text, chars = 140) {
 }
 
 export const OUTCOMES = {
-  ok: "ok",
+  success: "success",
   error: "error",
   upstream_error: "unreachable",
   cancelled: "cancelled",

@@ -1,0 +1,142 @@
+"""The request reader: a JSON request body parsed once into what metrics and analytics need.
+
+It fills the Interaction with the model, stream flag, options, system and prompt text, the chat
+messages (role, text, images, thinking, tool calls and their names) and /api/generate's images.
+One rule makes text of message content everywhere: a string as it is, a list of content parts
+(OpenAI, Anthropic, /v1/responses) as the text of its text parts joined by "\\n". Images and
+other client values are kept by reference, never decoded, hashed or copied here: this may run on
+the event loop, and analytics bounds and hashes them later, off it.
+
+Total like every reader: bad JSON or an unexpected shape only means less is learned. The wire
+reference is shared/reference/ollama-api.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from ..observe.interaction import Interaction, Message
+from .names import normalize_model
+
+_NO_IMAGE = object()
+
+
+# OpenAI-style generation parameters, given at the top of the body (Ollama's own are `options`).
+GENERATION_PARAMS = ("temperature", "top_p", "top_k", "frequency_penalty", "presence_penalty",
+                     "seed", "max_tokens", "max_completion_tokens", "max_output_tokens", "n",
+                     "stop")
+
+
+def _small(value: Any) -> bool:
+    """A number, a short string or a few short strings: all a parameter may be, kept."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return True
+    if isinstance(value, str):
+        return len(value) <= 256
+    return (isinstance(value, list) and len(value) <= 16
+            and all(isinstance(v, str) and len(v) <= 256 for v in value))
+
+
+def read_request(body: bytes | bytearray, interaction: Interaction) -> None:
+    """Fill `interaction` from a JSON request body."""
+    if not body or body[:1] not in (b"{", b" ", b"\n", b"\r", b"\t"):
+        return
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return
+    if not isinstance(data, dict):
+        return
+    i = interaction
+    model = data.get("model", data.get("name"))  # "name" is /api/show's deprecated alias
+    if isinstance(model, str) and model:
+        i.model = i.clip("model", normalize_model(model))
+    stream = data.get("stream")
+    if isinstance(stream, bool):
+        i.stream = stream
+    options = data.get("options")
+    if isinstance(options, dict):
+        i.options = options
+    params = {k: data[k] for k in GENERATION_PARAMS if _small(data.get(k))}
+    if params:
+        i.params = params
+    images = data.get("images")  # /api/generate: base64 strings
+    if isinstance(images, list):
+        i.images = images
+    raw = data.get("messages")
+    inp = data.get("input")  # /api/embed, /v1/embeddings: texts; /v1/responses: messages too
+    if raw is None and isinstance(inp, list):
+        raw = [m for m in inp if isinstance(m, dict) and "role" in m] or None
+    if isinstance(raw, list):
+        i.messages = [_message(m) for m in raw if isinstance(m, dict)]
+    prompt: Any = None
+    if "messages" in data:
+        prompt = _last_user_text(i.messages) if isinstance(data["messages"], list) else None
+    elif "prompt" in data:  # /api/generate, /v1/completions, /api/embeddings
+        prompt = data["prompt"]
+    elif isinstance(inp, str):
+        prompt = inp
+    elif isinstance(inp, list):
+        prompt = _last_user_text(i.messages) if i.messages is not None \
+            else "\n".join(x for x in inp if isinstance(x, str))
+    if isinstance(prompt, str):
+        i.prompt = prompt
+    i.system = _system_text(data.get("system"), i.messages)
+
+
+def _message(m: dict[str, Any]) -> Message:
+    content = m.get("content")
+    if isinstance(content, str) and len(m) <= 2:  # {"role", "content"}: most messages, fast
+        return Message(m.get("role"), content)
+    images: list[Any] = []
+    text = _text(content, images)
+    sent = m.get("images")  # native chat: base64 strings
+    if isinstance(sent, list):
+        images = [*images, *sent] if images else sent
+    return Message(m.get("role"), text, images or None, m.get("thinking"), m.get("tool_calls"),
+                   m.get("tool_name"), m.get("tool_call_id"), m.get("name"))
+
+
+def _text(content: Any, images: list[Any] | None = None) -> str:
+    """Text of message content: a string, or the text parts of a list of content parts joined
+    by "\\n"; the image parts' references go to `images`."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        return ""
+    texts = []
+    for part in content:
+        if not isinstance(part, dict):
+            continue
+        if isinstance(part.get("text"), str):
+            texts.append(part["text"])
+            continue
+        if images is None:
+            continue
+        kind = part.get("type")
+        data: Any = _NO_IMAGE
+        if kind == "image_url":  # OpenAI: {"url": ...} or the URL itself
+            url = part.get("image_url")
+            data = url.get("url") if isinstance(url, dict) else url
+        elif kind in ("image", "input_image"):  # Anthropic's source, /v1/responses' URL
+            source = part.get("source")
+            data = source.get("data") if isinstance(source, dict) else part.get("image_url")
+        if data is not _NO_IMAGE:
+            images.append(data)
+    return "\n".join(texts)
+
+
+def _last_user_text(messages: list[Message] | None) -> str:
+    for message in reversed(messages or ()):
+        if message.role == "user":
+            return message.text
+    return ""
+
+
+def _system_text(system: Any, messages: list[Message] | None) -> str | None:
+    if system is not None:  # /api/generate, Anthropic
+        return _text(system) or None
+    parts = [m.text for m in messages or () if m.role in ("system", "developer")]
+    return "\n".join(parts) or None

@@ -181,7 +181,7 @@ def test_typed_values_are_validated_once_by_the_query_layer() -> None:
 
     typed = query(since="1h", model="qwen3", status="ok", limit=5, text="  meeting ")
     assert (typed.model, typed.status, typed.outcomes, typed.limit, typed.text) == (
-        "qwen3", "ok", ("success",), 5, "meeting")
+        "qwen3:latest", "ok", ("success",), 5, "meeting")
     assert parse({"limit": "5", "status": "success"}) == query(limit=5, status="success")
     for bad, reason in (({"limit": 0}, "limit: must be between 1 and 1000"),
                         ({"start_time": float("nan")}, "start_time: expected unix seconds"),

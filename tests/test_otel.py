@@ -59,13 +59,13 @@ async def test_a_chat_is_one_genai_span(receiver: Receiver, fake: FakeOllama,
                           options={"temperature": 0.2, "top_p": 0.9, "num_predict": 64,
                                    "seed": 7, "stop": ["\n\n"]})
         await client.list()  # not an Ollama call: no span
-    [span] = await _spans(receiver, "chat llama3.2")
+    [span] = await _spans(receiver, "chat llama3.2:latest")
     a = attributes(span)
     assert span.kind == Span.SPAN_KIND_CLIENT
     assert not span.parent_span_id  # no trace context from the client: a root
     assert a["gen_ai.operation.name"] == "chat"
     assert a["gen_ai.provider.name"] == "ollama"
-    assert a["gen_ai.request.model"] == "llama3.2"
+    assert a["gen_ai.request.model"] == "llama3.2:latest"
     assert a["gen_ai.response.model"] == "llama3.2"
     assert a["gen_ai.request.temperature"] == 0.2
     assert a["gen_ai.request.top_p"] == 0.9
@@ -93,12 +93,12 @@ async def test_streamed_generate_embed_and_errors(
         await client.embed(model="all-minilm", input=["a", "b"])
         with pytest.raises(ollama.ResponseError):
             await client.chat(model="missing", messages=MESSAGES)
-    [generate] = await _spans(receiver, "text_completion llama3.2")
+    [generate] = await _spans(receiver, "text_completion llama3.2:latest")
     assert any(e.name == "gen_ai.first_token" for e in generate.events)
     assert attributes(generate)["ollama_metrics.time_to_first_token"] > 0
-    [embed] = await _spans(receiver, "embeddings all-minilm")
+    [embed] = await _spans(receiver, "embeddings all-minilm:latest")
     assert attributes(embed)["gen_ai.embeddings.dimension.count"] > 0
-    [failed] = await _spans(receiver, "chat missing")
+    [failed] = await _spans(receiver, "chat missing:latest")
     assert attributes(failed)["error.type"] == "404"
     assert failed.status.code == Status.STATUS_CODE_ERROR
 
@@ -110,7 +110,7 @@ async def test_openai_routes_and_a_cancelled_call(
     async with client:
         await client.chat.completions.create(model="llama3.2", messages=MESSAGES,  # type: ignore[arg-type]
                                              max_tokens=32, temperature=0.5)
-    [span] = await _spans(receiver, "chat llama3.2")
+    [span] = await _spans(receiver, "chat llama3.2:latest")
     a = attributes(span)
     assert a["gen_ai.request.max_tokens"] == 32
     assert a["gen_ai.request.temperature"] == 0.5
@@ -119,7 +119,7 @@ async def test_openai_routes_and_a_cancelled_call(
     async with aiohttp.ClientSession() as http, http.post(
             proxy.url + "/api/generate", json={"model": "slow", "prompt": "hi"}) as reply:
         await reply.content.readline()  # the first token, then the client goes away
-    [cancelled] = await _spans(receiver, "text_completion slow")
+    [cancelled] = await _spans(receiver, "text_completion slow:latest")
     assert attributes(cancelled)["error.type"] == "cancelled"
     assert attributes(cancelled)["ollama_metrics.outcome"] == "cancelled"
 
@@ -143,7 +143,7 @@ async def test_the_app_trace_holds_the_proxy_span(
         async with ollama.AsyncClient(host=proxy.url, headers=headers) as client:
             await client.chat(model="llama3.2", messages=MESSAGES, stream=False)
     await asyncio.to_thread(app.shutdown)
-    [ours] = await _spans(receiver, "chat llama3.2")
+    [ours] = await _spans(receiver, "chat llama3.2:latest")
     [theirs] = await _spans(receiver, "answer-question")  # the app's, through its own exporter
     context = parent.get_span_context()
     assert theirs.span_id == context.span_id.to_bytes(8, "big")
@@ -158,7 +158,7 @@ async def test_content_only_with_otel_content_and_redacted(
     proxy = await _otel_proxy(fake, start_proxy, otel_content=True)
     async with ollama.AsyncClient(host=proxy.url) as client:
         await client.chat(model="llama3.2", messages=MESSAGES, stream=False)
-    [span] = await _spans(receiver, "chat llama3.2")
+    [span] = await _spans(receiver, "chat llama3.2:latest")
     a = attributes(span)
     assert "Why is the sky blue?" in a["gen_ai.input.messages"]
     assert "bob@example.com" not in a["gen_ai.input.messages"]
@@ -197,7 +197,7 @@ async def test_export_over_grpc(
         proxy = await _otel_proxy(fake, start_proxy, otel_protocol="grpc")
         async with ollama.AsyncClient(host=proxy.url) as client:
             await client.chat(model="llama3.2", messages=MESSAGES, stream=False)
-        [span] = await _spans(receiver, "chat llama3.2")
+        [span] = await _spans(receiver, "chat llama3.2:latest")
         assert attributes(span)["gen_ai.provider.name"] == "ollama"
         await settle(lambda: "gen_ai.client.operation.duration" in receiver.metrics, 5.0)
     finally:

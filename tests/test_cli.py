@@ -48,6 +48,17 @@ def test_ollama_commands_are_never_corrected() -> None:
         assert main.resolve_command(ctx, [name])[1] is wrapper.passthrough
 
 
+def test_each_help_lists_only_its_own_options() -> None:
+    def flags(command: str) -> set[str]:
+        text = CliRunner().invoke(main, [command, "--help"]).stdout
+        return {w for w in text.split() if w.startswith("--") and w != "--help"}
+
+    assert flags("status") == {"--listen", "--metrics-path", "--upstream", "--ollama-host"}
+    assert flags("run") == {"--listen", "--upstream", "--ollama-host", "--ollama-bin",
+                            "--ollama-start-timeout"}
+    assert {"--idle-timeout", "--max-parse-bytes", "--shutdown-grace"} <= flags("serve")
+
+
 def test_port_in_use_names_the_port() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

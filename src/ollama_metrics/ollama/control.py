@@ -34,6 +34,8 @@ async def get(session: aiohttp.ClientSession, base: URL, route: str, timeout: fl
     import aiohttp
     import orjson
 
+    from .errors import describe
+
     try:
         async with session.get(base.joinpath(route),
                                timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
@@ -42,7 +44,7 @@ async def get(session: aiohttp.ClientSession, base: URL, route: str, timeout: fl
                 raise Unanswered(f"GET /{route} answered {resp.status}")
             parsed = orjson.loads(body)
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError, orjson.JSONDecodeError) as exc:
-        raise Unanswered(str(exc) or type(exc).__name__) from None
+        raise Unanswered(describe(exc)) from None
     if not isinstance(parsed, dict):
         raise Unanswered(f"GET /{route} answered something else than a JSON object")
     return parsed

@@ -32,6 +32,35 @@ def test_version_and_help() -> None:
         assert var in text
 
 
+@pytest.mark.parametrize(("typed", "meant"), [("stat", "stats"), ("serach", "search"),
+                                             ("statu", "status"), ("expotr", "export")])
+def test_a_typo_gets_did_you_mean(typed: str, meant: str) -> None:
+    result = CliRunner().invoke(main, [typed])
+    assert result.exit_code == 2, result.output
+    assert f"No such command '{typed}'. Did you mean '{meant}'?" in result.stderr
+    assert "ollama" not in result.stderr.split("Error:")[1]
+
+
+def test_ollama_commands_are_never_corrected() -> None:
+    # `stop` is close to our `top` and `ps` to nothing of ours: both are Ollama's, and go to it.
+    from ollama_metrics.cli import OLLAMA_COMMANDS, wrapper
+    ctx = main.make_context("ollama-metrics", ["stop", "x"], resilient_parsing=True)
+    for name in ("stop", "ps", "list", "signin", "launch"):
+        assert name in OLLAMA_COMMANDS
+        assert main.resolve_command(ctx, [name])[1] is wrapper.passthrough
+
+
+def test_each_help_lists_only_its_own_options() -> None:
+    def flags(command: str) -> set[str]:
+        text = CliRunner().invoke(main, [command, "--help"]).stdout
+        return {w for w in text.split() if w.startswith("--") and w != "--help"}
+
+    assert flags("status") == {"--listen", "--metrics-path", "--upstream", "--ollama-host"}
+    assert flags("run") == {"--listen", "--upstream", "--ollama-host", "--ollama-bin",
+                            "--ollama-start-timeout"}
+    assert {"--idle-timeout", "--max-parse-bytes", "--shutdown-grace"} <= flags("serve")
+
+
 def test_port_in_use_names_the_port() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

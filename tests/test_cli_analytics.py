@@ -18,7 +18,7 @@ import orjson
 import pytest
 from click.testing import CliRunner
 
-from analytics_helpers import DATA, _seed
+from analytics_helpers import DATA, _seed, record
 from helpers import fake_process, proxy_process
 from ollama_metrics.cli import main
 
@@ -190,3 +190,19 @@ def test_typed_values_are_validated_once_by_the_query_layer() -> None:
             query(**bad)
         with pytest.raises(BadQuery, match=reason):
             parse({k: str(v) for k, v in bad.items()})
+
+
+def test_tables_read_like_ollama(tmp_path: Path) -> None:
+    """No model reads `-` in both tables, a 0.7 ms TTFT reads `0.7 ms`, a 100,000-character model
+    name is shortened with an ellipsis."""
+    asyncio.run(_seed(tmp_path, [
+        record(1, model=None, endpoint="/api/version", path="/api/version", ttft=0.0007,
+               duration=0.35),
+        record(2, model="m" * 100_000, ttft=0.0007, duration=1.2449)]))
+    stats = cli(tmp_path, "stats").stdout
+    assert "model -" in stats and "model None" not in stats
+    assert "0.7 ms" in stats and "0.00" not in stats
+    found = cli(tmp_path, "search").stdout.splitlines()
+    assert all(len(line) < 250 for line in found), [len(line) for line in found]
+    assert any("0.7 ms" in line and "350 ms" in line for line in found)
+    assert any("m…" in line and "1.24 s" in line for line in found)

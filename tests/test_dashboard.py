@@ -367,3 +367,47 @@ def _browse(driver: WebDriver, proxy: RunningProxy) -> None:
         raise AssertionError(driver.execute_script(WIDER)) from None
     screenshot(driver, "dashboard-narrow.png")
     assert console_errors(driver) == []
+
+
+LONG_MODEL = "m" * 100_000
+
+COLUMNS_SHOWN = """return [...document.querySelectorAll(arguments[0])]
+    .filter((e) => e.getBoundingClientRect().width > 0)
+    .filter((e) => e.getBoundingClientRect().right > document.documentElement.clientWidth + 0.5)
+    .map((e) => e.textContent);"""
+
+
+async def test_a_huge_model_name_does_not_widen_the_page(
+        fake: FakeOllama, start_proxy: StartProxy, http: aiohttp.ClientSession, tmp_path: Path,
+        browser: WebDriver) -> None:
+    """One record's 100,000-character model name: the tables keep every column on screen, no
+    sideways scrolling; the cell ends in an ellipsis, the detail view has all the record keeps."""
+    proxy = await start_proxy(fake.url, analytics=_analytics(tmp_path, TOKEN))
+    async with http.post(proxy.url + "/api/chat", json={
+            "model": LONG_MODEL, "stream": False,
+            "messages": [{"role": "user", "content": "hi"}]}) as resp:
+        await resp.read()
+    await records(proxy, http, 1, headers=AUTH)
+    await asyncio.to_thread(_browse_long, browser, proxy)
+
+
+def _browse_long(driver: WebDriver, proxy: RunningProxy) -> None:
+    wait = WebDriverWait(driver, 10, ignored_exceptions=[StaleElementReferenceException])
+    viewport(driver, 1280, 800)
+    driver.get(f"{proxy.url}/analytics?token={TOKEN}")
+    wait.until(lambda d: d.execute_script("return document.body.dataset.ready") == "true")
+    wait.until(lambda d: len(_rows(d)) == 1)
+    wait.until(lambda d: "…" in d.find_element(By.ID, "models").text)
+    assert driver.execute_script(
+        "return document.documentElement.scrollWidth <= document.documentElement.clientWidth")
+    for table in ("#models", "#interactions"):
+        cut = driver.execute_script(COLUMNS_SHOWN, f"{table} th, {table} tbody td")
+        assert cut == [], (table, [c[:60] for c in cut])
+    row = _rows(driver)[0]
+    assert "m…" in row and len(row) < 500, len(row)
+    screenshot(driver, "dashboard-long-model.png")
+    driver.find_element(By.CSS_SELECTOR, "#interactions tbody .rowlink").click()
+    # The record keeps a model name's first 256 characters (analytics/record.py NAME_CHARS):
+    # the detail view shows all of those, the table cell 40.
+    title = driver.find_element(By.ID, "detail-title")
+    wait.until(lambda d: "m" * 256 in (title.get_attribute("textContent") or ""))

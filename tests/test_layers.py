@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).parent.parent / "src" / "ollama_metrics"
 
 # Lowest first: a layer may import its own and those before it.
 LAYERS = ["base", "observe", "ollama", "analytics", "dashboard", "server", "ui", "service", "cli"]
-BASE = {"settings", "config", "paths", "printable", "__init__", "__main__"}
+BASE = {"settings", "config", "paths", "printable", "units", "__init__", "__main__"}
 
 # Upward imports with a reason they cannot run the other way.
 ALLOWED = {

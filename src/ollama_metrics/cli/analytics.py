@@ -27,6 +27,7 @@ from ..analytics.settings import AnalyticsConfig
 from ..analytics.stores import FIELD_NAMES, QueryableStore, StoreError, open_stores, queryable
 from ..config import connect_url
 from ..settings import ANALYTICS, PROXY, STORE, parse_listen
+from ..units import MISSING, missing, seconds, shorten
 from .analytics_options import build_analytics, store_options
 from .options import options
 
@@ -126,17 +127,10 @@ def _with_store(source: _Source, work: Callable[[QueryableStore], Awaitable[T]])
 
 def _when(epoch: Any) -> str:
     if not isinstance(epoch, (int, float)):
-        return "-"
+        return MISSING
     return dt.datetime.fromtimestamp(epoch).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _num(value: Any, fmt: str = "{:.2f}") -> str:
-    return "-" if value is None else fmt.format(value)
-
-
-def _one_line(text: Any, width: int) -> str:
-    s = " ".join(str(text or "").split())
-    return s if len(s) <= width else s[: width - 1] + "…"
 
 
 def table(rows: list[list[str]], header: list[str], out: IO[str]) -> None:
@@ -168,11 +162,12 @@ def search(text: str | None, since: str | None, model: str | None, category: str
     if as_json:
         click.echo(orjson.dumps(records, option=orjson.OPT_INDENT_2).decode())
         return
-    rows = [[_when(r["started_at"]), str(r["model"] or "-"), str(r["endpoint"]),
-             str(r["outcome"]), f"{r['prompt_tokens'] or 0}/{r['completion_tokens'] or 0}",
-             _num(r["ttft"]), _num(r["duration"]), str(r["prompt_category"]),
-             _one_line(r["prompt"], 48), str(r["id"])] for r in records]
-    table(rows, ["time", "model", "endpoint", "status", "tokens in/out", "ttft s", "total s",
+    rows = [[_when(r["started_at"]), shorten(missing(r["model"]), 32),
+             shorten(r["endpoint"], 24), str(r["outcome"]),
+             f"{r['prompt_tokens'] or 0}/{r['completion_tokens'] or 0}",
+             seconds(r["ttft"]), seconds(r["duration"]), missing(r["prompt_category"]),
+             shorten(r["prompt"], 48), str(r["id"])] for r in records]
+    table(rows, ["time", "model", "endpoint", "status", "tokens in/out", "ttft", "total",
                  "category", "prompt", "id"], sys.stdout)
     if not rows:
         click.echo(f"no interactions match (looked in {source.where})")
@@ -198,17 +193,17 @@ def stats(since: str | None, model: str | None, category: str | None, status: st
     if as_json:
         click.echo(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
         return
-    header = ["", "requests", "errors", "error %", "tokens in", "tokens out", "p50 s", "p95 s",
+    header = ["", "requests", "errors", "error %", "tokens in", "tokens out", "p50", "p95",
               "ttft p50", "ttft p95"]
 
     def row(name: str, s: dict[str, Any]) -> list[str]:
         return [name, str(s["requests"]), str(s["errors"]), f"{s['error_rate'] * 100:.1f}",
-                str(s["prompt_tokens"]), str(s["completion_tokens"]), _num(s["latency_p50"]),
-                _num(s["latency_p95"]), _num(s["ttft_p50"]), _num(s["ttft_p95"])]
+                str(s["prompt_tokens"]), str(s["completion_tokens"]), seconds(s["latency_p50"]),
+                seconds(s["latency_p95"]), seconds(s["ttft_p50"]), seconds(s["ttft_p95"])]
 
     table([row("all", result["totals"])]
-          + [row(f"model {s['model']}", s) for s in result["models"]]
-          + [row(f"category {s['prompt_category']}", s) for s in result["categories"]],
+          + [row(f"model {shorten(missing(s['model']), 40)}", s) for s in result["models"]]
+          + [row(f"category {missing(s['prompt_category'])}", s) for s in result["categories"]],
           header, sys.stdout)
     if not result["totals"]["requests"]:
         click.echo(f"nothing recorded matches (looked in {source.where})")

@@ -98,6 +98,20 @@ def ollama_options(f: F) -> F:
     return options(OLLAMA)(f)
 
 
+def some_options(*names: str) -> Callable[[F], F]:
+    """Only the settings `names`, for a command that uses no more of them (its --help lists
+    only what it reads)."""
+    return options((PROXY + OLLAMA)[name] for name in names)
+
+
+# `status` reads where the proxy and Ollama are and where the metrics are served.
+STATUS_SETTINGS = ("listen", "metrics_path", "upstream", "ollama_host")
+# `run` finds the proxy or starts one in the background: where it listens, which Ollama it
+# fronts (or which program it starts, and how long it waits for it). Every other setting reaches
+# the background `serve` through its environment variable, or start `serve` yourself.
+RUN_SETTINGS = ("listen", "upstream", "ollama_host", "ollama_bin", "ollama_start_timeout")
+
+
 def _given(ctx: click.Context, source: click.core.ParameterSource) -> list[click.Option]:
     """The settings of `ctx` (options with an environment variable) that came from `source`."""
     return [p for p in ctx.command.params

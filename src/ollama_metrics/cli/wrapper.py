@@ -11,21 +11,28 @@ from typing import Any
 
 import click
 
-from .options import build_config, from_environ, given_args, ollama_options, proxy_options
+from .options import (
+    RUN_SETTINGS,
+    STATUS_SETTINGS,
+    build_config,
+    from_environ,
+    given_args,
+    some_options,
+)
 from .proxy import EXIT_FAILED, EXIT_NO_OLLAMA, fail, start_errors
 
 
 @click.command(context_settings={"ignore_unknown_options": True,
                                  "allow_interspersed_args": False})
-@proxy_options
-@ollama_options
+@some_options(*RUN_SETTINGS)
 @click.argument("model")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def run(ctx: click.Context, /, model: str, args: tuple[str, ...], **options: Any) -> None:
     """Run `ollama run MODEL ...` through the proxy, starting the proxy first if need be.
 
-    Options for the proxy go before MODEL; everything after it goes to `ollama run`.
+    Options for the proxy go before MODEL; everything after it goes to `ollama run`. A proxy
+    started here takes the other settings from their environment variables.
     """
     from ..ollama.passthrough import ensure_proxy, find_ollama, run_ollama
     from ..paths import log_dir
@@ -42,8 +49,7 @@ def run(ctx: click.Context, /, model: str, args: tuple[str, ...], **options: Any
 
 
 @click.command()
-@proxy_options
-@ollama_options
+@some_options(*STATUS_SETTINGS)
 def status(**options: Any) -> None:
     """Show whether the proxy and Ollama are up, their versions and the loaded models."""
     from ..ollama.status import gather, render

@@ -37,6 +37,8 @@ async def get(session: aiohttp.ClientSession, base: URL, route: str, timeout: fl
     import aiohttp
     import orjson
 
+    from .errors import describe
+
     try:
         async with session.get(base.joinpath(route),
                                timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
@@ -45,7 +47,7 @@ async def get(session: aiohttp.ClientSession, base: URL, route: str, timeout: fl
                 raise Unanswered(f"GET /{route} answered {resp.status}")
             parsed = orjson.loads(body)
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError, orjson.JSONDecodeError) as exc:
-        raise Unanswered(masked_in(str(exc) or type(exc).__name__, base)) from None
+        raise Unanswered(masked_in(describe(exc), base)) from None
     if not isinstance(parsed, dict):
         raise Unanswered(f"GET /{route} answered something else than a JSON object")
     return parsed

@@ -12,6 +12,7 @@ from typing import Any
 
 from yarl import URL
 
+from .. import units
 from ..config import Config
 from . import control, probe
 from .passthrough import proxy_url
@@ -55,19 +56,17 @@ def gather(config: Config) -> Status:
                   _loaded(config.upstream, reachable), metrics_url)
 
 
-def _size(n: Any) -> str:
-    return f"{n / 1e9:.1f} GB" if isinstance(n, (int, float)) else "?"
-
-
 def _model_line(m: dict[str, Any], now: float) -> str:
-    name = m.get("model") or m.get("name") or "?"
+    name = units.shorten(m.get("model") or m.get("name") or units.MISSING, 80)
     size, vram = m.get("size"), m.get("size_vram")
     where = ""
     if isinstance(size, (int, float)) and isinstance(vram, (int, float)) and size > 0:
         where = f", {round(100 * vram / size)}% GPU"
     expires = control.expires_at(m)
-    until = f", unloads in {max(0, round(expires - now))}s" if expires is not None else ""
-    return f"{name} ({_size(size)}{where}, context {m.get('context_length', '?')}{until})"
+    left = units.until(expires - now) if expires is not None else None
+    until = ("" if left is None else ", kept loaded forever" if left == "forever"
+             else f", unloads in {left}")
+    return f"{name} ({units.size(size)}{where}, context {m.get('context_length', '?')}{until})"
 
 
 def _analytics(reported: Any) -> str:

@@ -38,6 +38,7 @@ from yarl import URL
 from ..config import Config
 from ..observe.categorize import categorize
 from ..observe.interaction import ErrorType, Interaction, Outcome
+from ..ollama.errors import describe
 from ..ollama.request import read_request
 from ..ollama.wire import Kind, expects_done, reply_reader, route
 from ..printable import printable
@@ -295,7 +296,7 @@ class Proxy:
                               f"{self._upstream_name}")
         except aiohttp.ClientConnectorError as exc:
             return self._fail(i, ErrorType.CONNECT, 502, f"cannot reach Ollama at "
-                              f"{self._upstream_name}: {exc.os_error.strerror or exc}")
+                              f"{self._upstream_name}: {describe(exc.os_error or exc)}")
         except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
             return self._fail(i, ErrorType.TIMEOUT, 504, f"Ollama at {self._upstream_name} did "
                               "not answer in time")
@@ -308,7 +309,7 @@ class Proxy:
                 i.error = str(broken)
                 return bad_body(broken)
             return self._fail(i, ErrorType.RESET, 502, f"connection to Ollama at "
-                              f"{self._upstream_name} failed: {exc or type(exc).__name__}")
+                              f"{self._upstream_name} failed: {describe(exc)}")
         try:
             return await self._relay(request, upstream, kind, i)
         finally:
@@ -346,7 +347,7 @@ class Proxy:
                 i.error = f"Ollama sent nothing for {self._config.idle_timeout}s mid-reply"
             else:
                 i.error_type = ErrorType.RESET
-                i.error = f"Ollama closed the reply early: {exc or type(exc).__name__}"
+                i.error = f"Ollama closed the reply early: {describe(exc)}"
             await _abort(request, response)
         except ConnectionResetError:  # the client went away
             i.outcome = Outcome.CANCELLED

@@ -25,6 +25,7 @@ from types import FrameType
 from typing import Any, NoReturn, TextIO
 
 from ..ollama import control
+from ..units import MISSING, missing, seconds
 
 FETCH_TIMEOUT = 2.0
 ONCE_HEIGHT = 1000  # --once prints the whole frame: no screen to fit
@@ -135,42 +136,33 @@ def _table(columns: tuple[Column, ...], rows: list[list[str]], width: int) -> li
 
 
 def _secs(value: Any) -> str:
-    if not isinstance(value, (int, float)):
-        return "-"
-    if value < 10:
-        return f"{value:.2f}s"
-    if value < 60:
-        return f"{value:.1f}s"
-    minutes, seconds = divmod(int(value), 60)
-    if minutes < 60:
-        return f"{minutes}m{seconds:02d}s"
-    return f"{minutes // 60}h{minutes % 60:02d}m"
+    return seconds(value, sep="")
 
 
 def _num(value: Any, fmt: str = "{:.1f}") -> str:
-    return fmt.format(value) if isinstance(value, (int, float)) else "-"
+    return fmt.format(value) if isinstance(value, (int, float)) else MISSING
 
 
 def _clock(epoch: Any) -> str:
     return time.strftime("%H:%M:%S", time.localtime(epoch)) if isinstance(epoch, (int, float)) \
-        else "-"
+        else MISSING
 
 
 def _in_flight_rows(snapshot: Snapshot) -> list[list[str]]:
-    return [[a.get("model") or "-", a.get("endpoint") or "-", _secs(a.get("elapsed")),
+    return [[missing(a.get("model")), missing(a.get("endpoint")), _secs(a.get("elapsed")),
              _num(a.get("chunks"), "{}"), _secs(a.get("ttft"))]
             for a in snapshot.get("active", [])]
 
 
 def _model_rows(snapshot: Snapshot) -> list[list[str]]:
-    return [[m.get("model") or "-", _num(m.get("requests_per_second"), "{:.2f}"),
+    return [[missing(m.get("model")), _num(m.get("requests_per_second"), "{:.2f}"),
              _num(m.get("tokens_per_second")), _num(m.get("requests"), "{}"),
              _num(m.get("tokens"), "{}"), _num(m.get("errors"), "{}")]
             for m in snapshot.get("models", [])]
 
 
 def _recent_rows(snapshot: Snapshot) -> list[list[str]]:
-    return [[_clock(r.get("ended_at")), r.get("model") or "-", r.get("endpoint") or "-",
+    return [[_clock(r.get("ended_at")), missing(r.get("model")), missing(r.get("endpoint")),
              _status(r.get("status"), r.get("http_status")),
              _secs(r.get("duration")), _secs(r.get("ttft")),
              _num(r.get("completion_tokens"), "{}"), _num(r.get("tokens_per_second"))]
@@ -178,7 +170,7 @@ def _recent_rows(snapshot: Snapshot) -> list[list[str]]:
 
 
 def _status(word: Any, http_status: Any) -> str:
-    word = word or "-"
+    word = word or MISSING
     # A cancelled request's code is whatever Ollama had started to send: not worth the room.
     return word if word == "cancelled" or not http_status else f"{word} {http_status}"
 

@@ -42,7 +42,8 @@ export class TimeChart {
     const options = {
       width: box.clientWidth || 480,
       height: HEIGHT,
-      padding: [10, 6, 0, 0],
+      // Without a right-hand axis, room for half the last time label (`08:00`), else it is cut.
+      padding: [10, percent ? 6 : 28, 0, 0],
       cursor: { drag: { x: false, y: false, setScale: false }, points: { size: 6 } },
       legend: { live: true },
       scales: {

@@ -2,7 +2,8 @@
 // `el` appends strings as text nodes and sets attributes with setAttribute; nothing here
 // parses HTML.
 
-export const DASH = "–";
+// The one word for a missing value (no model, a timing never measured), as the CLI writes it.
+export const DASH = "-";
 
 export const $ = (id) => document.getElementById(id);
 
@@ -73,6 +74,23 @@ export function fmtSeconds(s) {
   return `${Math.floor(whole / 3600)} h ${Math.round((whole % 3600) / 60)} min`;
 }
 
+// Ollama gives a model kept with keep_alive < 0 an expiry decades ahead (units.py's twin).
+const FOREVER_SECONDS = 10 * 365 * 24 * 3600;
+
+// Time left, in words as `status` writes it: "forever", "4 minutes", "2 hours", "45 seconds".
+export function fmtUntil(seconds) {
+  if (missing(seconds)) return DASH;
+  if (seconds >= FOREVER_SECONDS) return "forever";
+  const left = Math.max(0, Math.round(seconds));
+  for (const [unit, scale] of [["day", 86400], ["hour", 3600], ["minute", 60]]) {
+    if (left >= scale) {
+      const n = Math.round(left / scale);
+      return `${n} ${unit}${n === 1 ? "" : "s"}`;
+    }
+  }
+  return `${left} second${left === 1 ? "" : "s"}`;
+}
+
 export function fmtPercent(fraction) {
   if (missing(fraction)) return DASH;
   const p = fraction * 100;
@@ -120,6 +138,14 @@ export function fmtDateTime(epoch) {
 export const pair = (a, b, format) => `${format(a)} / ${format(b)}`;
 
 // The first words of a text, on one line.
+// A table cell's value shortened with an ellipsis (its whole value in the tooltip and the
+// detail view): one record's 100,000-character model name must not widen the page.
+export function cell(value, chars = 40) {
+  if (value === null || value === undefined || value === "") return { text: DASH };
+  const text = String(value);
+  return { text: preview(text, chars), title: text.length > chars ? text.slice(0, 2000) : undefined };
+}
+
 export function preview(text, chars = 140) {
   if (!text) return "";
   const line = String(text).replace(/\s+/g, " ").trim();

@@ -2,7 +2,7 @@
 // its next_cursor. A row opens the detail view.
 
 import { get } from "./api.js";
-import { $, DASH, badge, el, fillTable, fmtClock, fmtDateTime, fmtInt, fmtSeconds, preview } from "./dom.js";
+import { $, DASH, badge, cell, el, fillTable, fmtClock, fmtDateTime, fmtInt, fmtSeconds, preview } from "./dom.js";
 
 const PAGE_SIZE = 50;
 // The prompt categories of ollama_metrics.categorize.CATEGORIES (a test keeps them in step).
@@ -95,7 +95,7 @@ export class Interactions {
     const { models } = await get("/analytics/models");
     const known = new Set([...select.options].map((o) => o.value));
     for (const m of models) {
-      if (m.model !== null && !known.has(m.model)) select.append(el("option", { value: m.model, text: m.model }));
+      if (m.model !== null && !known.has(m.model)) select.append(el("option", { value: m.model, text: preview(m.model, 60) }));
     }
   }
 }
@@ -104,13 +104,13 @@ function row(r) {
   const tokens = `${r.prompt_tokens ?? DASH} / ${r.completion_tokens ?? DASH}`;
   return el("tr", { "data-id": r.id },
     el("td", {}, el("button", { type: "button", class: "rowlink", title: fmtDateTime(r.started_at), text: fmtClock(r.started_at) })),
-    el("td", { text: r.model ?? DASH }),
-    el("td", { text: r.endpoint ?? DASH }),
+    el("td", cell(r.model)),
+    el("td", cell(r.endpoint, 32)),
     el("td", {}, badge(r.outcome, r.http_status)),
     el("td", { class: "num", text: tokens }),
     el("td", { class: "num", text: fmtSeconds(r.ttft) }),
     el("td", { class: "num", text: fmtSeconds(r.duration) }),
-    el("td", { text: r.prompt_category ?? DASH }),
+    el("td", cell(r.prompt_category, 24)),
     el("td", { class: "prompt", title: preview(r.prompt, 400), text: preview(r.prompt) }),
   );
 }

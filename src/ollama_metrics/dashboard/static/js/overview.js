@@ -4,7 +4,7 @@
 
 import { TimeChart } from "./charts.js";
 import {
-  $, DASH, el, fillTable, fmtBytes, fmtInt, fmtNumber, fmtPercent, fmtRate, fmtSeconds, pair,
+  $, DASH, cell, el, fillTable, fmtBytes, fmtInt, fmtNumber, fmtPercent, fmtRate, fmtSeconds, fmtUntil, pair,
   plural, setText,
 } from "./dom.js";
 
@@ -45,7 +45,7 @@ export class Overview {
     $("c-err").classList.toggle("bad", t.error_rate > 0.05);
     setText("c-err-sub", `${plural(t.errors, "error")} · ${fmtInt(t.cancelled)} cancelled`);
     fillTable($("models").tBodies[0], stats.models.map((m) => el("tr", {},
-      el("td", { text: m.model ?? "none" }),
+      el("td", cell(m.model)),
       el("td", { class: "num", text: fmtInt(m.requests) }),
       el("td", { class: "num", text: fmtRate(perSecond(m.requests, span)) }),
       el("td", { class: "num", text: m.errors ? `${fmtInt(m.errors)} (${fmtPercent(m.error_rate)})` : "0" }),
@@ -75,8 +75,8 @@ export class Overview {
   showLive(live) {
     setText("c-active", fmtInt(live.active.length));
     fillTable($("active").tBodies[0], live.active.map((a) => el("tr", {},
-      el("td", { text: a.model ?? "none" }),
-      el("td", { text: a.endpoint ?? DASH }),
+      el("td", cell(a.model)),
+      el("td", cell(a.endpoint, 32)),
       el("td", { class: "num", text: fmtSeconds(a.elapsed) }),
       el("td", { class: "num", text: fmtSeconds(a.ttft) }),
       el("td", { class: "num", text: fmtInt(a.chunks) }),
@@ -103,14 +103,14 @@ export class Overview {
       const share = m.size > 0 && m.size_vram !== null ? m.size_vram / m.size : null;
       const gpu = share === null ? DASH : share >= 0.995 ? "all on GPU" : share === 0 ? "CPU only" : `${fmtPercent(share)} on GPU`;
       return el("tr", {},
-        el("td", { text: m.name }),
+        el("td", cell(m.name)),
         el("td", { class: "num", text: fmtBytes(m.size) }),
         el("td", {},
           el("span", { class: "bar", "aria-hidden": "true" },
             el("span", { "data-share": share ?? 0 })),
           `${fmtBytes(m.size_vram)} · ${gpu}`),
         el("td", { class: "num", text: fmtInt(m.context_length) }),
-        el("td", { class: "num", text: m.expires_at ? fmtSeconds(Math.max(0, m.expires_at - now)) : DASH }),
+        el("td", { class: "num", text: m.expires_at ? fmtUntil(m.expires_at - now) : DASH }),
       );
     }), empty);
     // Bar widths through the CSSOM: the policy allows no style attributes.

@@ -300,8 +300,7 @@ async def test_timeseries_follow_filters(store: QueryableStore) -> None:
         Query(start_time=T0 + 5, end_time=T0 + 15), 10.0)] == [(T0, 5), (T0 + 10, 5)]
     assert len(await store.timeseries(Query(text="Berlin"), 10.0)) == 3
     assert await store.timeseries(Query(text="nothing"), 10.0) == []
-    with pytest.raises(BadQuery, match="prompt_search"):
-        await store.timeseries(Query(text="!!!"), 10.0)
+    assert await store.timeseries(Query(text="!!!"), 10.0) == []
 
 
 async def test_timeseries_bucket_edges_and_missing_figures(store: QueryableStore) -> None:
@@ -328,12 +327,78 @@ async def test_purge_by_age(store: QueryableStore) -> None:
 # --- bad input --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text", ["!!!", "&|!", "***", "-"])
-async def test_a_search_with_nothing_to_search_for_is_a_bad_query(
+async def test_a_search_with_nothing_to_search_for_matches_nothing(
         store: QueryableStore, text: str) -> None:
     await store.write_batch([full_record(1)])
-    for ask in (store.search, store.stats, store.models):
-        with pytest.raises(BadQuery, match="prompt_search"):
-            await ask(Query(text=text))
+    assert (await store.search(Query(text=text))).records == []
+    assert (await store.search(Query(text=text, order="rank"))).records == []
+    assert (await store.stats(Query(text=text)))["totals"]["requests"] == 0
+    assert await store.models(Query(text=text)) == []
+
+
+# --- what is searchable (issue 15) --------------------------------------------------------------
+
+async def test_every_text_of_a_record_is_searchable(store: QueryableStore) -> None:
+    await store.write_batch([
+        full_record(1, prompt="last question", response="the reply", system="sysword rules",
+                    thinking="pondering quietly",
+                    messages=[{"role": "system", "content": "sysword rules"},
+                              {"role": "user", "content": "first aardvark message"},
+                              {"role": "assistant", "content": "earlier bonobo answer",
+                               "tool_calls": [{"function": {"name": "get_weather",
+                                                            "arguments": {"city": "Reykjavik"}}}]},
+                              {"role": "tool", "content": "cloudy capybara"},
+                              {"role": "user", "content": "last question"}],
+                    tool_calls=[{"function": {"name": "lookup", "arguments": '{"q": "narwhal"}'}}]),
+        full_record(2, prompt="unrelated", response="unrelated", system=None, thinking=None,
+                    messages=None, tool_calls=None),
+    ])
+    for word in ("aardvark", "bonobo", "Reykjavik", "get_weather", "capybara", "sysword",
+                 "pondering", "narwhal", "reply", "question"):
+        assert ids((await store.search(Query(text=word))).records) == ["rec-00001"], word
+
+
+@pytest.mark.parametrize("text", ["gpt-4", "don't", "C++", "3.5", "user@example.com",
+                                  "/etc/hosts", "e-mail"])
+async def test_words_with_punctuation_are_literal(store: QueryableStore, text: str) -> None:
+    await store.write_batch([
+        full_record(1, prompt=f"about {text} here", response="ok"),
+        full_record(2, prompt="nothing like it", response="ok"),
+    ])
+    assert ids((await store.search(Query(text=text))).records) == ["rec-00001"]
+    assert ids((await store.search(Query(text=text, order="rank"))).records) == ["rec-00001"]
+
+
+async def test_search_operators(store: QueryableStore) -> None:
+    await store.write_batch([
+        full_record(1, prompt="red apple pie", response="ok"),
+        full_record(2, prompt="green apple tart", response="ok"),
+        full_record(3, prompt="pie made of red plums", response="ok"),
+    ])
+
+    async def found(text: str) -> list[Any]:
+        return sorted(ids((await store.search(Query(text=text))).records))
+
+    assert await found("apple pie") == ["rec-00001"]  # every word
+    assert await found('"red apple"') == ["rec-00001"]  # a phrase
+    assert await found('"apple red"') == []
+    assert await found("tart OR plums") == ["rec-00002", "rec-00003"]
+    assert await found("apple -green") == ["rec-00001"]
+    assert await found("apple NOT green") == ["rec-00001"]
+    assert await found("pl*") == ["rec-00003"]
+    assert await found("-green") == ["rec-00002"]  # nothing to exclude from: the word
+
+
+@pytest.mark.parametrize("text", ["日本語", "説明", "本語で説", "ください", "ไทย"])
+async def test_unspaced_scripts_are_found_by_any_substring(store: QueryableStore, text: str
+                                                           ) -> None:
+    await store.write_batch([
+        full_record(1, prompt="日本語で説明してください", response="ok"),
+        full_record(2, prompt="ภาษาไทยง่าย", response="ok"),
+        full_record(3, prompt="中文的问题", response="ok"),
+    ])
+    expected = ["rec-00002"] if text == "ไทย" else ["rec-00001"]
+    assert ids((await store.search(Query(text=text))).records) == expected
 
 
 INJECTIONS = [

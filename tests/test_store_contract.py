@@ -459,3 +459,41 @@ async def test_concurrent_reads_during_writes(store: QueryableStore) -> None:
 
     await asyncio.gather(write(), read(), read())
     assert (await store.stats(Query()))["totals"]["requests"] == 500
+
+
+async def test_sqlite_migration_indexes_every_text_of_older_records(tmp_path: Path) -> None:
+    """A store made before m006 (its index: prompt and reply) has every text of its records
+    indexed once opened, and purging them afterwards keeps the index in step."""
+    from ollama_metrics.analytics.stores import sqlite_migrations
+    from ollama_metrics.analytics.stores.sqlite import _connect, _params
+
+    path = tmp_path / "interactions.db"
+    db = _connect(path)
+    try:
+        db.execute("CREATE TABLE _migrations (name TEXT PRIMARY KEY, applied_at REAL)")
+        for step in sqlite_migrations.MIGRATIONS[:5]:
+            step(db)
+            db.execute("INSERT INTO _migrations VALUES (?, 0)", (step.__name__,))
+        old = full_record(1, messages=[{"role": "user", "content": "first aardvark message"},
+                                       {"role": "user", "content": "last"}], prompt="last")
+        db.execute(f"INSERT INTO interactions ({', '.join(FIELD_NAMES)}) "
+                   f"VALUES ({', '.join('?' for _ in FIELD_NAMES)})", _params(old))
+    finally:
+        db.close()
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        assert ids((await store.search(Query(text="aardvark"))).records) == ["rec-00001"]
+        assert ids((await store.search(Query(text="答案"))).records) == ["rec-00001"]
+        assert await store.purge(T0 + 10, None) == 1
+        assert (await store.search(Query(text="aardvark"))).records == []
+        await store.write_batch([full_record(2)])
+        assert ids((await store.search(Query(text="Berlin"))).records) == ["rec-00002"]
+    finally:
+        await store.close()
+    db = _connect(path)
+    try:
+        # FTS5 raises when the index disagrees with itself (a delete with other texts).
+        db.execute("INSERT INTO interactions_fts (interactions_fts) VALUES ('integrity-check')")
+    finally:
+        db.close()

@@ -268,9 +268,6 @@ async def test_csv_export_neutralises_formulas(api: RunningProxy,
     ({"order": "random"}, "order: time or rank"),
     ({"since": "a while"}, "since: expected a duration"),
     ({"colour": "blue"}, "unknown parameter 'colour'"),
-    ({"prompt_search": '"unbalanced'}, "prompt_search: not a valid full-text query"),
-    ({"prompt_search": "AND OR"}, "prompt_search: not a valid full-text query"),
-    ({"prompt_search": "nosuchcolumn:word"}, "prompt_search: not a valid full-text query"),
 ])
 async def test_bad_parameters_get_400_with_reason(api: RunningProxy, http: aiohttp.ClientSession,
                                                   params: dict[str, str], reason: str) -> None:

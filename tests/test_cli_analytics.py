@@ -57,11 +57,17 @@ def test_search_table_and_json(store_dir: Path) -> None:
 
 
 def test_bad_input_is_a_usage_error(store_dir: Path) -> None:
-    for args in (["search", '"unbalanced'], ["search", "--since", "soon"],
+    for args in (["search", "--since", "soon"],
                  ["stats", "--category", "poetry"], ["search", "--limit", "0"]):
         result = cli(store_dir, *args)
         assert result.returncode == 2, args
         assert "Error:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_plain_words_with_punctuation_are_searched_literally(store_dir: Path) -> None:
+    for text in ("gpt-4", "don't", "C++", '"unbalanced'):  # issue 15: these were exit 2
+        result = cli(store_dir, "search", text)
+        assert result.returncode == 0, (text, result.stderr)
 
 
 def test_stats(store_dir: Path) -> None:

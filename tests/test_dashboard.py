@@ -346,6 +346,19 @@ def _browse(driver: WebDriver, proxy: RunningProxy) -> None:
     screenshot(driver, "dashboard-detail.png", full_page=False)
     driver.find_element(By.ID, "detail-close").click()
 
+    # A search that fails (over the search budget) clears the rows: the reason takes their
+    # place (issue 15: it showed above the previous rows).
+    driver.execute_script("const q = document.getElementById('f-q'); q.value = 'w '.repeat(300);"
+                          "q.dispatchEvent(new Event('input', {bubbles: true}));")
+    body = "#interactions tbody"
+    wait.until(lambda d: _rows(d) == [] and "at most 512 characters" in d.find_element(
+        By.CSS_SELECTOR, body).text)
+    assert "sky" not in driver.find_element(By.CSS_SELECTOR, body).text
+    console_errors(driver)  # the 400 itself is logged
+    search.send_keys(Keys.CONTROL, "a")
+    search.send_keys("sky")
+    wait.until(lambda d: len(_rows(d)) == 1 and "sky" in _rows(d)[0])
+
     assert driver.execute_script("return window.__pwned") is None
     assert console_errors(driver) == []
     # The page's own requests carry the cookie, and every answer the policy.

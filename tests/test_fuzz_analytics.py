@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import urllib.parse
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from analytics_helpers import DATA, T0, _seed
 from conftest import StartProxy
 from fake_ollama import FakeOllama
 from helpers import RunningProxy, raw_request
-from ollama_metrics.analytics.query import STATUSES
+from ollama_metrics.analytics.query import MAX_SEARCH_CHARS, MAX_SEARCH_TERMS, STATUSES
 from ollama_metrics.analytics.settings import AnalyticsConfig
 from ollama_metrics.observe.categorize import CATEGORIES
 
@@ -177,3 +178,23 @@ async def test_no_credentials_make_a_server_error(
 async def test_found_before(api: RunningProxy, caplog: pytest.LogCaptureFixture,
                             target: str, expected: int) -> None:
     assert await _ask(api, target, [AUTH], caplog) == expected
+
+
+# Plain input means literal words (issue 15): any printable text within the search budget is a
+# search that answers 200 on every route that searches, operators and stray quotes included.
+search_text = st.text(st.characters(codec="utf-8", categories=["L", "M", "N", "P", "S", "Zs"]),
+                      max_size=80).filter(lambda t: t.strip() and "\x00" not in t)
+
+
+@pytest.mark.parametrize("path", ["/analytics/search", "/analytics/stats"])
+@settings(max_examples=EXAMPLES, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.one_of(search_text, st.lists(st.one_of(words, search_text), max_size=6).map(
+    " ".join)).filter(lambda t: t.strip() and len(t) <= MAX_SEARCH_CHARS and t.isprintable()),
+       order=st.sampled_from(["time", "rank"]))
+async def test_any_printable_search_text_answers_200(
+        api: RunningProxy, caplog: pytest.LogCaptureFixture, path: str, text: str,
+        order: str) -> None:
+    if len(re.findall(r"\w+", text)) > MAX_SEARCH_TERMS:
+        return
+    target = f"{path}?prompt_search={_encode(text)}&order={order}"
+    assert await _ask(api, target, [AUTH], caplog) == 200, text

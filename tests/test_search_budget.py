@@ -67,8 +67,7 @@ async def test_caps_on_search_text_answer_400_on_every_query_route(
         analytics_dir=str(tmp_path), analytics_retention_days=0))
     too_many = " OR ".join(["kangaroo"] * (MAX_SEARCH_TERMS + 1))
     too_long = "kangaroo" + "s" * MAX_SEARCH_CHARS
-    bad = {too_many: "terms", too_long: "characters", "k*": "before '*'",
-           "kangaroo OR \"big k\"*": "before '*'"}
+    bad = {too_many: "terms", too_long: "characters"}
     for path in QUERY_ROUTES:
         for text, reason in bad.items():
             status, body, _ = await _get(http, proxy, path, prompt_search=text)

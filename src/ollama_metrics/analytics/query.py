@@ -26,13 +26,13 @@ DEFAULT_LIMIT = 100
 # is one more index walk merged into the search (and, for a prefix, one more prefix scan): 32
 # terms and 512 characters are far more than a person types, and few enough that the worst
 # allowed search stays within the deadline on a large store. A prefix term needs a stem of
-# MIN_PREFIX_STEM characters: a shorter one (`k*`) stands for a large part of the vocabulary.
+# MIN_PREFIX_STEM characters: a shorter one (`k*`) would stand for a large part of the
+# vocabulary, so it is read as the word itself (fulltext.parse). What the text means is
+# fulltext's: every text within these caps is a valid search.
 MAX_SEARCH_CHARS = 512
 MAX_SEARCH_TERMS = 32
-MIN_PREFIX_STEM = 2
-_OPERATORS = frozenset({"AND", "OR", "NOT", "NEAR", "or"})  # FTS5's, and websearch's `or`
+_OPERATORS = frozenset({"AND", "OR", "NOT"})
 _WORD = re.compile(r"\w+")
-_PREFIX = re.compile(r"(\w*)\"?\*")
 
 # Filter values for `status`: the stored outcomes, `error` for both kinds of error (as the metric's
 # label counts them), and `ok`, the stored word for success before migration 6, for old scripts.
@@ -57,7 +57,7 @@ class Query:
     start_time: float | None = None
     end_time: float | None = None
     model: str | None = None
-    text: str | None = None  # full-text search over prompt and response
+    text: str | None = None  # full-text search over every text (see fulltext)
     category: str | None = None
     status: str | None = None  # a key of STATUSES
     endpoint: str | None = None
@@ -114,19 +114,12 @@ def _int(params: Mapping[str, str], name: str) -> int | None:
 
 def check_search(text: str) -> None:
     """Raise BadQuery unless full-text `text` is within the search budget: at most
-    MAX_SEARCH_CHARS characters and MAX_SEARCH_TERMS words (operators not counted), and every
-    prefix term (`stem*`) with at least MIN_PREFIX_STEM characters of stem."""
-    if text.startswith("*"):  # FTS5 reads these as debugging commands
-        raise BadQuery("prompt_search: cannot start with '*'; search for words or \"phrases\"")
+    MAX_SEARCH_CHARS characters and MAX_SEARCH_TERMS words (operators not counted)."""
     if len(text) > MAX_SEARCH_CHARS:
         raise BadQuery(f"prompt_search: at most {MAX_SEARCH_CHARS} characters, got {len(text)}")
     terms = sum(1 for word in _WORD.findall(text) if word not in _OPERATORS)
     if terms > MAX_SEARCH_TERMS:
         raise BadQuery(f"prompt_search: at most {MAX_SEARCH_TERMS} terms, got {terms}")
-    for stem in _PREFIX.findall(text):
-        if len(stem) < MIN_PREFIX_STEM:
-            raise BadQuery(f"prompt_search: a prefix term needs at least {MIN_PREFIX_STEM} "
-                           f"characters before '*' (e.g. ka*), got {stem + '*'!r}")
 
 
 def _model(name: str | None) -> str | None:

@@ -5,11 +5,12 @@ batch retried after a lost reply is harmless, and proxies writing at once never 
 orders records by when the server numbered them: a record whose transaction commits after a
 newer one's can be missed by a reader already paging past it, but is never listed twice.
 
-Full-text search is PostgreSQL's own: `websearch_to_tsquery('simple', …)` over a generated
-tsvector (prompt weight A, response weight B). Its syntax is forgiving like a web search box:
-words (all must match), "quoted phrases", `or`, `-word`. A query with nothing searchable in it
-(only punctuation) is a BadQuery. PostgreSQL text cannot hold NUL characters, so NUL in any
-stored or searched string becomes U+FFFD. Values are always bound parameters.
+Full-text search is PostgreSQL's own over a tsvector the writer fills from the record's texts
+(analytics.fulltext: what was asked, weight A; what was answered, weight B); a search text is
+turned into a tsquery by fulltext (each word a phraseto_tsquery of its own, bound). A search
+with nothing searchable in it (only punctuation) matches nothing. PostgreSQL text cannot hold
+NUL characters, so NUL in any stored or searched string becomes U+FFFD. Values are always bound
+parameters.
 
 Budget: every read runs in a transaction whose `statement_timeout` is the search deadline, and
 its waiter gives up at the same deadline (waiting for a pooled connection included); a waiter
@@ -28,7 +29,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
-from ..query import STATUSES, BadQuery, Page, Query
+from .. import fulltext
+from ..query import STATUSES, Page, Query
 from . import (
     FIELD_NAMES,
     FIELDS,
@@ -40,7 +42,7 @@ from . import (
     StoreError,
     column_filters,
 )
-from .postgres_migrations import migrate
+from .postgres_migrations import SEARCH_VECTOR, migrate, search_texts
 
 try:
     from psycopg import AsyncConnection
@@ -66,11 +68,10 @@ _EXPORT_PAGE = 1000
 _PURGE_BATCH = 10_000  # rows per delete: short transactions, little lock time on a shared server
 
 _INSERT = (
-    f"INSERT INTO interactions ({', '.join(FIELD_NAMES)}) VALUES ("
+    f"INSERT INTO interactions ({', '.join(FIELD_NAMES)}, search) VALUES ("
     + ", ".join("%s::jsonb" if kind == "json" else "%s" for _, kind in FIELDS)
-    + ") ON CONFLICT (id) DO NOTHING")
+    + f", {SEARCH_VECTOR}) ON CONFLICT (id) DO NOTHING")
 _COLUMNS = ", ".join(f"i.{name}" for name in FIELD_NAMES)
-_TSQUERY = "websearch_to_tsquery('simple', %s)"
 
 
 def _text(value: str) -> str:
@@ -108,6 +109,9 @@ def _params(record: Record) -> tuple[Any, ...]:
         elif isinstance(value, str):
             value = _text(value)
         values.append(value)
+    values.extend(search_texts(record.get("prompt"), record.get("messages"),
+                               record.get("system"), record.get("response"),
+                               record.get("thinking"), record.get("tool_calls")))
     return tuple(values)
 
 
@@ -116,13 +120,13 @@ def _row(values: tuple[Any, ...]) -> Record:
 
 
 def _from(q: Query, params: list[Any]) -> str:
-    if q.text is None:
+    """The tables of a query: with searchable full text, also its tsquery, as `tsq`."""
+    if q.text is None or (tsquery := fulltext.parse(q.text).tsquery(params)) is None:
         return "interactions i"
-    params.append(_text(q.text))
-    return f"interactions i, {_TSQUERY} AS tsq"
+    return f"interactions i, (SELECT {tsquery}) AS t(tsq)"
 
 
-def _where(q: Query, params: list[Any]) -> str:
+def _where(q: Query, params: list[Any], searchable: bool) -> str:
     """The WHERE clause for a query's filters; values go to `params`, never into the SQL."""
     filters = column_filters(q)
     clauses = [f"{column} {op} %s" for column, op, _ in filters]
@@ -130,28 +134,15 @@ def _where(q: Query, params: list[Any]) -> str:
     if q.outcomes:
         clauses.append("i.outcome = ANY(%s)")
         params.append(list(q.outcomes))
-    if q.text is not None:
-        clauses.append("i.search @@ tsq")
+    if q.text is not None:  # with nothing searchable in it (only punctuation) nothing matches
+        clauses.append("i.search @@ tsq" if searchable else "false")
     return " AND ".join(clauses) or "true"
 
 
 def _base(q: Query, params: list[Any]) -> str:
     """`FROM … WHERE …` for a query; `params` receives its values in SQL order."""
     source = _from(q, params)
-    return f"FROM {source} WHERE {_where(q, params)}"
-
-
-async def _check_text(conn: Connection, q: Query) -> None:
-    """websearch_to_tsquery never fails: it drops what it cannot parse. A query that leaves
-    nothing to search for would match nothing, silently; say so instead."""
-    if q.text is None:
-        return
-    cur = await conn.execute(f"SELECT numnode({_TSQUERY})", (_text(q.text),))
-    row = await cur.fetchone()
-    if row is None or not row[0]:
-        raise BadQuery(f"prompt_search: nothing to search for in {q.text!r}; use words or "
-                       '"quoted phrases" (all must match), `or` between alternatives, '
-                       "-word to exclude")
+    return f"FROM {source} WHERE {_where(q, params, searchable='tsq' in source)}"
 
 
 async def _configure(conn: Connection) -> None:
@@ -211,7 +202,8 @@ class PostgresStore:
     async def write_batch(self, records: list[Record]) -> int:
         if not records:
             return 0
-        rows = [_params(r) for r in records]
+        # The indexed texts are built here: off the event loop, as SQLite's on its writer.
+        rows = await asyncio.to_thread(lambda: [_params(r) for r in records])
         async with self._pool().connection() as conn, conn.transaction(), \
                 conn.cursor() as cur:
             await cur.executemany(_INSERT, rows)
@@ -257,8 +249,6 @@ class PostgresStore:
             async with self._pool().connection() as conn, conn.transaction():
                 await conn.execute("SELECT set_config('statement_timeout', %s, true)",
                                    (f"{timeout_ms}ms",))
-                if query is not None:
-                    await _check_text(conn, query)
                 return await work(conn)
 
         async def bounded() -> T:
@@ -289,8 +279,8 @@ class PostgresStore:
         # Newest first is write order. Ranked: ts_rank_cd (cover density) with its default
         # weights, so a prompt match (A, 1.0) counts 2.5 times a response match (B, 0.4):
         # people search for what they asked. Newest first among equals.
-        order = "ts_rank_cd(i.search, tsq) DESC, i.seq DESC" if query.order == "rank" \
-            else "i.seq DESC"
+        ranked = query.order == "rank" and "tsq" in base
+        order = "ts_rank_cd(i.search, tsq) DESC, i.seq DESC" if ranked else "i.seq DESC"
         sql = f"SELECT i.seq, {_COLUMNS} {base} ORDER BY {order} LIMIT %s OFFSET %s"
         params += [query.limit + 1, query.offset]
         rows = await self._read(query, _fetch_all(sql, params))

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from ..fulltext import answered_text, asked_text
 from . import FIELDS_V1, renamed_models
 
 if TYPE_CHECKING:
@@ -78,9 +79,48 @@ async def m006_outcome_success(db: Connection) -> None:
     await db.execute("UPDATE interactions SET outcome = 'success' WHERE outcome = 'ok'")
 
 
+# The tsvector of a record, from its two indexed texts (analytics.fulltext): what was asked
+# (weight A, which ranking counts 2.5 times) and what was answered (B).
+SEARCH_VECTOR = (
+    f"setweight(to_tsvector('simple', left(%s, {_INDEXED_CHARS})), 'A') || "
+    f"setweight(to_tsvector('simple', left(%s, {_INDEXED_CHARS})), 'B')")
+_REINDEX_BATCH = 2000
+
+
+def search_texts(prompt: str | None, messages: Any, system: str | None, response: str | None,
+                 thinking: str | None, tool_calls: Any) -> tuple[str, str]:
+    """The two indexed texts, without NUL (PostgreSQL text cannot hold it)."""
+    return (asked_text(prompt, messages, system).replace("\x00", "\ufffd"),
+            answered_text(response, thinking, tool_calls).replace("\x00", "\ufffd"))
+
+
+async def m007_every_text_indexed(db: Connection) -> None:
+    # The generated column indexed the prompt (the last user message) and the reply only; now
+    # every text of the record is (fulltext.asked_text, answered_text). Those are built in
+    # Python, so `search` becomes a plain column the writer fills, and existing rows are
+    # reindexed here, a batch at a time, before the index is made again. Other proxies' writes
+    # wait on the table lock until this is done; their queues hold or drop and count.
+    await db.execute("ALTER TABLE interactions DROP COLUMN search")
+    await db.execute("ALTER TABLE interactions ADD COLUMN search tsvector")
+    last = -1
+    while True:
+        cur = await db.execute(
+            "SELECT seq, prompt, messages, system, response, thinking, tool_calls "
+            "FROM interactions WHERE seq > %s ORDER BY seq LIMIT %s", (last, _REINDEX_BATCH))
+        rows = await cur.fetchall()
+        if not rows:
+            break
+        async with db.cursor() as update:
+            await update.executemany(
+                f"UPDATE interactions SET search = {SEARCH_VECTOR} WHERE seq = %s",
+                [(*search_texts(*row[1:]), row[0]) for row in rows])
+        last = rows[-1][0]
+    await db.execute("CREATE INDEX interactions_search ON interactions USING gin (search)")
+
+
 MIGRATIONS: list[Callable[[Connection], Awaitable[None]]] = [
     m001_interactions, m002_full_text, m003_truncated_fields, m004_model_names,
-    m005_tokens_estimated, m006_outcome_success]
+    m005_tokens_estimated, m006_outcome_success, m007_every_text_indexed]
 
 
 async def migrate(db: Connection) -> list[str]:

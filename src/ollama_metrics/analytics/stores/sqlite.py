@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 import orjson
 
 from ...observe.heap import release_free_heap
+from .. import fulltext
 from ..query import BadQuery, Page, Query
 from . import (
     BOOL_FIELDS,
@@ -51,7 +52,7 @@ from . import (
     StoreError,
     column_filters,
 )
-from .sqlite_migrations import migrate, pending
+from .sqlite_migrations import migrate, pending, register_functions
 
 T = TypeVar("T")
 
@@ -79,6 +80,7 @@ def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
         # OS caches the file, so a big private cache per reader would only hold copies.
         db.execute("PRAGMA cache_size = -512")
     else:
+        register_functions(db)
         # Deleted pages can only be given back to the OS with incremental vacuum, which must
         # be chosen before anything (even the WAL switch) writes the new file's header.
         if not db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone():
@@ -126,8 +128,12 @@ def _where(q: Query, params: list[Any], covering: bool = False) -> str:
         clauses.append(f"{plus}i.outcome IN ({', '.join('?' for _ in q.outcomes)})")
         params.extend(q.outcomes)
     if q.text is not None:
-        clauses.append("interactions_fts MATCH ?")
-        params.append(q.text)
+        expression = fulltext.parse(q.text).fts5()
+        if expression is None:  # nothing searchable (only punctuation): nothing matches
+            clauses.append("0")
+        else:
+            clauses.append("interactions_fts MATCH ?")
+            params.append(expression)
     return " AND ".join(clauses) or "1"
 
 
@@ -138,11 +144,12 @@ def _from(q: Query) -> str:
 
 
 def _bad_search(exc: sqlite3.OperationalError) -> BadQuery:
+    # fulltext quotes every word, so FTS5 should find no syntax error in what it writes; if
+    # it ever does, the user still gets a reason rather than a server error.
     message = str(exc)
     if any(m in message for m in ("fts5", "no such column", "unterminated",
                                   "unknown special query")):
-        return BadQuery(f"prompt_search: not a valid full-text query ({message}); quote words "
-                        'with special characters, e.g. "foo-bar"')
+        return BadQuery(f"prompt_search: not a valid full-text query ({message})")
     raise exc
 
 
@@ -416,9 +423,9 @@ class SqliteStore:
             where += f" AND {seq} < ?"
             params.append(query.cursor)
         if query.order == "rank":
-            # bm25 with prompt matches weighted twice reply matches (people search for what
-            # they asked), over the newest RANK_WINDOW matches so that a common word stays fast
-            # in a large store; newest first among equals.
+            # bm25 with matches in what was asked weighted twice those in the answer (people
+            # search for what they asked), over the newest RANK_WINDOW matches so that a
+            # common word stays fast in a large store; newest first among equals.
             sql = (f"SELECT i.seq, {_COLUMNS} FROM (SELECT interactions_fts.rowid AS seq, "
                    "bm25(interactions_fts, 2.0, 1.0) AS score "
                    f"FROM {_from(query)} WHERE {where} "

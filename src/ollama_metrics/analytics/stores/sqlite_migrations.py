@@ -10,6 +10,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 
+from ..fulltext import answered_text_sql, asked_text_sql
 from . import FIELDS_V1, renamed_models
 
 _SQL_TYPE = {"text": "TEXT", "real": "REAL", "int": "INTEGER", "bool": "INTEGER", "json": "TEXT"}
@@ -93,9 +94,52 @@ def m008_outcome_success(db: sqlite3.Connection) -> None:
     db.execute("UPDATE interactions SET outcome = 'success' WHERE outcome = 'ok'")
 
 
+_ASKED = "om_asked(new.prompt, new.messages, new.system)"
+_ANSWERED = "om_answered(new.response, new.thinking, new.tool_calls)"
+
+
+def register_functions(db: sqlite3.Connection) -> None:
+    """The functions the full-text triggers call (since m006): a connection that inserts or
+    deletes rows must have them. They build the indexed texts (analytics.fulltext) from the
+    stored columns, on the writer's thread."""
+    db.create_function("om_asked", 3, asked_text_sql, deterministic=True)
+    db.create_function("om_answered", 3, answered_text_sql, deterministic=True)
+
+
+def m009_every_text_indexed(db: sqlite3.Connection) -> None:
+    # The index covered the prompt (the last user message) and the reply only; now it holds
+    # every text of the record, in two columns: what was asked (system, every message, their
+    # thinking and tool calls) and what was answered (reply, thinking, tool calls). Those texts
+    # are built by Python functions (fulltext.asked_text, answered_text) and not stored twice:
+    # the table is contentless, and the delete trigger recomputes the texts a row was indexed
+    # with. So the functions' output is part of the schema: a change to them needs a migration
+    # that rebuilds the index, as this one does. Runs on the writer's thread at open: the proxy
+    # serves meanwhile, and searches answer 503 until it is done.
+    register_functions(db)
+    db.execute("DROP TRIGGER interactions_fts_insert")
+    db.execute("DROP TRIGGER interactions_fts_delete")
+    db.execute("DROP TABLE interactions_fts")
+    db.execute(
+        "CREATE VIRTUAL TABLE interactions_fts USING fts5(asked, answered, content='', "
+        "tokenize='unicode61 remove_diacritics 2', prefix='2 3')")
+    db.execute(
+        "CREATE TRIGGER interactions_fts_insert AFTER INSERT ON interactions BEGIN "
+        "INSERT INTO interactions_fts (rowid, asked, answered) "
+        f"VALUES (new.seq, {_ASKED}, {_ANSWERED}); END")
+    old = (_ASKED + ", " + _ANSWERED).replace("new.", "old.")
+    db.execute(
+        "CREATE TRIGGER interactions_fts_delete AFTER DELETE ON interactions BEGIN "
+        "INSERT INTO interactions_fts (interactions_fts, rowid, asked, answered) "
+        f"VALUES ('delete', old.seq, {old}); END")
+    every = (_ASKED + ", " + _ANSWERED).replace("new.", "")
+    db.execute(f"INSERT INTO interactions_fts (rowid, asked, answered) "
+               f"SELECT seq, {every} FROM interactions")
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     m001_interactions, m002_full_text, m003_figures_index, m004_truncated_fields,
-    m005_prefix_index, m006_model_names, m007_tokens_estimated, m008_outcome_success]
+    m005_prefix_index, m006_model_names, m007_tokens_estimated, m008_outcome_success,
+    m009_every_text_indexed]
 
 
 def pending(db: sqlite3.Connection) -> list[str]:

@@ -70,9 +70,17 @@ export class Interactions {
       body = await get("/analytics/search", this.params());
     } catch (error) {
       if (seq !== this.seq) return;
+      // The reason takes the rows' place: rows left from an earlier search would read as
+      // this search's answer.
+      const reason = error.status === 400 ? error.message : `Cannot search: ${error.message}`;
       const message = $("search-error");
-      message.textContent = error.status === 400 ? error.message : `Cannot search: ${error.message}`;
+      message.textContent = reason;
       message.hidden = false;
+      this.next = null;
+      this.shown = null;
+      $("older").disabled = true;
+      $("page-info").textContent = "";
+      fillTable($("interactions").tBodies[0], [], reason);
       return;
     }
     if (seq !== this.seq) return; // a newer search has been asked for meanwhile

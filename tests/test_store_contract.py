@@ -462,7 +462,7 @@ async def test_concurrent_reads_during_writes(store: QueryableStore) -> None:
 
 
 async def test_sqlite_migration_indexes_every_text_of_older_records(tmp_path: Path) -> None:
-    """A store made before m006 (its index: prompt and reply) has every text of its records
+    """A store made before m009 (its index: prompt and reply) has every text of its records
     indexed once opened, and purging them afterwards keeps the index in step."""
     from ollama_metrics.analytics.stores import sqlite_migrations
     from ollama_metrics.analytics.stores.sqlite import _connect, _params
@@ -471,7 +471,8 @@ async def test_sqlite_migration_indexes_every_text_of_older_records(tmp_path: Pa
     db = _connect(path)
     try:
         db.execute("CREATE TABLE _migrations (name TEXT PRIMARY KEY, applied_at REAL)")
-        for step in sqlite_migrations.MIGRATIONS[:5]:
+        steps = sqlite_migrations.MIGRATIONS
+        for step in steps[:steps.index(sqlite_migrations.m009_every_text_indexed)]:
             step(db)
             db.execute("INSERT INTO _migrations VALUES (?, 0)", (step.__name__,))
         old = full_record(1, messages=[{"role": "user", "content": "first aardvark message"},

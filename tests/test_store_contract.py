@@ -498,3 +498,34 @@ async def test_sqlite_migration_indexes_every_text_of_older_records(tmp_path: Pa
         db.execute("INSERT INTO interactions_fts (interactions_fts) VALUES ('integrity-check')")
     finally:
         db.close()
+
+
+async def test_sqlite_index_follows_batches_retries_and_purges(tmp_path: Path) -> None:
+    """Since m010 the writer indexes each batch in one statement, not a trigger per row: a
+    retried batch adds no second index entry, the rows of a batch mixing old and new ids are
+    each indexed once, purged rows leave the index, and FTS5's own check finds the index in
+    step with the rows (a row indexed twice or not at all makes it raise)."""
+    from ollama_metrics.analytics.stores.sqlite import _connect
+
+    path = tmp_path / "interactions.db"
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        batch = [full_record(i, prompt=f"zebra number {i}") for i in range(3)]
+        await store.write_batch(batch)
+        await store.write_batch(batch)  # retried
+        await store.write_batch([full_record(1), full_record(3, prompt="zebra number 3")])
+        assert len((await store.search(Query(text="zebra"))).records) == 4
+        assert ids((await store.search(Query(text="zebra 3"))).records) == ["rec-00003"]
+        assert await store.purge(T0 + 1.5, None) == 2  # rec-00000 and rec-00001
+        assert ids((await store.search(Query(text="zebra"))).records) == ["rec-00003",
+                                                                          "rec-00002"]
+    finally:
+        await store.close()
+    db = _connect(path)
+    try:
+        db.execute("INSERT INTO interactions_fts (interactions_fts) VALUES ('integrity-check')")
+        assert db.execute("SELECT 1 FROM sqlite_master WHERE name = 'interactions_fts_insert'"
+                          ).fetchone() is None
+    finally:
+        db.close()

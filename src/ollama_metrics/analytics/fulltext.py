@@ -118,7 +118,7 @@ def _decoded(value: str | bytes | None) -> Any:
 
 
 def asked_text_sql(prompt: str | None, messages: str | None, system: str | None) -> str:
-    """asked_text over the stored columns (messages as JSON text), for SQLite's triggers."""
+    """asked_text over the stored columns (messages as JSON text), for SQLite's index statements."""
     return asked_text(prompt, _decoded(messages), system)
 
 

@@ -52,7 +52,7 @@ from . import (
     StoreError,
     column_filters,
 )
-from .sqlite_migrations import migrate, pending, register_functions
+from .sqlite_migrations import INDEX_NEW_ROWS, migrate, pending, register_functions
 
 T = TypeVar("T")
 
@@ -346,7 +346,9 @@ class SqliteStore:
             db = self._db()
             db.execute("BEGIN IMMEDIATE")
             try:
+                last = db.execute("SELECT COALESCE(MAX(seq), 0) FROM interactions").fetchone()[0]
                 db.executemany(_INSERT, rows)
+                db.execute(INDEX_NEW_ROWS, (last,))
                 db.execute("COMMIT")
             except BaseException:
                 # On a full disk SQLite has already rolled the transaction back, and a second

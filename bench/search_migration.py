@@ -1,10 +1,10 @@
-"""How long an older SQLite store takes to gain the every-text index (migration m006).
+"""How long an older SQLite store takes to gain the every-text index (migration m009).
 
     python bench/search_migration.py [--records 1000000]
 
-Builds a store at migration m005 (its index: prompt and reply) holding --records interactions
-shaped as analytics_bench.py makes them, then times SqliteStore.open(), which applies m006 on
-the store's writer thread (the proxy serves meanwhile; searches answer 503 until it is done).
+Builds a store at migration m008 (its index: prompt and reply) holding --records interactions
+shaped as analytics_bench.py makes them, then times SqliteStore.open(), which applies m009 and
+m010 on the store's writer thread (the proxy serves meanwhile; searches answer 503 until done).
 Prints the seconds and the file size before and after.
 """
 
@@ -51,7 +51,7 @@ async def main() -> int:
         seconds = time.perf_counter() - start
         await store.close()
         after = path.stat().st_size / 2**20
-    print(f"m006 over {args.records:,} records: {seconds:.1f} s "
+    print(f"m009 over {args.records:,} records: {seconds:.1f} s "
           f"({args.records / seconds:,.0f} records/s); store {before:,.0f} MiB -> {after:,.0f} MiB")
     return 0
 

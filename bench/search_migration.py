@@ -6,6 +6,12 @@ Builds a store at migration m008 (its index: prompt and reply) holding --records
 shaped as analytics_bench.py makes them, then times SqliteStore.open(), which applies m009 and
 m010 on the store's writer thread (the proxy serves meanwhile; searches answer 503 until done).
 Prints the seconds and the file size before and after.
+
+    python bench/search_migration.py --postgres postgresql://user@host/db [--records N]
+
+The same for PostgreSQL: a new schema at migration m006 (its generated column: prompt and reply),
+--records interactions inserted, then PostgresStore.open() timed, which applies m007 (every
+text of every record indexed again, a batch at a time, then the GIN index made again).
 """
 
 from __future__ import annotations
@@ -18,15 +24,67 @@ import time
 from pathlib import Path
 
 from analytics_bench import RecordMaker
-from ollama_metrics.analytics.stores import FIELD_NAMES
+from ollama_metrics.analytics.stores import FIELD_NAMES, FIELDS
 from ollama_metrics.analytics.stores import sqlite_migrations as m
 from ollama_metrics.analytics.stores.sqlite import SqliteStore, _connect, _params
+
+
+async def postgres(dsn: str, records: int) -> int:
+    import uuid
+
+    import psycopg
+    from psycopg import sql
+    from psycopg.conninfo import make_conninfo
+
+    from ollama_metrics.analytics.stores import postgres as pg
+    from ollama_metrics.analytics.stores import postgres_migrations as pm
+
+    maker = RecordMaker()
+    schema = f"bench_{uuid.uuid4().hex[:12]}"
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    dsn = make_conninfo(dsn, options=f"-c search_path={schema}")
+    try:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            await conn.execute("CREATE TABLE ollama_metrics_migrations "
+                               "(name text PRIMARY KEY, applied_at double precision NOT NULL)")
+            for step in pm.MIGRATIONS[:pm.MIGRATIONS.index(pm.m007_every_text_indexed)]:
+                await step(conn)
+                await conn.execute("INSERT INTO ollama_metrics_migrations VALUES (%s, 0)",
+                                   (step.__name__,))
+            insert = (f"INSERT INTO interactions ({', '.join(FIELD_NAMES)}) VALUES ("
+                      + ", ".join("%s::jsonb" if kind == "json" else "%s"
+                                  for _, kind in FIELDS) + ")")
+            for done in range(0, records, 5_000):
+                rows = [pg._params(maker.make())[:len(FIELDS)]
+                        for _ in range(min(5_000, records - done))]
+                async with conn.transaction(), conn.cursor() as cur:
+                    await cur.executemany(insert, rows)
+            cur = await conn.execute("SELECT pg_total_relation_size('interactions')")
+            before = (await cur.fetchone() or (0,))[0] / 2**20
+        store = pg.PostgresStore(dsn)
+        start = time.perf_counter()
+        await store.open()
+        seconds = time.perf_counter() - start
+        await store.close()
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            cur = await conn.execute("SELECT pg_total_relation_size('interactions')")
+            after = (await cur.fetchone() or (0,))[0] / 2**20
+    finally:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            await conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+    print(f"PostgreSQL m007 over {records:,} records: {seconds:.1f} s "
+          f"({records / seconds:,.0f} records/s); table {before:,.0f} MiB -> {after:,.0f} MiB")
+    return 0
 
 
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--records", type=int, default=1_000_000)
+    parser.add_argument("--postgres", metavar="DSN", help="time PostgreSQL's m007 instead")
     args = parser.parse_args()
+    if args.postgres:
+        return await postgres(args.postgres, args.records)
     maker = RecordMaker()
     with tempfile.TemporaryDirectory(prefix="search-migration-") as tmp:
         path = Path(tmp) / "interactions.db"

@@ -385,3 +385,39 @@ async def test_sqlite_migrates_an_older_store_and_stats_read_only_the_index(
             assert "COVERING INDEX interactions_figures" in plan, (sql, plan)
     finally:
         db.close()
+
+
+@pytest.mark.slow(reason="a store that takes longer than the open timeout to open")
+async def test_a_long_store_upgrade_is_not_cancelled_at_start(
+    fake: FakeOllama, start_proxy: StartProxy, http: aiohttp.ClientSession,
+    postgres_dsn: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A store still opening after OPEN_TIMEOUT (a migration over a large store: minutes) is
+    left to finish in the background, not cancelled and begun again: the proxy serves, the
+    records queue, and are written once it is open."""
+    import psycopg
+
+    from ollama_metrics.analytics import recorder
+    from ollama_metrics.analytics.stores.postgres_migrations import _LOCK_KEY
+
+    dsn = await new_postgres_schema(postgres_dsn)
+    # Another proxy is migrating the same database: this one's migration waits on its lock.
+    holder = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+    await holder.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))
+    try:
+        settings = AnalyticsConfig.build(analytics_backend="postgres",
+                                         analytics_postgres_dsn=dsn)
+        started = time.monotonic()
+        proxy = await start_proxy(fake.url, analytics=settings)
+        assert time.monotonic() - started < recorder.OPEN_TIMEOUT + 5
+        for _ in range(3):
+            async with http.post(proxy.url + "/api/chat", data=CHAT) as resp:
+                assert resp.status == 200
+                await resp.read()
+        assert "postgres is still opening" in caplog.text
+    finally:
+        await holder.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
+        await holder.close()
+    await settle(lambda: _writes(proxy, "postgres") == 3, 10)
+    assert "cannot open postgres" not in caplog.text  # the first open was never given up
+    assert proxy.sample("ollama_analytics_dropped_total", backend="postgres") == 0

@@ -529,3 +529,45 @@ async def test_sqlite_index_follows_batches_retries_and_purges(tmp_path: Path) -
                           ).fetchone() is None
     finally:
         db.close()
+
+
+@pytest.mark.slow(reason="starts PostgreSQL")
+async def test_postgres_migration_indexes_every_text_of_older_records(
+        request: pytest.FixtureRequest) -> None:
+    """A PostgreSQL store made before m007 (its generated column: prompt and reply) has every
+    text of its records indexed once opened; records written afterwards are found too."""
+    import psycopg
+
+    from ollama_metrics.analytics.stores import FIELDS
+    from ollama_metrics.analytics.stores import postgres as pg
+    from ollama_metrics.analytics.stores import postgres_migrations as pm
+
+    dsn = await new_postgres_schema(request.getfixturevalue("postgres_dsn"))
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute("CREATE TABLE ollama_metrics_migrations "
+                           "(name text PRIMARY KEY, applied_at double precision NOT NULL)")
+        for step in pm.MIGRATIONS[:pm.MIGRATIONS.index(pm.m007_every_text_indexed)]:
+            await step(conn)
+            await conn.execute("INSERT INTO ollama_metrics_migrations VALUES (%s, 0)",
+                               (step.__name__,))
+        insert = (f"INSERT INTO interactions ({', '.join(FIELD_NAMES)}) VALUES ("
+                  + ", ".join("%s::jsonb" if kind == "json" else "%s" for _, kind in FIELDS)
+                  + ")")
+        for n, first in enumerate(["first aardvark message", "first okapi message"]):
+            old = full_record(n, messages=[{"role": "user", "content": first},
+                                           {"role": "user", "content": "last"}], prompt="last")
+            await conn.execute(insert, pg._params(old)[:len(FIELDS)])
+        cur = await conn.execute("SELECT count(*) FROM interactions "
+                                 "WHERE search @@ plainto_tsquery('simple', 'aardvark')")
+        assert (await cur.fetchone() or (None,))[0] == 0  # the old index lacks it
+    store = pg.PostgresStore(dsn)
+    await store.open()
+    try:
+        assert ids((await store.search(Query(text="aardvark"))).records) == ["rec-00000"]
+        assert ids((await store.search(Query(text="okapi"))).records) == ["rec-00001"]
+        assert ids((await store.search(Query(text="答案"))).records) == ["rec-00001",
+                                                                         "rec-00000"]
+        await store.write_batch([full_record(2)])
+        assert ids((await store.search(Query(text="Berlin"))).records)[0] == "rec-00002"
+    finally:
+        await store.close()

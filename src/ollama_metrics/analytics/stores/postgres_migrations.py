@@ -110,10 +110,14 @@ async def m007_every_text_indexed(db: Connection) -> None:
         rows = await cur.fetchall()
         if not rows:
             break
-        async with db.cursor() as update:
-            await update.executemany(
-                f"UPDATE interactions SET search = {SEARCH_VECTOR} WHERE seq = %s",
-                [(*search_texts(*row[1:]), row[0]) for row in rows])
+        # One statement a batch: the texts are built here, the vectors by the server.
+        texts = [search_texts(*row[1:]) for row in rows]
+        await db.execute(
+            "UPDATE interactions i SET search = "
+            + SEARCH_VECTOR.replace("%s", "v.{}").format("asked", "answered")
+            + " FROM unnest(%s::bigint[], %s::text[], %s::text[]) AS v(seq, asked, answered)"
+            " WHERE i.seq = v.seq",
+            ([row[0] for row in rows], [t[0] for t in texts], [t[1] for t in texts]))
         last = rows[-1][0]
     await db.execute("CREATE INDEX interactions_search ON interactions USING gin (search)")
 

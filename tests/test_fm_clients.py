@@ -43,7 +43,8 @@ async def test_fm04_client_disconnect_mid_stream(
     row `client_disconnected` with partial counts; in-flight gauge back to 0; no traceback spam.
 
     The stored outcome is `cancelled`; its partial counts are the reply bytes and text that
-    reached the client (token counts come only with Ollama's final line, which never came)."""
+    reached the client, and its output tokens are counted from the chunks that passed (Ollama's
+    final line with its counts never came), marked as the proxy's estimate."""
     caplog.set_level("DEBUG")
     tokens = [f"t{n} " for n in range(100)]
     fake.scenarios["long:latest"] = Scenario(tokens=tokens, token_delay=0.05)
@@ -60,6 +61,8 @@ async def test_fm04_client_disconnect_mid_stream(
     assert row["outcome"] == "cancelled"
     assert row["response_bytes"] >= len(got) > 0
     assert row["response"].startswith("t0 t1 ") and row["response"] != "".join(tokens)
+    assert row["tokens_estimated"] is True
+    assert row["completion_tokens"] == len(row["response"].split()) >= 2
     assert proxy.sample("ollama_active_requests", model="long:latest") == 0
     assert proxy.sample("ollama_client_disconnects_total", model="long:latest",
                         endpoint="/api/generate") == 1

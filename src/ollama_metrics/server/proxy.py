@@ -350,7 +350,11 @@ class Proxy:
                 i.error = f"Ollama closed the reply early: {describe(exc)}"
             await _abort(request, response)
         except ConnectionResetError:  # the client went away
+            reader.close()  # what passed is counted, as for a reply cut short upstream
             i.outcome = Outcome.CANCELLED
+        except asyncio.CancelledError:
+            reader.close()
+            raise
         return response
 
     @staticmethod

@@ -137,17 +137,12 @@ async def measure_recorder(directory: Path, records: list[dict[str, Any]]) -> fl
     return len(records) / elapsed
 
 
-def measure_baseline(directory: Path, records: list[dict[str, Any]]) -> float:
-    """Plain executemany of the same rows: no FTS, no indexes, same batch size and pragmas."""
-    db = sqlite3.connect(directory / "baseline.db", isolation_level=None)
-    db.execute("PRAGMA journal_mode = WAL")
-    db.execute("PRAGMA synchronous = NORMAL")
-    db.execute(f"CREATE TABLE t ({', '.join(FIELD_NAMES)})")
-    sql = f"INSERT INTO t VALUES ({', '.join('?' for _ in FIELD_NAMES)})"
+def _inserts(db: sqlite3.Connection, sql: str, records: list[dict[str, Any]]) -> float:
+    """Records/s of `sql` over the records' rows, 500 a transaction as the Recorder batches."""
     start = time.perf_counter()
     for i in range(0, len(records), 500):
         rows = [_params(r) for r in records[i:i + 500]]
-        db.execute("BEGIN")
+        db.execute("BEGIN IMMEDIATE")
         db.executemany(sql, rows)
         db.execute("COMMIT")
     elapsed = time.perf_counter() - start
@@ -155,25 +150,22 @@ def measure_baseline(directory: Path, records: list[dict[str, Any]]) -> float:
     return len(records) / elapsed
 
 
+_VALUES = f"({', '.join(FIELD_NAMES)}) VALUES ({', '.join('?' for _ in FIELD_NAMES)})"
+
+
+def measure_baseline(directory: Path, records: list[dict[str, Any]]) -> float:
+    """Plain executemany of the same rows: no FTS, no indexes, same batch size and pragmas."""
+    db = _connect(directory / "baseline.db")
+    db.execute(f"CREATE TABLE t ({', '.join(FIELD_NAMES)})")
+    return _inserts(db, f"INSERT INTO t {_VALUES}", records)
+
+
 def measure_before_issue_15(directory: Path, records: list[dict[str, Any]]) -> float:
     """The store's write path before issue 15, same rows and batches: the schema up to m008,
     whose full-text index (prompt and reply only) a trigger kept a row at a time."""
     db = _connect(directory / "before.db")
-    db.execute("CREATE TABLE _migrations (name TEXT PRIMARY KEY, applied_at REAL)")
-    steps = sqlite_migrations.MIGRATIONS
-    for step in steps[:steps.index(sqlite_migrations.m009_every_text_indexed)]:
-        step(db)
-    insert = (f"INSERT OR IGNORE INTO interactions ({', '.join(FIELD_NAMES)}) "
-              f"VALUES ({', '.join('?' for _ in FIELD_NAMES)})")
-    start = time.perf_counter()
-    for i in range(0, len(records), 500):
-        rows = [_params(r) for r in records[i:i + 500]]
-        db.execute("BEGIN IMMEDIATE")
-        db.executemany(insert, rows)
-        db.execute("COMMIT")
-    elapsed = time.perf_counter() - start
-    db.close()
-    return len(records) / elapsed
+    sqlite_migrations.migrate(db, until=sqlite_migrations.m009_every_text_indexed)
+    return _inserts(db, f"INSERT OR IGNORE INTO interactions {_VALUES}", records)
 
 
 def index_bytes_per_record(path: Path) -> float:

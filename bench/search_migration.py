@@ -46,12 +46,7 @@ async def postgres(dsn: str, records: int) -> int:
     dsn = make_conninfo(dsn, options=f"-c search_path={schema}")
     try:
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-            await conn.execute("CREATE TABLE ollama_metrics_migrations "
-                               "(name text PRIMARY KEY, applied_at double precision NOT NULL)")
-            for step in pm.MIGRATIONS[:pm.MIGRATIONS.index(pm.m007_every_text_indexed)]:
-                await step(conn)
-                await conn.execute("INSERT INTO ollama_metrics_migrations VALUES (%s, 0)",
-                                   (step.__name__,))
+            await pm.migrate(conn, until=pm.m007_every_text_indexed)
             insert = (f"INSERT INTO interactions ({', '.join(FIELD_NAMES)}) VALUES ("
                       + ", ".join("%s::jsonb" if kind == "json" else "%s"
                                   for _, kind in FIELDS) + ")")
@@ -89,11 +84,7 @@ async def main() -> int:
     with tempfile.TemporaryDirectory(prefix="search-migration-") as tmp:
         path = Path(tmp) / "interactions.db"
         db = _connect(path)
-        db.execute("CREATE TABLE _migrations (name TEXT PRIMARY KEY, applied_at REAL)")
-        steps = m.MIGRATIONS[:m.MIGRATIONS.index(m.m009_every_text_indexed)]
-        for step in steps:
-            step(db)
-            db.execute("INSERT INTO _migrations VALUES (?, 0)", (step.__name__,))
+        m.migrate(db, until=m.m009_every_text_indexed)
         insert = (f"INSERT INTO interactions ({', '.join(FIELD_NAMES)}) "
                   f"VALUES ({', '.join('?' for _ in FIELD_NAMES)})")
         for done in range(0, args.records, 10_000):

@@ -305,10 +305,7 @@ async def test_sqlite_migration_renames_the_stored_ok_to_success(tmp_path: Path)
     path = tmp_path / "interactions.db"
     db = _connect(path)
     try:
-        db.execute("CREATE TABLE _migrations (name TEXT PRIMARY KEY, applied_at REAL)")
-        for step in sqlite_migrations.MIGRATIONS[:5]:
-            step(db)
-            db.execute("INSERT INTO _migrations VALUES (?, ?)", (step.__name__, time.time()))
+        sqlite_migrations.migrate(db, until=sqlite_migrations.m006_model_names)
         for n, outcome in enumerate(["ok", "error", "ok"]):
             db.execute("INSERT INTO interactions (id, started_at, outcome, truncated, capture, "
                        "image_count) VALUES (?, ?, ?, 0, 'full', 0)",
@@ -338,10 +335,7 @@ async def test_sqlite_migrates_an_older_store_and_stats_read_only_the_index(
     path = tmp_path / "interactions.db"
     db = _connect(path)
     try:
-        db.execute("CREATE TABLE _migrations (name TEXT PRIMARY KEY, applied_at REAL)")
-        for step in sqlite_migrations.MIGRATIONS[:2]:
-            step(db)
-            db.execute("INSERT INTO _migrations VALUES (?, ?)", (step.__name__, time.time()))
+        sqlite_migrations.migrate(db, until=sqlite_migrations.m003_figures_index)
     finally:
         db.close()
     at = time.time() - 100

@@ -470,11 +470,7 @@ async def test_sqlite_migration_indexes_every_text_of_older_records(tmp_path: Pa
     path = tmp_path / "interactions.db"
     db = _connect(path)
     try:
-        db.execute("CREATE TABLE _migrations (name TEXT PRIMARY KEY, applied_at REAL)")
-        steps = sqlite_migrations.MIGRATIONS
-        for step in steps[:steps.index(sqlite_migrations.m009_every_text_indexed)]:
-            step(db)
-            db.execute("INSERT INTO _migrations VALUES (?, 0)", (step.__name__,))
+        sqlite_migrations.migrate(db, until=sqlite_migrations.m009_every_text_indexed)
         old = full_record(1, messages=[{"role": "user", "content": "first aardvark message"},
                                        {"role": "user", "content": "last"}], prompt="last")
         db.execute(f"INSERT INTO interactions ({', '.join(FIELD_NAMES)}) "
@@ -544,12 +540,7 @@ async def test_postgres_migration_indexes_every_text_of_older_records(
 
     dsn = await new_postgres_schema(request.getfixturevalue("postgres_dsn"))
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        await conn.execute("CREATE TABLE ollama_metrics_migrations "
-                           "(name text PRIMARY KEY, applied_at double precision NOT NULL)")
-        for step in pm.MIGRATIONS[:pm.MIGRATIONS.index(pm.m007_every_text_indexed)]:
-            await step(conn)
-            await conn.execute("INSERT INTO ollama_metrics_migrations VALUES (%s, 0)",
-                               (step.__name__,))
+        await pm.migrate(conn, until=pm.m007_every_text_indexed)
         insert = (f"INSERT INTO interactions ({', '.join(FIELD_NAMES)}) VALUES ("
                   + ", ".join("%s::jsonb" if kind == "json" else "%s" for _, kind in FIELDS)
                   + ")")

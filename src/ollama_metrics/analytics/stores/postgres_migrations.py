@@ -127,13 +127,15 @@ MIGRATIONS: list[Callable[[Connection], Awaitable[None]]] = [
     m005_tokens_estimated, m006_outcome_success, m007_every_text_indexed]
 
 
-async def migrate(db: Connection) -> list[str]:
-    """Apply the migrations this database lacks; returns the names applied.
+async def migrate(db: Connection,
+                  until: Callable[[Connection], Awaitable[None]] | None = None) -> list[str]:
+    """Apply the migrations this database lacks (those before `until` only, for making an
+    older store in tests and benchmarks); returns the names applied.
 
     `db` must be in autocommit mode: every step opens its own transaction.
     """
     applied = []
-    for step in MIGRATIONS:
+    for step in MIGRATIONS[:MIGRATIONS.index(until)] if until else MIGRATIONS:
         async with db.transaction():
             await db.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
             # Checked with to_regclass rather than IF NOT EXISTS, which would send a notice

@@ -171,12 +171,14 @@ def pending(db: sqlite3.Connection) -> list[str]:
     return [step.__name__ for step in MIGRATIONS if step.__name__ not in done]
 
 
-def migrate(db: sqlite3.Connection) -> list[str]:
-    """Apply the migrations this database lacks; returns the names applied."""
+def migrate(db: sqlite3.Connection,
+            until: Callable[[sqlite3.Connection], None] | None = None) -> list[str]:
+    """Apply the migrations this database lacks (those before `until` only, for making an
+    older store in tests and benchmarks); returns the names applied."""
     db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL)")
     done = {row[0] for row in db.execute("SELECT name FROM _migrations")}
     applied = []
-    for step in MIGRATIONS:
+    for step in MIGRATIONS[:MIGRATIONS.index(until)] if until else MIGRATIONS:
         if step.__name__ in done:
             continue
         with db:  # one transaction: the step and its bookkeeping row

@@ -203,7 +203,7 @@ async def test_sqlite_size_cap(tmp_path: Path) -> None:
         before = sum(f.stat().st_size for f in files if f.exists())
         assert before > 6_000_000
         # Not much less: what the full-text index keeps of deleted rows (until its segments
-        # merge) must fit too, and its prefix index triples every position of "word".
+        # merge) must fit too, and its prefix index doubles every position of "word".
         deleted = await store.purge(None, 3_000_000)
         assert 0 < deleted < 300
         after = sum(f.stat().st_size for f in files if f.exists())

@@ -2,7 +2,7 @@
 goes away stops its query, and costly searches never take the readers other queries need.
 
 A costly search here is 32 prefix terms whose 4-letter stem (longer than the prefix index's 2
-and 3) stands for thousands of distinct words in every record: FTS5 merges their lists for each
+characters) stands for thousands of distinct words in every record: FTS5 merges their lists for each
 term, seconds of work on a store of 10,000 records."""
 
 from __future__ import annotations

@@ -61,6 +61,22 @@ def test_each_help_lists_only_its_own_options() -> None:
     assert {"--idle-timeout", "--max-parse-bytes", "--shutdown-grace"} <= flags("serve")
 
 
+@pytest.mark.parametrize(("given", "variable"), [
+    (["--shutdown-grace", "2"], "OLLAMA_METRICS_SHUTDOWN_GRACE"),
+    (["--ollama-stop-grace=3"], "OLLAMA_METRICS_OLLAMA_STOP_GRACE"),
+    (["--analytics-dir", "/tmp/x"], "ANALYTICS_DIR"),
+    (["--no-analytics-protect-metrics"], "ANALYTICS_PROTECT_METRICS")])
+def test_run_refuses_an_option_of_serve_rather_than_pass_it_as_the_model(
+    given: list[str], variable: str,
+) -> None:
+    # Before MODEL, an option `run` lacks would reach `ollama run` as the model's name.
+    result = CliRunner().invoke(main, ["run", "--listen", "127.0.0.1:9", *given, "llama3.2"])
+    assert result.exit_code == 2, result.output
+    name = given[0].split("=")[0]
+    assert f"{name} is an option of `serve`, not of `run`" in result.stderr
+    assert f"set {variable}" in result.stderr
+
+
 def test_port_in_use_names_the_port() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -11,12 +11,13 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
 
-from helpers import fake_process
+from helpers import fake_process, proxy_process
 from wrapper_helpers import free_port, get, gone, runs, use_standin, wrapper_process
 
 pytestmark = [pytest.mark.slow(reason="starts and stops Ollama and proxy processes"),
@@ -176,6 +177,21 @@ def test_status(standin: Path, tmp_path: Path) -> None:
         assert "all-minilm:latest (" in out
         assert f"metrics    http://127.0.0.1:{proxy.port}/metrics" in out
         assert f"analytics  sqlite in {tmp_path / 'analytics'}" in out  # ANALYTICS_DIR
+
+
+def test_status_says_forever_for_a_model_kept_loaded() -> None:
+    # keep_alive -1: Ollama's /api/ps then gives an expiry about 292 years ahead.
+    with fake_process() as ollama, proxy_process(ollama.url, "--ps-interval", "0") as proxy:
+        body = {"model": "llama3.2", "prompt": "hi", "stream": False, "keep_alive": -1}
+        request = urllib.request.Request(proxy.url + "/api/generate", json.dumps(body).encode())
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request) as resp:
+            assert resp.status == 200
+        result = cli("status", "--listen", f"127.0.0.1:{proxy.port}")
+    assert result.returncode == 0, result.stdout
+    (kept,) = [line for line in result.stdout.splitlines() if "llama3.2:latest (" in line]
+    assert kept.endswith("context 4096, kept loaded forever)"), kept
+    (other,) = [line for line in result.stdout.splitlines() if "all-minilm:latest (" in line]
+    assert other.endswith(("unloads in 5 minutes)", "unloads in 4 minutes)")), other
 
 
 def test_status_without_a_proxy() -> None:

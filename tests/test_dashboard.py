@@ -26,12 +26,13 @@ from selenium.webdriver.support.ui import WebDriverWait
 from analytics_helpers import records
 from browser import chromium, console_errors, screenshot, viewport
 from conftest import StartProxy
-from fake_ollama import FakeOllama
+from fake_ollama import FakeOllama, Scenario
 from helpers import RunningProxy, raw_request
 from ollama_metrics.analytics.api import cookie_value
 from ollama_metrics.analytics.settings import AnalyticsConfig
 from ollama_metrics.dashboard import routes
 from ollama_metrics.observe.categorize import CATEGORIES
+from ollama_metrics.server.app import LIVE
 
 pytestmark = pytest.mark.slow(reason="drives a real headless Chromium")
 
@@ -521,4 +522,36 @@ def _browse_ticks_and_forever(driver: WebDriver, proxy: RunningProxy) -> None:
         "return new Date(arguments[0] * 1000).toLocaleTimeString('en-GB', "
         "{hour: '2-digit', minute: '2-digit'})", hour)}, ticks
     screenshot(driver, "dashboard-last-tick.png", full_page=False)
+    assert console_errors(driver) == []
+
+
+async def test_active_requests_count_those_not_listed(
+        fake: FakeOllama, start_proxy: StartProxy, tmp_path: Path, browser: WebDriver) -> None:
+    """The live snapshot lists at most `shown` requests in flight (1,000 in service; 2 here):
+    the card counts them all (`active_count`), the table says how many it does not list."""
+    fake.scenarios["slow:latest"] = Scenario(tokens=["a"] * 500, token_delay=0.02)
+    proxy = await start_proxy(fake.url, analytics=_analytics(tmp_path, TOKEN))
+    proxy.app[LIVE].shown = 2
+    async with aiohttp.ClientSession() as client:
+        streams = [await client.post(proxy.url + "/api/generate",
+                                     json={"model": "slow", "prompt": str(n)}) for n in range(5)]
+        try:
+            for stream in streams:
+                await stream.content.readline()
+            await asyncio.to_thread(_browse_active, browser, proxy)
+        finally:
+            for stream in streams:
+                stream.close()
+
+
+def _browse_active(driver: WebDriver, proxy: RunningProxy) -> None:
+    wait = WebDriverWait(driver, 10, ignored_exceptions=[StaleElementReferenceException])
+    viewport(driver, 1280, 800)
+    driver.get(f"{proxy.url}/analytics?token={TOKEN}")
+    wait.until(lambda d: d.execute_script("return document.body.dataset.ready") == "true")
+    wait.until(lambda d: d.find_element(By.ID, "c-active").text.isdigit())
+    assert driver.find_element(By.ID, "c-active").text == "5"
+    rows = [r.text for r in driver.find_elements(By.CSS_SELECTOR, "#active tbody tr")]
+    assert len(rows) == 3 and all("slow:latest" in r for r in rows[:2]), rows
+    assert rows[2] == "+3 more, not listed", rows
     assert console_errors(driver) == []

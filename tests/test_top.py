@@ -163,6 +163,21 @@ async def test_in_flight_counts_those_not_listed(fake: FakeOllama, start_proxy: 
     assert "In flight (5)   +4 more" in small, small
 
 
+async def test_a_request_without_a_model_reads_as_the_other_views_write_it(
+        fake: FakeOllama, start_proxy: StartProxy) -> None:
+    proxy = await start_proxy(fake.url)
+    async with aiohttp.ClientSession() as http:
+        async with http.post(proxy.url + "/api/generate", json={"prompt": "hi"}) as r:
+            assert r.status == 400
+        await settle(lambda: len(proxy.app[LIVE].snapshot()["recent"]) == 1)
+        async with http.get(proxy.url + "/analytics/live") as r:
+            snapshot: dict[str, Any] = await r.json()
+    assert [m["model"] for m in snapshot["models"]] == [None]
+    screen = sections(render(snapshot, 100, 40))
+    assert row(screen["Per model"], "-") is not None, screen
+    assert screen["Recent"][1].split()[1] == "-", screen
+
+
 
 # --- the live view in a real terminal ---------------------------------------------------------
 

@@ -65,8 +65,9 @@ class Live:
         window = [r for r in self._recent if (r["ended_at"] or 0) >= now - RATE_WINDOW]
         models: dict[str, dict[str, Any]] = {}
         for r in window:
-            m = models.setdefault(r["model"] or "none", {
-                "model": r["model"] or "none", "requests": 0, "errors": 0, "tokens": 0})
+            # No model: null, which every view writes as its one word for it (units.MISSING).
+            m = models.setdefault(r["model"] or "", {
+                "model": r["model"] or None, "requests": 0, "errors": 0, "tokens": 0})
             m["requests"] += 1
             m["errors"] += r["status"] == "error"
             m["tokens"] += r["completion_tokens"] or 0

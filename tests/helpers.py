@@ -11,7 +11,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,11 +134,13 @@ def fake_process(*args: str) -> Iterator[Process]:
 
 
 @contextmanager
-def proxy_process(upstream: str, *args: str) -> Iterator[Process]:
+def proxy_process(upstream: str, *args: str,
+                  python: Sequence[str] = ("-m", "ollama_metrics")) -> Iterator[Process]:
     """`python -m ollama_metrics serve` as a separate process on a free port, in a scratch
-    directory of its own (conftest's data_home keeps its default analytics out of $HOME)."""
+    directory of its own (conftest's data_home keeps its default analytics out of $HOME).
+    `python`: what runs the CLI instead of `-m ollama_metrics` (a `-c` script)."""
     with tempfile.TemporaryDirectory(prefix="ollama-metrics-proxy-") as scratch:
-        p = _start([sys.executable, "-m", "ollama_metrics", "serve", "--listen", "127.0.0.1:0",
+        p = _start([sys.executable, *python, "serve", "--listen", "127.0.0.1:0",
                     "--upstream", upstream, *args], r"listening on http://127\.0\.0\.1:(\d+)",
                    cwd=scratch)
         try:

@@ -61,6 +61,22 @@ def test_each_help_lists_only_its_own_options() -> None:
     assert {"--idle-timeout", "--max-parse-bytes", "--shutdown-grace"} <= flags("serve")
 
 
+@pytest.mark.parametrize(("given", "variable"), [
+    (["--shutdown-grace", "2"], "OLLAMA_METRICS_SHUTDOWN_GRACE"),
+    (["--ollama-stop-grace=3"], "OLLAMA_METRICS_OLLAMA_STOP_GRACE"),
+    (["--analytics-dir", "/tmp/x"], "ANALYTICS_DIR"),
+    (["--no-analytics-protect-metrics"], "ANALYTICS_PROTECT_METRICS")])
+def test_run_refuses_an_option_of_serve_rather_than_pass_it_as_the_model(
+    given: list[str], variable: str,
+) -> None:
+    # Before MODEL, an option `run` lacks would reach `ollama run` as the model's name.
+    result = CliRunner().invoke(main, ["run", "--listen", "127.0.0.1:9", *given, "llama3.2"])
+    assert result.exit_code == 2, result.output
+    name = given[0].split("=")[0]
+    assert f"{name} is an option of `serve`, not of `run`" in result.stderr
+    assert f"set {variable}" in result.stderr
+
+
 def test_port_in_use_names_the_port() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -176,15 +192,44 @@ def test_start_failures_are_one_line_and_exit_2(tmp_path: Path, args: list[str],
     assert lines[0].startswith("ollama-metrics: ")
 
 
+# `serve` as on Windows: an event loop without add_signal_handler (asyncio's selector loop
+# before its Unix additions, which is Windows' SelectorEventLoop), and no uvloop.
+_NO_SIGNAL_HANDLERS = """
+import asyncio, sys
+from asyncio.selector_events import BaseSelectorEventLoop
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "uvloop":
+            raise ImportError("No module named 'uvloop' (blocked by the test)")
+sys.meta_path.insert(0, _Block())
+class _Policy(asyncio.DefaultEventLoopPolicy):
+    def new_event_loop(self):
+        return BaseSelectorEventLoop()
+asyncio.set_event_loop_policy(_Policy())
+loop = asyncio.new_event_loop()
+try:
+    loop.add_signal_handler(2, print)
+except NotImplementedError:
+    pass
+else:
+    raise SystemExit("this loop has add_signal_handler")
+loop.close()
+from ollama_metrics.cli import main
+main(prog_name="ollama-metrics")
+"""
+
+
 @pytest.mark.slow(reason="a proxy process, a stream in flight and two signals")
-def test_second_signal_stops_at_once_after_writing_the_queue(tmp_path: Path) -> None:
+@pytest.mark.parametrize("loop", ["unix", "without add_signal_handler (as on Windows)"])
+def test_second_signal_stops_at_once_after_writing_the_queue(tmp_path: Path, loop: str) -> None:
     """The first SIGINT starts the grace and says how to cut it short; the second stops at
     once (not after the 60 s grace), and the records are in the store, the cut stream's too."""
     slow = json.dumps({"slow:latest": {"tokens": ["x"] * 200, "token_delay": 0.3},
                        "llama3.2:latest": {}})
+    python = ("-m", "ollama_metrics") if loop == "unix" else ("-c", _NO_SIGNAL_HANDLERS)
     with fake_process("--scenarios", slow) as fake, \
             proxy_process(fake.url, "--analytics-dir", str(tmp_path),
-                          "--shutdown-grace", "60") as proxy:
+                          "--shutdown-grace", "60", python=python) as proxy:
         with urllib.request.urlopen(urllib.request.Request(
                 proxy.url + "/api/generate", data=b'{"model": "llama3.2", "prompt": "hi"}')) as r:
             r.read()

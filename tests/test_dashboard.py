@@ -26,12 +26,13 @@ from selenium.webdriver.support.ui import WebDriverWait
 from analytics_helpers import records
 from browser import chromium, console_errors, screenshot, viewport
 from conftest import StartProxy
-from fake_ollama import FakeOllama
+from fake_ollama import FakeOllama, Scenario
 from helpers import RunningProxy, raw_request
 from ollama_metrics.analytics.api import cookie_value
 from ollama_metrics.analytics.settings import AnalyticsConfig
 from ollama_metrics.dashboard import routes
 from ollama_metrics.observe.categorize import CATEGORIES
+from ollama_metrics.server.app import LIVE
 
 pytestmark = pytest.mark.slow(reason="drives a real headless Chromium")
 
@@ -424,3 +425,133 @@ def _browse_long(driver: WebDriver, proxy: RunningProxy) -> None:
     # the detail view shows all of those, the table cell 40.
     title = driver.find_element(By.ID, "detail-title")
     wait.until(lambda d: "m" * 256 in (title.get_attribute("textContent") or ""))
+
+
+# uPlot draws the axes on a canvas: to know where a tick label lands, the page's plots are kept
+# as they are made (the vendored script assigns the global `uPlot`, this wraps its constructor).
+KEEP_PLOTS = """(() => {
+  let real;
+  window.__plots = [];
+  Object.defineProperty(window, "uPlot", {
+    configurable: true,
+    get() { return real; },
+    set(made) {
+      real = new Proxy(made, { construct(target, args) {
+        const plot = new target(...args);
+        window.__plots.push(plot);
+        return plot;
+      } });
+    },
+  });
+})();"""
+
+# Each plot's last time label on the x axis: where it ends against the canvas it is drawn on
+# (labels are centred on their tick, in the axis's font), in CSS pixels. With `hour`, each plot
+# first shows a series that ends on a round hour (as `08:00` did when it was cut).
+LAST_TICKS = """const [hour, done] = arguments;
+const measure = document.createElement("canvas").getContext("2d");
+if (hour !== null) {
+  for (const u of window.__plots) {
+    const xs = Array.from({ length: 13 }, (_, i) => hour - (12 - i) * 300);
+    u.setData([xs, ...u.series.slice(1).map(() => xs.map((_, i) => i % 3))]);
+  }
+}
+setTimeout(() => done(window.__plots.filter((u) => u.width > 0).map((u) => {
+  const axis = u.axes[0];
+  const labels = axis._values.map((text, i) => [u.valToPos(axis._splits[i], "x", true), text])
+    .filter(([, text]) => text);
+  const [at, text] = labels.reduce((a, b) => (b[0] > a[0] ? b : a));
+  measure.font = "11px system-ui, sans-serif";
+  const ratio = u.ctx.canvas.width / u.ctx.canvas.getBoundingClientRect().width;
+  const box = u.ctx.canvas.getBoundingClientRect();
+  return { chart: u.root.parentElement.id, text,
+           right: box.left + (at / ratio) + measure.measureText(text).width / 2,
+           canvasRight: box.right, boxRight: u.root.parentElement.getBoundingClientRect().right };
+})), 100);"""
+
+
+async def test_time_labels_and_a_model_kept_forever(
+        fake: FakeOllama, start_proxy: StartProxy, http: aiohttp.ClientSession, tmp_path: Path,
+        browser: WebDriver) -> None:
+    """The last time label of every chart is drawn whole inside its canvas (it was cut to
+    `08:0`), and a model kept loaded with keep_alive -1 unloads "forever" (was `631840 h 5 min`)."""
+    proxy = await start_proxy(fake.url, analytics=_analytics(tmp_path, TOKEN), ps_interval=0.2)
+    async with http.post(proxy.url + "/api/generate", json={
+            "model": "llama3.2", "prompt": "hi", "stream": False, "keep_alive": -1}) as resp:
+        assert resp.status == 200
+    await records(proxy, http, 1, headers=AUTH)
+    kept = browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": KEEP_PLOTS})
+    try:
+        await asyncio.to_thread(_browse_ticks_and_forever, browser, proxy)
+    finally:  # the browser serves the module's other tests
+        browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", kept)
+
+
+def _loaded_rows(driver: WebDriver) -> dict[str, list[str]]:
+    rows = {}
+    for row in driver.find_elements(By.CSS_SELECTOR, "#loaded tbody tr"):
+        cells = [c.text for c in row.find_elements(By.TAG_NAME, "td")]
+        if len(cells) > 1:
+            rows[cells[0]] = cells
+    return rows
+
+
+def _browse_ticks_and_forever(driver: WebDriver, proxy: RunningProxy) -> None:
+    wait = WebDriverWait(driver, 10, ignored_exceptions=[StaleElementReferenceException])
+    viewport(driver, 1280, 800)
+    driver.get(f"{proxy.url}/analytics?token={TOKEN}")
+    wait.until(lambda d: d.execute_script("return document.body.dataset.ready") == "true")
+    wait.until(lambda d: len(_loaded_rows(d)) == 2)
+    loaded = _loaded_rows(driver)
+    assert loaded["llama3.2:latest"][-1] == "forever", loaded
+    assert loaded["all-minilm:latest"][-1] in ("4 minutes", "5 minutes"), loaded
+
+    hour = driver.execute_script("const d = new Date(); d.setMinutes(0, 0, 0);"
+                                 "return d.getTime() / 1000;")
+    for window in ("1h", "24h", None):  # the windows' own series, then one ending on the hour
+        if window is not None:
+            driver.find_element(By.CSS_SELECTOR, f'[data-window="{window}"]').click()
+            wait.until(lambda d: d.execute_script("return document.body.dataset.ready") == "true")
+        ticks = driver.execute_async_script(LAST_TICKS, None if window else hour)
+        assert len(ticks) >= 4, ticks
+        for tick in ticks:
+            assert tick["right"] <= tick["canvasRight"] + 0.5, (window, tick)
+            assert tick["canvasRight"] <= tick["boxRight"] + 0.5, (window, tick)
+    ends = {t["text"] for t in ticks}
+    assert ends == {driver.execute_script(
+        "return new Date(arguments[0] * 1000).toLocaleTimeString('en-GB', "
+        "{hour: '2-digit', minute: '2-digit'})", hour)}, ticks
+    screenshot(driver, "dashboard-last-tick.png", full_page=False)
+    assert console_errors(driver) == []
+
+
+async def test_active_requests_count_those_not_listed(
+        fake: FakeOllama, start_proxy: StartProxy, tmp_path: Path, browser: WebDriver) -> None:
+    """The live snapshot lists at most `shown` requests in flight (1,000 in service; 2 here):
+    the card counts them all (`active_count`), the table says how many it does not list."""
+    fake.scenarios["slow:latest"] = Scenario(tokens=["a"] * 500, token_delay=0.02)
+    proxy = await start_proxy(fake.url, analytics=_analytics(tmp_path, TOKEN))
+    proxy.app[LIVE].shown = 2
+    async with aiohttp.ClientSession() as client:
+        streams = [await client.post(proxy.url + "/api/generate",
+                                     json={"model": "slow", "prompt": str(n)}) for n in range(5)]
+        try:
+            for stream in streams:
+                await stream.content.readline()
+            await asyncio.to_thread(_browse_active, browser, proxy)
+        finally:
+            for stream in streams:
+                stream.close()
+
+
+def _browse_active(driver: WebDriver, proxy: RunningProxy) -> None:
+    wait = WebDriverWait(driver, 10, ignored_exceptions=[StaleElementReferenceException])
+    viewport(driver, 1280, 800)
+    driver.get(f"{proxy.url}/analytics?token={TOKEN}")
+    wait.until(lambda d: d.execute_script("return document.body.dataset.ready") == "true")
+    wait.until(lambda d: d.find_element(By.ID, "c-active").text.isdigit())
+    assert driver.find_element(By.ID, "c-active").text == "5"
+    rows = [r.text for r in driver.find_elements(By.CSS_SELECTOR, "#active tbody tr")]
+    assert len(rows) == 3 and all("slow:latest" in r for r in rows[:2]), rows
+    assert rows[2] == "+3 more, not listed", rows
+    assert console_errors(driver) == []

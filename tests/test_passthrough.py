@@ -11,12 +11,13 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
 
-from helpers import fake_process
+from helpers import fake_process, proxy_process
 from wrapper_helpers import free_port, get, gone, runs, use_standin, wrapper_process
 
 pytestmark = [pytest.mark.slow(reason="starts and stops Ollama and proxy processes"),
@@ -99,19 +100,24 @@ def test_run_uses_a_running_proxy(standin: Path) -> None:
         assert result.stdout == "Hello, world!\n"
         assert "started" not in result.stderr
         assert requests_through(proxy.url, "/api/generate") == 1
+        # `ollama run`'s own flags go to it, before or after the model's name.
+        flagged = cli("run", "--listen", f"127.0.0.1:{proxy.port}", "--verbose", "llama3.2",
+                      "--keepalive", "5m", "say hi")
+        assert flagged.returncode == 0, flagged.stderr
+        assert flagged.stdout == "Hello, world!\n"
         missing = cli("run", "--listen", f"127.0.0.1:{proxy.port}", "nope", "hi")
         assert missing.returncode == 1
         assert "pull model manifest: file does not exist" in missing.stderr
 
 
-@pytest.mark.xfail(reason="regressed in this wave's merge (run's own options, issue 16, with the "
-                   "model-name normalisation, issue 15): the stand-in's `run llama3.2` answers "
-                   "'pull model manifest: file does not exist'; to be fixed next session",
-                   strict=False)
-def test_run_starts_a_proxy_in_the_background(standin: Path, tmp_path: Path) -> None:
+def test_run_starts_a_proxy_in_the_background(
+    standin: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
     listen = f"127.0.0.1:{free_port()}"
-    args = ["--listen", listen, "--ollama-host", f"127.0.0.1:{free_port()}",
-            "--ollama-stop-grace", "3", "--shutdown-grace", "2"]
+    args = ["--listen", listen, "--ollama-host", f"127.0.0.1:{free_port()}"]
+    # Settings that are not `run`'s reach the background proxy by their variables.
+    monkeypatch.setenv("OLLAMA_METRICS_OLLAMA_STOP_GRACE", "3")
+    monkeypatch.setenv("OLLAMA_METRICS_SHUTDOWN_GRACE", "2")
     result = cli("run", *args, "llama3.2", stdin="say hi")
     serve_pid = None
     try:
@@ -137,6 +143,7 @@ def test_run_starts_a_proxy_in_the_background(standin: Path, tmp_path: Path) -> 
                     proc.send_signal(signal.SIGTERM)
                     proc.wait(15)
     assert gone(child, timeout=5)
+    assert "shutting down (up to 2.0s" in log.read_text()
 
 
 def test_run_refuses_an_ollama_on_the_listen_port(standin: Path) -> None:
@@ -170,6 +177,21 @@ def test_status(standin: Path, tmp_path: Path) -> None:
         assert "all-minilm:latest (" in out
         assert f"metrics    http://127.0.0.1:{proxy.port}/metrics" in out
         assert f"analytics  sqlite in {tmp_path / 'analytics'}" in out  # ANALYTICS_DIR
+
+
+def test_status_says_forever_for_a_model_kept_loaded() -> None:
+    # keep_alive -1: Ollama's /api/ps then gives an expiry about 292 years ahead.
+    with fake_process() as ollama, proxy_process(ollama.url, "--ps-interval", "0") as proxy:
+        body = {"model": "llama3.2", "prompt": "hi", "stream": False, "keep_alive": -1}
+        request = urllib.request.Request(proxy.url + "/api/generate", json.dumps(body).encode())
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request) as resp:
+            assert resp.status == 200
+        result = cli("status", "--listen", f"127.0.0.1:{proxy.port}")
+    assert result.returncode == 0, result.stdout
+    (kept,) = [line for line in result.stdout.splitlines() if "llama3.2:latest (" in line]
+    assert kept.endswith("context 4096, kept loaded forever)"), kept
+    (other,) = [line for line in result.stdout.splitlines() if "all-minilm:latest (" in line]
+    assert other.endswith(("unloads in 5 minutes)", "unloads in 4 minutes)")), other
 
 
 def test_status_without_a_proxy() -> None:

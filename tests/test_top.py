@@ -138,6 +138,47 @@ async def test_render_real_snapshot(fake: FakeOllama, start_proxy: StartProxy) -
         "! the proxy needs a token", "! (401): pass --token"]
 
 
+async def test_in_flight_counts_those_not_listed(fake: FakeOllama, start_proxy: StartProxy
+                                                 ) -> None:
+    """The snapshot lists at most `shown` requests in flight (1,000 in service; 2 here), and
+    `active_count` has them all: top shows that count, and how many it does not list."""
+    fake.scenarios["slow:latest"] = Scenario(tokens=["a"] * 200, token_delay=0.02)
+    proxy = await start_proxy(fake.url)
+    proxy.app[LIVE].shown = 2
+    async with aiohttp.ClientSession() as http:
+        streams = [await http.post(proxy.url + "/api/generate",
+                                   json={"model": "slow", "prompt": str(n)}) for n in range(5)]
+        for stream in streams:
+            await stream.content.readline()
+        async with http.get(proxy.url + "/analytics/live") as r:
+            snapshot: dict[str, Any] = await r.json()
+        for stream in streams:
+            stream.close()
+    assert (snapshot["active_count"], len(snapshot["active"])) == (5, 2)
+    lines = render(snapshot, 100, 40, url=proxy.url)
+    assert lines[1].startswith("in flight 5 "), lines
+    assert "In flight (5)   +3 more" in lines, lines
+    assert len(sections(lines)["In flight"]) == 3  # column header and the two listed
+    small = render(snapshot, 100, 12)  # room for one of the two listed: one more unseen
+    assert "In flight (5)   +4 more" in small, small
+
+
+async def test_a_request_without_a_model_reads_as_the_other_views_write_it(
+        fake: FakeOllama, start_proxy: StartProxy) -> None:
+    proxy = await start_proxy(fake.url)
+    async with aiohttp.ClientSession() as http:
+        async with http.post(proxy.url + "/api/generate", json={"prompt": "hi"}) as r:
+            assert r.status == 400
+        await settle(lambda: len(proxy.app[LIVE].snapshot()["recent"]) == 1)
+        async with http.get(proxy.url + "/analytics/live") as r:
+            snapshot: dict[str, Any] = await r.json()
+    assert [m["model"] for m in snapshot["models"]] == [None]
+    screen = sections(render(snapshot, 100, 40))
+    assert row(screen["Per model"], "-") is not None, screen
+    assert screen["Recent"][1].split()[1] == "-", screen
+
+
+
 # --- the live view in a real terminal ---------------------------------------------------------
 
 

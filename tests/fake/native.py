@@ -29,6 +29,7 @@ from fake.wire import (
     _is_embedding_model,
     _is_zero_duration,
     _json,
+    _keep_alive_seconds,
     _ndjson_frame,
     _norm_name,
     _parse,
@@ -86,14 +87,28 @@ class NativeRoutes(FakeServer):
         return _json({"models": [self._model_entry(n) for n in self._models()]})
 
     async def _ps(self, ctx: _Ctx) -> web.StreamResponse:
-        expires = _go_time(time.time_ns() + 300 * 1_000_000_000, local=True)
-        models = []
+        now = time.time_ns()
+        loaded = []
         for name in self._models():
             entry = self._model_entry(name)
             del entry["modified_at"]
-            entry.update(expires_at=expires, size_vram=entry["size"], context_length=4096)
-            models.append(entry)
-        return _json({"models": models})
+            keep = self.kept_alive.get(name, 300.0)
+            if keep == 0:  # unloaded after its request
+                continue
+            # A negative keep_alive keeps the model forever: Ollama's expiry is then now plus
+            # Go's longest duration (about 292 years).
+            left = (1 << 63) - 1 if keep < 0 else int(keep * 1_000_000_000)
+            entry.update(expires_at=_go_time(now + left, local=True), size_vram=entry["size"],
+                         context_length=4096)
+            loaded.append((left, entry))
+        loaded.sort(key=lambda pair: -pair[0])  # as Ollama: the latest expiry first
+        return _json({"models": [entry for _, entry in loaded]})
+
+    def _keep_alive(self, model: str, value: Any) -> None:
+        """Remember a request's keep_alive for the model, as /api/ps then reports it."""
+        seconds = _keep_alive_seconds(value)
+        if seconds is not None and self._key(model) is not None:
+            self.kept_alive[_norm_name(model)] = seconds
 
     async def _show(self, ctx: _Ctx) -> web.StreamResponse:
         req = _parse(ctx.body, "api.ShowRequest")
@@ -282,6 +297,7 @@ class NativeRoutes(FakeServer):
         sc = self._find(model)
         if sc is None:
             return _unknown_model(model)
+        self._keep_alive(model, req.get("keep_alive"))
         empty = not (req.get("messages") if chat else req.get("prompt"))
         if empty and _is_zero_duration(req.get("keep_alive")):
             return _json(self._load_reply(chat, model, "unload"))
@@ -323,6 +339,7 @@ class NativeRoutes(FakeServer):
         sc = self._find(model)
         if sc is None:
             return _unknown_model(model)
+        self._keep_alive(model, req.get("keep_alive"))
         inputs = self._embed_inputs(req.get("input"))
         if inputs is None:
             return _err(400, "invalid input type")

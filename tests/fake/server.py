@@ -53,6 +53,7 @@ class FakeServer:
         self.scenarios: dict[str, Scenario] = scenarios
         self.requests: list[RequestRecord] = []
         self.blobs: set[str] = set()
+        self.kept_alive: dict[str, float] = {}  # model → the last keep_alive asked, in seconds
         self.check_host = check_host
         self.version = version
         self.origins = [*extra_origins, *_DEFAULT_ORIGINS]  # OLLAMA_ORIGINS entries come first

@@ -181,6 +181,31 @@ def _is_zero_duration(value: Any) -> bool:
     return isinstance(value, str) and bool(_ZERO_DURATION_RE.fullmatch(value.strip()))
 
 
+_DURATION_PART_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0,
+                   "h": 3600.0}
+
+
+def _keep_alive_seconds(value: Any) -> float | None:
+    """A request's keep_alive in seconds (negative: kept forever), or None when it gives none:
+    a number is seconds, a string a Go duration (`"5m"`, `"-1m"`, `"1h30m"`)."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    sign = -1.0 if text.startswith("-") else 1.0
+    text = text.lstrip("+-")
+    if text in ("0", ""):
+        return 0.0 if text else None
+    parts = _DURATION_PART_RE.findall(text)
+    if "".join(n + u for n, u in parts) != text:
+        return None
+    return sign * sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+
+
 def _split_host_port(hostport: str) -> str:
     """net.SplitHostPort's host, or the whole value when that fails (as Ollama does)."""
     if hostport.startswith("["):

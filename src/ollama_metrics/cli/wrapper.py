@@ -19,7 +19,16 @@ from .options import (
     given_args,
     some_options,
 )
-from .proxy import EXIT_FAILED, EXIT_NO_OLLAMA, fail, start_errors
+from .proxy import EXIT_FAILED, EXIT_NO_OLLAMA, fail, serve, start_errors
+
+
+def _serve_only(word: str) -> click.Option | None:
+    """The `serve` option `word` names (`--flag` or `--flag=value`) when `run` lacks it."""
+    name = word.split("=", 1)[0]
+    for param in serve.params:
+        if isinstance(param, click.Option) and name in (*param.opts, *param.secondary_opts):
+            return param
+    return None
 
 
 @click.command(context_settings={"ignore_unknown_options": True,
@@ -37,6 +46,11 @@ def run(ctx: click.Context, /, model: str, args: tuple[str, ...], **options: Any
     from ..ollama.passthrough import ensure_proxy, find_ollama, run_ollama
     from ..paths import log_dir
 
+    # Options go to `run` before MODEL; an option of `serve` there would otherwise reach
+    # `ollama run` as the model's name.
+    if model.startswith("--") and (setting := _serve_only(model)) is not None:
+        ctx.fail(f"{model.split('=', 1)[0]} is an option of `serve`, not of `run`: for the proxy "
+                 f"`run` starts, set {setting.envvar} (or start `ollama-metrics serve` yourself)")
     config = build_config(**options)
     with start_errors():
         binary = find_ollama(config.ollama_bin, os.environ)

@@ -4,7 +4,8 @@ An observer like the others: `started` puts the Interaction in the in-flight tab
 moves a short summary of it to a bounded ring. Nothing here is stored or holds prompt text; the
 snapshot is computed when someone asks (GET /analytics/live), never per request. Every value kept
 or shown is bounded (model names arrive capped, see interaction.CAPS), and so is the snapshot:
-at most `keep` recent entries and ACTIVE_SHOWN requests in flight (`active_count` has them all).
+at most `keep` recent entries and `shown` (ACTIVE_SHOWN) requests in flight (`active_count` has
+them all).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ ACTIVE_SHOWN = 1000  # requests in flight listed in a snapshot, the longest-runn
 
 
 class Live:
-    def __init__(self, keep: int = 500) -> None:
+    def __init__(self, keep: int = 500, shown: int = ACTIVE_SHOWN) -> None:
+        self.shown = shown
         self._active: dict[str, Interaction] = {}
         self._recent: deque[dict[str, Any]] = deque(maxlen=keep)
 
@@ -59,12 +61,13 @@ class Live:
         } for i in list(self._active.values())]
         active.sort(key=lambda a: -a["elapsed"])
         count = len(active)
-        del active[ACTIVE_SHOWN:]
+        del active[self.shown:]
         window = [r for r in self._recent if (r["ended_at"] or 0) >= now - RATE_WINDOW]
         models: dict[str, dict[str, Any]] = {}
         for r in window:
-            m = models.setdefault(r["model"] or "none", {
-                "model": r["model"] or "none", "requests": 0, "errors": 0, "tokens": 0})
+            # No model: null, which every view writes as its one word for it (units.MISSING).
+            m = models.setdefault(r["model"] or "", {
+                "model": r["model"] or None, "requests": 0, "errors": 0, "tokens": 0})
             m["requests"] += 1
             m["errors"] += r["status"] == "error"
             m["tokens"] += r["completion_tokens"] or 0

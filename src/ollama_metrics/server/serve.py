@@ -14,7 +14,9 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from types import FrameType
+from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -123,16 +125,50 @@ async def serve(config: Config, sock: socket.socket, stop: asyncio.Event | None 
     """
     stop = stop or asyncio.Event()
     now = asyncio.Event()  # a second signal: stop without waiting for the grace
-    loop = asyncio.get_running_loop()
 
     def on_signal() -> None:
         if stop.is_set():
             now.set()
         stop.set()
+    with _stop_signals(asyncio.get_running_loop(), on_signal):
+        await _serve(config, sock, stop, now, environ, analytics)
+
+
+@contextlib.contextmanager
+def _stop_signals(loop: asyncio.AbstractEventLoop, handler: Callable[[], None]
+                  ) -> Iterator[None]:
+    """`handler` runs in the loop on each SIGINT and SIGTERM, the first and the second alike.
+
+    A loop without add_signal_handler (Windows) gets them through a plain signal handler that
+    hands each to the loop: Python's own would cut the shutdown short instead (asyncio.run
+    cancels on the first Ctrl-C and raises KeyboardInterrupt on the second, abandoning the queued
+    records and an Ollama being stopped). Outside the main thread, signals are left alone.
+    """
+    added: list[signal.Signals] = []
+    replaced: dict[signal.Signals, Any] = {}
+
+    def hand_over(signum: int, frame: FrameType | None) -> None:
+        loop.call_soon_threadsafe(handler)
     for sig in (signal.SIGINT, signal.SIGTERM):
-        # Windows has no add_signal_handler; KeyboardInterrupt still stops the process there.
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, on_signal)
+        try:
+            loop.add_signal_handler(sig, handler)
+            added.append(sig)
+        except NotImplementedError:
+            with contextlib.suppress(ValueError):  # not the main thread
+                replaced[sig] = signal.signal(sig, hand_over)
+        except RuntimeError:  # not the main thread
+            pass
+    try:
+        yield
+    finally:
+        for sig in added:
+            loop.remove_signal_handler(sig)
+        for sig, previous in replaced.items():
+            signal.signal(sig, previous)
+
+
+async def _serve(config: Config, sock: socket.socket, stop: asyncio.Event, now: asyncio.Event,
+                 environ: Mapping[str, str] | None, analytics: AnalyticsConfig | None) -> None:
     registry = new_registry()
     supervisor = None
     if config.supervise:

@@ -175,6 +175,12 @@ def _status(word: Any, http_status: Any) -> str:
     return word if word == "cancelled" or not http_status else f"{word} {http_status}"
 
 
+def _in_flight(snapshot: Snapshot) -> int:
+    """Requests in flight: all of them (`active_count`), not only those listed (`active`)."""
+    count = snapshot.get("active_count")
+    return count if isinstance(count, int) else len(snapshot.get("active", []))
+
+
 def _totals(snapshot: Snapshot) -> str:
     models = snapshot.get("models", [])
     window = snapshot.get("window_seconds", 60)
@@ -183,7 +189,7 @@ def _totals(snapshot: Snapshot) -> str:
         return sum(m.get(key) or 0 for m in models)
 
     errors = total("errors")
-    return (f"in flight {len(snapshot.get('active', []))}   last {window:g} s: "
+    return (f"in flight {_in_flight(snapshot)}   last {window:g} s: "
             f"{total('requests'):g} requests, {total('requests_per_second'):.2f} req/s, "
             f"{total('tokens_per_second'):.1f} tok/s, {errors:g} error{'' if errors == 1 else 's'}")
 
@@ -213,19 +219,24 @@ def render(snapshot: Snapshot | None, width: int, height: int, *, url: str = "",
     else:
         head.append(_totals(snapshot))
         window = snapshot.get("window_seconds", 60)
-        sections = [(f"In flight ({len(snapshot.get('active', []))})", IN_FLIGHT,
+        flying = _in_flight(snapshot)
+        sections = [(f"In flight ({flying})", IN_FLIGHT,
                      _in_flight_rows(snapshot), "nothing in flight"),
                     (f"Per model (last {window:g} s)", PER_MODEL, _model_rows(snapshot),
                      "no requests in the window"),
                     ("Recent", RECENT, _recent_rows(snapshot), "nothing finished yet")]
         tables = [_table(columns, rows, width) if rows else ["  " + empty]
                   for _, columns, rows, empty in sections]
+        # Rows not on screen: those the screen has no room for, and the requests in flight the
+        # snapshot does not list.
+        unlisted = [max(0, flying - len(snapshot.get("active", []))), 0, 0]
         # Every section keeps its blank line, title and column header (or "nothing" line).
         fixed = len(head) + bool(footer) + 3 * len(sections)
         shown = _allot([len(t) - 1 for t in tables], height - fixed)
         body = []
-        for (title, _, _, _), table, n in zip(sections, tables, shown, strict=True):
-            hidden = len(table) - 1 - n
+        for (title, _, _, _), table, n, more in zip(sections, tables, shown, unlisted,
+                                                    strict=True):
+            hidden = len(table) - 1 - n + more
             body += ["", f"{title}   +{hidden} more" if hidden else title, *table[:1 + n]]
     lines = head + body
     if footer and height > 0:

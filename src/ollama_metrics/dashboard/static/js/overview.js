@@ -73,14 +73,22 @@ export class Overview {
   }
 
   showLive(live) {
-    setText("c-active", fmtInt(live.active.length));
-    fillTable($("active").tBodies[0], live.active.map((a) => el("tr", {},
+    // All requests in flight; the snapshot lists the longest-running of them (at most 1,000).
+    const total = Number.isInteger(live.active_count) ? live.active_count : live.active.length;
+    const unlisted = total - live.active.length;
+    setText("c-active", fmtInt(total));
+    const rows = live.active.map((a) => el("tr", {},
       el("td", cell(a.model)),
       el("td", cell(a.endpoint, 32)),
       el("td", { class: "num", text: fmtSeconds(a.elapsed) }),
       el("td", { class: "num", text: fmtSeconds(a.ttft) }),
       el("td", { class: "num", text: fmtInt(a.chunks) }),
-    )), "Nothing in flight.");
+    ));
+    if (unlisted > 0) {
+      rows.push(el("tr", { class: "more" }, el("td", {
+        class: "empty", colspan: 5, text: `+${fmtInt(unlisted)} more, not listed` })));
+    }
+    fillTable($("active").tBodies[0], rows, "Nothing in flight.");
   }
 
   showLoaded(loaded) {

@@ -505,6 +505,8 @@ def _browse_ticks_and_forever(driver: WebDriver, proxy: RunningProxy) -> None:
     loaded = _loaded_rows(driver)
     assert loaded["llama3.2:latest"][-1] == "forever", loaded
     assert loaded["all-minilm:latest"][-1] in ("4 minutes", "5 minutes"), loaded
+    # Sizes in decimal units, as `ollama ps` and `ollama-metrics status` write them.
+    assert loaded["all-minilm:latest"][1] == "46.0 MB", loaded
 
     hour = driver.execute_script("const d = new Date(); d.setMinutes(0, 0, 0);"
                                  "return d.getTime() / 1000;")

@@ -97,15 +97,16 @@ export function fmtPercent(fraction) {
   return `${p === 0 ? "0" : p < 10 ? p.toFixed(1) : p.toFixed(0)}%`;
 }
 
+// Bytes as `ollama ps` and the CLI write them (decimal units): 512 B, 4.1 KB, 272 MB, 5.4 GB.
 export function fmtBytes(n) {
-  if (missing(n)) return DASH;
-  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
-  let i = 0;
-  while (n >= 1024 && i < units.length - 1) {
-    n /= 1024;
-    i += 1;
+  if (missing(n) || n < 0) return DASH;
+  for (const [unit, scale] of [["TB", 1e12], ["GB", 1e9], ["MB", 1e6], ["KB", 1e3]]) {
+    if (n >= scale) {
+      const v = n / scale;
+      return `${v < 100 ? v.toFixed(1) : v.toFixed(0)} ${unit}`;
+    }
   }
-  return `${i === 0 ? n : n.toFixed(n < 10 ? 2 : 1)} ${units[i]}`;
+  return `${Math.trunc(n)} B`;
 }
 
 export function fmtClock(epoch) {

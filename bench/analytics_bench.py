@@ -4,8 +4,8 @@
 
 1. Writes: realistic records (chats of one to three user turns and replies drawn from a fixed
    vocabulary, one in ten in Japanese, every field filled) go through the Recorder into the
-   SQLite store, as the proxy sends them: submit() into the bounded queue, the writer thread
-   batching into SQLite with its FTS5 index. Reported as sustained records/s, next to two
+   SQLite store, as the proxy sends them: submit() into the writer process and its bounded
+   queue, batching into SQLite with its FTS5 index. Reported as sustained records/s, next to two
    baselines measured in the same run: plain sqlite3 executemany of the same rows into a table
    with no index and no full-text triggers, and the store as it was before issue 15 (schema up
    to m008: an index of the prompt and the reply only, kept by a trigger per row). The size of
@@ -117,23 +117,30 @@ class RecordMaker:
 
 
 async def measure_recorder(directory: Path, records: list[dict[str, Any]]) -> float:
-    """Records/s from submit() to committed rows, through the real queue and writer."""
+    """Records/s from submit() to committed rows, through the real writer process and its
+    queue, as its reports show them."""
     settings = AnalyticsConfig.build(analytics_dir=str(directory), analytics_retention_days=0,
                                      analytics_queue_size=20_000, analytics_batch_size=500)
     store = SqliteStore(directory / "interactions.db")
-    recorder = Recorder([store], settings, CollectorRegistry())
+    registry = CollectorRegistry()
+    recorder = Recorder([store], settings, registry)
     await recorder.start()
+
+    def sample(name: str, **labels: str) -> float:
+        return registry.get_sample_value(name, {"backend": "sqlite", **labels}) or 0.0
+
     start = time.perf_counter()
     pending = records
-    while pending:
-        room = settings.queue_size - recorder._lanes[0].queue.qsize()
+    while pending or sample("ollama_analytics_writes_total", status="success") < len(records):
+        room = settings.queue_size - int(sample("ollama_analytics_queue_size"))
         for record in pending[:room]:
             recorder.submit(record)
         pending = pending[room:]
         await asyncio.sleep(0.005)
-    await recorder._lanes[0].queue.join()
     elapsed = time.perf_counter() - start
     await recorder.close()
+    if sample("ollama_analytics_dropped_total"):
+        raise RuntimeError("records were dropped: the figure would not be of all of them")
     return len(records) / elapsed
 
 

@@ -48,8 +48,15 @@ async def test_every_backend_stores_the_same_record(
             {"role": "user", "content": "Why is the sky blue?"}], options={"seed": 1})
     (from_sqlite,) = await records(proxy, http, 1)
     await settle(lambda: all(_writes(proxy, b) == 1 for b in ("postgres", "jsonl", "loki")))
-    store = proxy.app[RECORDER].stores[1]
-    from_postgres = await store.get(from_sqlite["id"])  # type: ignore[attr-defined]
+    from ollama_metrics.analytics.stores.postgres import PostgresStore
+
+    assert settings.postgres_dsn is not None
+    store = PostgresStore(settings.postgres_dsn)  # the writer process's connections are its own
+    await store.open()
+    try:
+        from_postgres = await store.get(from_sqlite["id"])
+    finally:
+        await store.close()
     (jsonl_file,) = tmp_path.glob("interactions-*.jsonl.gz")
     from_jsonl = [orjson.loads(line) for line in gzip.decompress(jsonl_file.read_bytes())
                   .splitlines()]
@@ -90,8 +97,8 @@ async def test_full_queue_drops_and_counts_never_delays(
                 await resp.read()
             durations.append(time.perf_counter() - started)
         assert max(durations) < 0.5, durations  # requests never waited for the store
-        # Records are built on a thread, then queued: at most the queue and a batch in the
-        # writer's hands get through while the store is stuck.
+        # At most the queue and a batch in the writer's hands get through while the store is
+        # stuck.
         await settle(lambda: proxy.sample("ollama_analytics_dropped_total",
                                           backend="sqlite") >= 33)
         assert proxy.sample("ollama_analytics_queue_size", backend="sqlite") == 5
@@ -120,8 +127,9 @@ async def test_failing_store_is_retried_and_others_carry_on(
             await resp.read()
     await records(proxy, http, 5)  # SQLite is not held up by Loki's trouble
     await settle(lambda: len(loki.lines()) == 5, 10)  # 0.5 s, then 1 s of back-off
+    # The writer process reports its figures a few tens of milliseconds after they change.
+    await settle(lambda: _writes(proxy, "loki") == 5)
     assert _writes(proxy, "loki", "error") >= 2
-    assert _writes(proxy, "loki") == 5
     assert proxy.sample("ollama_analytics_dropped_total", backend="loki") == 0
 
 

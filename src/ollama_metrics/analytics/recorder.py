@@ -1,11 +1,26 @@
-"""Bounded queues and background writers: analytics never delays or fails a request.
+"""The proxy's side of analytics: hand each finished exchange to the writer process, never wait.
 
-Each store has its own bounded queue and writer task, so a slow or broken store (Loki down,
-PostgreSQL unreachable, a full disk) only costs its own counted drops. `submit` never waits: a
-full queue drops the record and counts it. A writer takes whatever is queued (up to a batch),
-writes it, and on failure retries the same batch with exponential back-off until it succeeds or
-shutdown's grace runs out. `close` drains the queues within the grace period.
-A periodic task enforces retention on every store.
+Building records (caps, capture level, redaction), encoding them and writing them to the stores
+run in the writer process (writer.py), so none of it takes the event loop's core or its GIL.
+Here, `finished` (the observer protocol) and `submit` (a record already built) only append to a
+list; once per event-loop turn that list is encoded as one orjson frame and written to a Unix
+socket connected to the writer (no thread: the loop's own non-blocking transport). Bounded:
+when more than `queue_size` records wait for a connection, or the transport's write buffer
+holds more than `queue_size` times RECORD_BYTES, records are dropped and counted
+(`ollama_analytics_dropped_total`); a full queue never waits.
+
+The writer reports each connection's figures (writes, drops, its queues); the Recorder turns
+them into its own metrics, with the names and meanings they always had. Records the writer
+took and never reported settled when its connection is lost (it died) are counted as dropped
+(those it wrote in its last writer.REPORT_EVERY seconds among them: the count errs that way).
+
+One writer serves any number of proxy processes. A Recorder made without `writer` starts one
+(WriterProcess: restarted when it dies, counted in `ollama_analytics_writer_restarts_total`) and
+connects to it; a Recorder made with `writer=<socket path>` connects to a writer another process
+started (WriterProcess.address), and reconnects when the connection drops.
+
+Searches never go through the writer: the queryable store (SQLite in WAL mode, PostgreSQL) is
+opened here too, for reading, while the writer process writes.
 """
 
 from __future__ import annotations
@@ -13,57 +28,51 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+import pickle
+import shutil
+import socket
+import sys
+import tempfile
 from functools import partial
+from pathlib import Path
+from typing import Any, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from ..observe.interaction import Interaction
-from ..printable import printable
-from . import record
-from .privacy import Privacy
+from . import channel
 from .settings import AnalyticsConfig
-from .stores import Record, Store
+from .stores import Record, Store, queryable
+from .writer import DROPPED, ERROR, SUCCESS, WAITING
 
 log = logging.getLogger(__name__)
 
-BACKOFF_START = 0.5
-BACKOFF_MAX = 30.0
 OPEN_TIMEOUT = 10.0
-INLINE_BUILD_BYTES = 16 * 1024  # larger exchanges are built on the builder thread
-
-
-@dataclass
-class _Lane:
-    """One store with its queue and writer."""
-
-    store: Store
-    queue: asyncio.Queue[Record]
-    task: asyncio.Task[None] | None = None
-    opened: bool = False
-    opening: asyncio.Future[None] | None = None  # the first open, left running past start()
-    failing_since: float | None = None
-    inflight: int = 0  # records taken from the queue and not yet written
+RECORD_BYTES = 8 * 1024  # the transport's buffer holds at most queue_size records of this size
+RECONNECT_EVERY = 0.5
+RESTART_AFTER = (0.5, 30.0)  # back-off between restarts of a writer that keeps dying
+STEADY = 10.0  # seconds a writer must live for the back-off to start again from its floor
+STOP_MARGIN = 5.0  # beyond the drain grace, for the writer to answer and exit
 
 
 class Recorder:
-    """The analytics observer: builds the record, queues it, writes it in the background."""
+    """The analytics observer: sends each finished exchange to the writer process."""
 
     def __init__(self, stores: list[Store], settings: AnalyticsConfig,
-                 registry: CollectorRegistry) -> None:
+                 registry: CollectorRegistry, writer: str | None = None) -> None:
         self.settings = settings
-        self.privacy = Privacy.from_settings(settings)
-        self.stores = stores
-        self._lanes = [_Lane(s, asyncio.Queue(settings.queue_size)) for s in stores]
+        self.stores = stores  # here only the queryable one is opened, for reading
+        self._names = [s.name for s in stores]
+        self._reader = queryable(stores)
+        self._address = writer
+        self._batch: list[tuple[int, Interaction | Record]] = []
+        self._scheduled = False
+        self._link: _Link | None = None
+        self._connecting: asyncio.Task[None] | None = None
+        self._opening: asyncio.Task[None] | None = None
         self._closing = False
-        self._deadline = float("inf")
-        self._builder = ThreadPoolExecutor(1, thread_name_prefix="analytics-record")
-        self._building = 0  # records handed to the builder thread and not yet queued
-        self._idle = asyncio.Event()
-        self._cleanup: asyncio.Task[None] | None = None
+        self._limit = settings.queue_size * RECORD_BYTES
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.queue_size = Gauge(
             "ollama_analytics_queue_size", "Records waiting to be written", ["backend"],
             registry=registry)
@@ -77,11 +86,14 @@ class Recorder:
         self.dropped = Counter(
             "ollama_analytics_dropped_total",
             "Records not stored: queue full, refused by the store, or still unwritten when "
-            "shutdown's grace ran out",
+            "shutdown's grace ran out or the writer process died",
             ["backend"], registry=registry)
-        for lane in self._lanes:
-            name = lane.store.name
-            self.queue_size.labels(name).set_function(lane.queue.qsize)
+        self.restarts = Counter(
+            "ollama_analytics_writer_restarts_total",
+            "Writer processes that died and were started again", registry=registry)
+        self.process = WriterProcess(settings, self.restarts) if writer is None else None
+        for name in self._names:
+            self.queue_size.labels(name).set_function(partial(self._waiting, name))
             self.queue_capacity.labels(name).set(settings.queue_size)
             self.writes.labels(name, "success")
             self.writes.labels(name, "error")
@@ -93,192 +105,276 @@ class Recorder:
         return None
 
     def finished(self, interaction: Interaction, token: object) -> None:
-        """Build the record (privacy applied) on the builder thread, then queue it.
-
-        Redacting a long reply is milliseconds of regex work: done here it would stall every
-        other stream on the event loop. Builds waiting for the thread count against the queue
-        bound like queued records do, so a burst cannot grow memory without limit.
-        """
-        if (self._closing or self._building >= self.settings.queue_size
-                or all(lane.queue.full() for lane in self._lanes)):  # nowhere to go: not built
-            for lane in self._lanes:
-                self.dropped.labels(lane.store.name).inc()
-            return
-        if interaction.request_bytes + interaction.response_bytes <= INLINE_BUILD_BYTES:
-            # Small exchanges (most chat turns) are built right here: tens of microseconds,
-            # less than handing them to a thread and contending for the GIL to get them back.
-            try:
-                rec = record.build(interaction, self.privacy)
-            except Exception:
-                log.exception("analytics: could not build a record")
-                for lane in self._lanes:
-                    self.dropped.labels(lane.store.name).inc()
-                return
-            self.submit(rec)
-            return
-        self._building += 1
-        future = asyncio.get_running_loop().run_in_executor(
-            self._builder, record.build, interaction, self.privacy)
-        future.add_done_callback(self._built)
-
-    def _built(self, future: asyncio.Future[Record]) -> None:
-        self._building -= 1
-        try:
-            rec = future.result()
-        except Exception:  # a record we cannot build is lost, loudly; the proxy carries on
-            log.exception("analytics: could not build a record")
-            for lane in self._lanes:
-                self.dropped.labels(lane.store.name).inc()
-        else:
-            self.submit(rec)
-        if self._building == 0:  # even after a failure, or close() would wait its whole grace
-            self._idle.set()
+        self._append(channel.INTERACTION, interaction)
 
     def submit(self, rec: Record) -> None:
-        """Queue `rec` for every store; never waits. A full queue drops and counts."""
-        for lane in self._lanes:
-            if self._closing:
-                self.dropped.labels(lane.store.name).inc()
-                continue
-            try:
-                lane.queue.put_nowait(rec)
-            except asyncio.QueueFull:
-                self.dropped.labels(lane.store.name).inc()
+        """Queue a record already built for every store; never waits."""
+        self._append(channel.RECORD, rec)
 
-    # --- lifecycle -----------------------------------------------------------------------
+    def _append(self, kind: int, item: Interaction | Record) -> None:
+        if self._closing or len(self._batch) >= self.settings.queue_size:
+            self._drop(1)
+            return
+        self._batch.append((kind, item))
+        if not self._scheduled and self._loop is not None:
+            self._scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """This turn's records as one frame to the writer; kept while there is no
+        connection, dropped when the connection's buffer is full."""
+        self._scheduled = False
+        link = self._link
+        if not self._batch or link is None or link.transport.is_closing():
+            return
+        batch, self._batch = self._batch, []
+        if link.transport.get_write_buffer_size() > self._limit:
+            self._drop(len(batch))
+            return
+        payload, n = channel.encode(batch)
+        self._drop(len(batch) - n)
+        link.transport.writelines((channel.frame(payload), payload))
+        link.sent += n
+        for kind, item in batch:
+            if kind == channel.INTERACTION:  # large requests should not outlive the exchange
+                item.messages = item.images = None  # type: ignore[union-attr]
+
+    def _drop(self, n: int) -> None:
+        if n:
+            for name in self._names:
+                self.dropped.labels(name).inc(n)
+
+    def _waiting(self, backend: str) -> float:
+        link = self._link
+        if link is None:
+            return len(self._batch)
+        return len(self._batch) + link.sent - link.received + link.figures[backend][WAITING]
+
+    # --- the connection ----------------------------------------------------------------------
+
+    def _reported(self, link: _Link, report: dict[str, Any]) -> None:
+        for name, now in report["backends"].items():
+            if name not in link.figures:
+                continue
+            before = link.figures[name]
+            self.writes.labels(name, "success").inc(now[SUCCESS] - before[SUCCESS])
+            self.writes.labels(name, "error").inc(now[ERROR] - before[ERROR])
+            self.dropped.labels(name).inc(now[DROPPED] - before[DROPPED])
+            link.figures[name] = now
+        link.received = report["received"]
+        link.ready.set()
+        if report["final"]:
+            link.final = True
+
+    def _lost(self, link: _Link) -> None:
+        if self._link is link:
+            self._link = None
+        if not link.final:  # the writer died: what it had not settled is lost
+            lost = {name: link.sent - f[SUCCESS] - f[DROPPED] for name, f in link.figures.items()}
+            for name, n in lost.items():
+                self.dropped.labels(name).inc(max(n, 0))
+            if any(lost.values()):
+                log.warning("analytics: the writer process went away with up to %d records "
+                            "not written", max(lost.values()))
+        link.sent = link.received = 0
+        for figures in link.figures.values():
+            figures[WAITING] = 0
+        link.done.set()
+        if not self._closing:
+            self._connecting = asyncio.ensure_future(self._connect())
+
+    async def _connect(self) -> None:
+        """Connect to the writer, and try again every RECONNECT_EVERY seconds until it
+        answers."""
+        assert self._loop is not None
+        path = self._address or (self.process.address if self.process else "")
+        while not self._closing:
+            try:
+                _, link = await self._loop.create_unix_connection(
+                    lambda: _Link(self, self._names), path)
+            except OSError as exc:
+                log.debug("analytics: cannot reach the writer at %s yet: %s", path, exc)
+                await asyncio.sleep(RECONNECT_EVERY)
+                continue
+            self._link = link
+            self._flush()
+            return
+
+    # --- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open every store and start the writers. A store that cannot open now is retried
-        by its writer in the background; its records queue meanwhile. An open still running
-        after OPEN_TIMEOUT (a migration over a large store takes minutes) is not cancelled:
-        it goes on in the background, and its writer starts when it is done."""
-        for lane in self._lanes:
-            lane.opening = asyncio.ensure_future(lane.store.open())
-        await asyncio.wait([lane.opening for lane in self._lanes if lane.opening],
-                           timeout=OPEN_TIMEOUT)
-        for lane in self._lanes:
-            opening = lane.opening
-            if opening is None or not opening.done():
-                log.warning("analytics: %s is still opening (upgrading a large store can take "
-                            "minutes); its records queue meanwhile", lane.store.name)
-                continue
-            lane.opening = None
-            exc = opening.exception()
-            if exc is None:
-                lane.opened = True
-            else:
+        """Open the queryable store for reading, start the writer process (unless attached
+        to another's) and connect to it."""
+        self._loop = asyncio.get_running_loop()
+        if self._reader is not None:  # its migrations run before the writer opens it too
+            try:
+                await asyncio.wait_for(self._reader.open(), OPEN_TIMEOUT)
+            except Exception as exc:
                 log.warning("analytics: cannot open %s yet, retrying in the background: %s",
-                            lane.store.name, printable(str(exc) or type(exc).__name__))
-        for lane in self._lanes:
-            lane.task = asyncio.create_task(self._write_loop(lane),
-                                            name=f"analytics-{lane.store.name}")
-        if self.settings.retention_days or self.settings.max_size_mb:
-            self._cleanup = asyncio.create_task(self._cleanup_loop(), name="analytics-cleanup")
+                            self._reader.name, exc or type(exc).__name__)
+                self._opening = asyncio.create_task(self._open_reader())
+        if self.process is not None:
+            await self.process.start()
+        await self._connect()
+        if self._link is not None:  # the writer's first report says its stores are open
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._link.ready.wait(), OPEN_TIMEOUT + STOP_MARGIN)
+
+    async def _open_reader(self) -> None:
+        assert self._reader is not None
+        delay = RESTART_AFTER[0]
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self._reader.open()
+                return
+            except Exception as exc:
+                log.debug("analytics: cannot open %s yet: %s", self._reader.name, exc)
+                delay = min(delay * 2, RESTART_AFTER[1])
 
     async def close(self) -> None:
-        """Stop accepting, write what is queued within the drain grace, close the stores."""
-        self._deadline = time.monotonic() + self.settings.drain_grace
-        if self._building:  # records of the last requests are still being built
-            self._idle.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), self.settings.drain_grace)
+        """Send what is left, wait (up to the drain grace) for the writer to settle it, stop
+        the writer process if it is ours, close the store."""
+        self._flush()
         self._closing = True
-        self._builder.shutdown(wait=False)
-        if self._cleanup is not None:
-            self._cleanup.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._cleanup
-        for lane in self._lanes:
-            await self._drain(lane)
-        for lane in self._lanes:
+        if self._connecting is not None:
+            self._connecting.cancel()
+        link = self._link
+        if link is not None:
+            link.transport.write_eof()
+            try:
+                await asyncio.wait_for(link.done.wait(),
+                                       self.settings.drain_grace + STOP_MARGIN)
+            except asyncio.TimeoutError:
+                link.transport.abort()
+                await link.done.wait()
+        self._drop(len(self._batch))  # never reached a writer
+        self._batch.clear()
+        if self.process is not None:
+            await self.process.stop(self.settings.drain_grace + STOP_MARGIN)
+        if self._opening is not None:
+            self._opening.cancel()
+        if self._reader is not None:
             with contextlib.suppress(Exception):
-                await lane.store.close()
+                await self._reader.close()
 
-    async def _drain(self, lane: _Lane) -> None:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(lane.queue.join(), max(0.0, self._deadline - time.monotonic()))
-        if lane.task is not None:
-            lane.task.cancel()
+
+class _Link(asyncio.Protocol):
+    """One connection to the writer: what was sent on it, and the writer's last report."""
+
+    def __init__(self, recorder: Recorder, names: list[str]) -> None:
+        self.recorder = recorder
+        self.transport: asyncio.WriteTransport = None  # type: ignore[assignment]
+        self.sent = 0
+        self.received = 0
+        self.figures = {name: [0, 0, 0, 0] for name in names}
+        self.final = False
+        self.ready = asyncio.Event()  # the writer's first report came
+        self.done = asyncio.Event()
+        self._buffer = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.WriteTransport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        while len(self._buffer) >= channel.HEADER:
+            size = int.from_bytes(self._buffer[:channel.HEADER], "big")
+            end = channel.HEADER + size
+            if len(self._buffer) < end:
+                return
+            report = channel.decode(bytes(self._buffer[channel.HEADER:end]))
+            del self._buffer[:end]
+            self.recorder._reported(self, report)
+
+    def eof_received(self) -> bool:
+        return False  # the writer is done with this connection: close it
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.recorder._lost(self)
+
+
+class WriterProcess:
+    """The writer process (writer.py) behind a Unix socket in a private directory: started,
+    restarted when it dies (after a back-off, counted in `restarts`), stopped.
+
+    The listening socket is this process's and is handed to each writer it starts, so the
+    address stays the same across restarts and connections made while no writer runs wait in
+    the socket's backlog. Other processes attach with `Recorder(..., writer=address)`.
+    """
+
+    def __init__(self, settings: AnalyticsConfig, restarts: Counter | None = None) -> None:
+        self.settings = settings
+        self.restarts = restarts
+        self.address = ""
+        self._dir: str | None = None
+        self._listening: socket.socket | None = None
+        self._process: asyncio.subprocess.Process | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    async def start(self) -> None:
+        self._dir = tempfile.mkdtemp(prefix="ollama-metrics-")  # 0700: only this user
+        self.address = str(Path(self._dir) / "writer.sock")
+        self._listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listening.bind(self.address)
+        self._listening.listen(128)
+        await self._spawn()
+        self._watch = asyncio.create_task(self._watch_loop(), name="analytics-writer-watch")
+
+    async def _spawn(self) -> None:
+        assert self._listening is not None
+        fd = self._listening.fileno()
+        self._process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "ollama_metrics.analytics.writer", str(fd),
+            stdin=asyncio.subprocess.PIPE, pass_fds=(fd,))
+        settings = pickle.dumps((self.settings, logging.getLogger().getEffectiveLevel()))
+        assert self._process.stdin is not None
+        self._process.stdin.write(channel.frame(settings) + settings)
+
+    async def _watch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        delay = RESTART_AFTER[0]
+        while True:
+            assert self._process is not None
+            born = loop.time()
+            code = await self._process.wait()
+            if self._stopping:
+                return
+            log.warning("analytics: the writer process exited (code %s); starting another in "
+                        "%.1fs", code, delay)
+            if loop.time() - born > STEADY:
+                delay = RESTART_AFTER[0]
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, RESTART_AFTER[1])
+            if self.restarts is not None:
+                self.restarts.inc()
+            await self._spawn()
+
+    async def stop(self, timeout: float) -> None:
+        """Close the writer's stdin (it writes what is queued, then exits); kill it past
+        `timeout`."""
+        self._stopping = True
+        process = self._process
+        if process is not None and process.returncode is None:
+            assert process.stdin is not None
+            process.stdin.close()
+            try:
+                await asyncio.wait_for(process.wait(), timeout)
+            except asyncio.TimeoutError:
+                log.warning("analytics: the writer process did not stop in %.0fs; killing it",
+                            timeout)
+                process.kill()
+                await process.wait()
+        if self._watch is not None:
+            self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await lane.task
-        left = lane.queue.qsize() + lane.inflight
-        if left:
-            self.dropped.labels(lane.store.name).inc(left)
-            log.warning("analytics: %d records for %s were not written before shutdown",
-                        left, lane.store.name)
-
-    # --- the writer ----------------------------------------------------------------------
-
-    async def _write_loop(self, lane: _Lane) -> None:
-        if lane.opening is not None:  # the first open, still running after start()
-            try:
-                await lane.opening
-                lane.opened = True
-            except Exception as exc:
-                log.warning("analytics: cannot open %s yet, retrying: %s", lane.store.name,
-                            printable(str(exc) or type(exc).__name__))
-            lane.opening = None
-        if not lane.opened:
-            lane.opened = await self._retry(lane, lane.store.open, "open") is not None
-        while True:
-            batch = [await lane.queue.get()]
-            while len(batch) < self.settings.batch_size and not lane.queue.empty():
-                batch.append(lane.queue.get_nowait())
-            lane.inflight = len(batch)
-            refused = await self._retry(lane, partial(lane.store.write_batch, batch), "write",
-                                        len(batch))
-            # Records the store refused for good, or still unwritten when the grace ran out.
-            self.dropped.labels(lane.store.name).inc(len(batch) if refused is None else refused)
-            lane.inflight = 0
-            for _ in batch:
-                lane.queue.task_done()
-
-    async def _retry(self, lane: _Lane, action: Callable[[], Awaitable[int | None]], what: str,
-                     n: int = 0) -> int | None:
-        """Run `action` until it succeeds or shutdown's grace runs out (None). A write returns
-        how many of its `n` records the store refused for good; success counts the rest."""
-        name = lane.store.name
-        delay = BACKOFF_START
-        while True:
-            try:
-                refused = await action() or 0
-            except Exception as exc:
-                if n:
-                    self.writes.labels(name, "error").inc(n)
-                if lane.failing_since is None:
-                    lane.failing_since = time.monotonic()
-                    log.warning("analytics: %s to %s failed, retrying: %s", what, name,
-                                printable(exc or type(exc).__name__))
-                else:
-                    log.debug("analytics: %s to %s failed again: %s", what, name, printable(exc))
-                if time.monotonic() + delay > self._deadline:
-                    return None
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, BACKOFF_MAX)
-                continue
-            if n > refused:
-                self.writes.labels(name, "success").inc(n - refused)
-            if lane.failing_since is not None:
-                log.warning("analytics: %s to %s works again after %.1fs", what, name,
-                            time.monotonic() - lane.failing_since)
-                lane.failing_since = None
-            return refused
-
-    async def _cleanup_loop(self) -> None:
-        max_bytes = int(self.settings.max_size_mb * 2**20) or None
-        while True:
-            older = (time.time() - self.settings.retention_days * 86400
-                     if self.settings.retention_days else None)
-            for lane in self._lanes:
-                if not lane.opened:
-                    continue
-                try:
-                    deleted = await lane.store.purge(older, max_bytes)
-                except Exception as exc:
-                    log.warning("analytics: cleanup of %s failed: %s", lane.store.name,
-                                printable(exc))
-                    continue
-                if deleted:
-                    log.info("analytics: removed %s from %s", f"{deleted} old records"
-                             if deleted > 0 else "old files", lane.store.name)
-            await asyncio.sleep(self.settings.cleanup_interval)
+                await self._watch
+        if self._listening is not None:
+            self._listening.close()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)

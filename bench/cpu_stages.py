@@ -45,14 +45,16 @@ from wrk import WrkError, run_wrk
 # writer, under frames of the other stages. A stage may be listed twice to rank some of its
 # patterns above another stage's.
 PARSE = "accept/parse: request, routing, body"
+WRITER = "writer process (own core): build, encode, write, index"
 STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("hand-off to the writer process", ("WriterProcess.", "pack (", "Queue._feed")),
+    # The writer process's stacks start with its command line (py-spy --subprocesses).
+    (WRITER, ("ollama_metrics.analytics.writer",)),
+    ("hand-off to the writer process: append, encode the turn's frame, write, reports", (
+        "Recorder.finished", "Recorder.submit", "Recorder._append", "Recorder._flush",
+        "Recorder._reported", "analytics/channel.py", "_Link.")),
     ("record: categorize, build, privacy", (
-        "analytics/record.py", "analytics/privacy.py", "Recorder.finished", "Recorder._built",
-        "Recorder.submit", "observe/categorize.py", "apply_caps")),
-    ("store: encode, write, index", (
-        "analytics/stores/", "Recorder._write_loop", "Recorder._retry", "Recorder._drain",
-        "analytics/writer.py")),
+        "analytics/record.py", "analytics/privacy.py", "observe/categorize.py", "apply_caps")),
+    ("store: encode, write, index", ("analytics/stores/", "analytics/writer.py")),
     ("metrics: counters, histograms, live", (
         "observe/metrics.py", "observe/live.py", "observe/labels.py", "prometheus_client/")),
     (PARSE, ("read_request", "Proxy._parse", "Proxy._request_body")),
@@ -73,7 +75,8 @@ ENTRY = ("asyncio/runners.py", "uvloop/__init__.py")  # frames up to these start
 class Split:
     """CPU µs per unit (request or frame) and the py-spy samples sorted by stage."""
 
-    cpu_us: float = math.nan
+    cpu_us: float = math.nan  # the proxy's processes: its event loop's and the writer's
+    writer_us: float = math.nan  # of which the writer process (the proxy's children)
     nginx_us: float = math.nan
     samples: Counter[str] = field(default_factory=Counter)
 
@@ -84,6 +87,8 @@ class Split:
 
 def stage_of(stack: str) -> str:
     frames = stack.split(";")
+    if any(p in frames[0] for p in STAGES[0][1]):
+        return WRITER
     entry = [k for k, frame in enumerate(frames) if any(e in frame for e in ENTRY)]
     if entry:
         frames = frames[entry[-1] + 1:]
@@ -103,25 +108,30 @@ def read_raw(path: Path) -> Counter[str]:
     return counts
 
 
-def cpu_seconds(target: Target) -> float:
+def cpu_seconds(target: Target) -> tuple[float, float]:
+    """CPU seconds (user + system) of the target's process and of its children."""
     import psutil
 
     root = psutil.Process(target.child.process.pid)
-    procs = [root, *root.children(recursive=True)]
-    total = 0.0
-    for p in procs:
+    totals = [0.0, 0.0]
+    for n, p in enumerate([root, *root.children(recursive=True)]):
         try:
-            total += sum(p.cpu_times()[:2])
+            totals[min(n, 1)] += sum(p.cpu_times()[:2])
         except psutil.NoSuchProcess:
             continue
-    return total
+    return totals[0], totals[1]
 
 
-def measured(target: Target, load: Callable[[], int]) -> float:
-    """CPU µs per unit of `load` (which returns the units it carried)."""
+def measured(target: Target, load: Callable[[], int]) -> tuple[float, float]:
+    """CPU µs per unit of `load` (which returns the units it carried): all the target's
+    processes, and its children's alone."""
     before = cpu_seconds(target)
     units = load()
-    return (cpu_seconds(target) - before) / units * 1e6 if units else math.nan
+    after = cpu_seconds(target)
+    if not units:
+        return math.nan, math.nan
+    children = (after[1] - before[1]) / units * 1e6
+    return (after[0] - before[0]) / units * 1e6 + children, children
 
 
 def profiled(py_spy: str, target: Target, load: Callable[[], int], seconds: float,
@@ -151,10 +161,17 @@ def render(plain: Split, streamed: Split, streams: int) -> str:
                      f"{streamed.stage_us(stage):.2f}", share(streamed, stage)))
     rows.append(("ollama-metrics CPU, total", f"{plain.cpu_us:.1f}", "100 %",
                  f"{streamed.cpu_us:.2f}", "100 %"))
+    rows.append(("  of which the writer process", f"{plain.writer_us:.1f}", "",
+                 f"{streamed.writer_us:.2f}", ""))
+    rows.append(("  of which the event loop's process", f"{plain.cpu_us - plain.writer_us:.1f}",
+                 "", f"{streamed.cpu_us - streamed.writer_us:.2f}", ""))
     rows.append(("nginx CPU, same run", f"{plain.nginx_us:.1f}", "",
                  f"{streamed.nginx_us:.2f}", ""))
     rows.append(("ollama-metrics / nginx", f"{plain.cpu_us / plain.nginx_us:.2f}x", "",
                  f"{streamed.cpu_us / streamed.nginx_us:.2f}x", ""))
+    loop = plain.cpu_us - plain.writer_us, streamed.cpu_us - streamed.writer_us
+    rows.append(("event loop's process / nginx", f"{loop[0] / plain.nginx_us:.2f}x", "",
+                 f"{loop[1] / streamed.nginx_us:.2f}x", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for index, row in enumerate(rows):
@@ -219,8 +236,8 @@ def main(argv: list[str] | None = None) -> int:
             run_wrk(wrk, proxy.url(GENERATE_PATH), connections=32, threads=2,
                     duration_s=min(1.0, args.duration))
             for split, load in ((plain, wrk_load), (streamed, streams_load)):
-                split.nginx_us = measured(web, load(web))
-                split.cpu_us = measured(proxy, load(proxy))
+                split.nginx_us = measured(web, load(web))[0]
+                split.cpu_us, split.writer_us = measured(proxy, load(proxy))
             print("profiling", file=sys.stderr)
             plain.samples = profiled(py_spy, proxy, wrk_load(proxy), args.duration,
                                      work / "plain.txt")

@@ -57,7 +57,7 @@ class Origin:
 
     stream: asyncio.StreamWriter
     figures: dict[str, list[int]]  # backend -> [success, error, dropped, waiting]
-    held: int = 0  # record copies (one per backend) taken in, with no outcome yet
+    held: dict[str, int] = field(default_factory=dict)  # per backend: taken in, no outcome yet
     received: int = 0
     closed: bool = False  # its final report is sent: later outcomes are nobody's
     settled: asyncio.Event = field(default_factory=asyncio.Event)
@@ -68,11 +68,15 @@ class Origin:
         if self.report is None and not self.closed:
             self.report = asyncio.get_running_loop().call_later(REPORT_EVERY, self.send)
 
+    def hold(self, backend: str) -> None:
+        self.held[backend] = self.held.get(backend, 0) + 1
+        self.count(backend, WAITING)
+
     def outcome(self, backend: str, what: int) -> None:
-        """One copy it was holding is written (SUCCESS) or lost (DROPPED)."""
+        """One record it was holding for `backend` is written (SUCCESS) or lost (DROPPED)."""
         self.count(backend, what)
-        self.held -= 1
-        if not self.held:
+        self.held[backend] -= 1
+        if not any(self.held.values()):
             self.settled.set()
 
     def send(self, final: bool = False) -> None:
@@ -96,7 +100,6 @@ class _Lane:
     task: asyncio.Task[None] | None = None
     opened: bool = False
     failing_since: float | None = None
-    inflight: list[Item] = field(default_factory=list)  # taken from the queue, not yet written
 
 
 class Writer:
@@ -131,7 +134,7 @@ class Writer:
                 self.take(origin, channel.decode(await reader.readexactly(size)))
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the proxy is done (or gone: what it sent is still written)
-        if origin.held:
+        if any(origin.held.values()):
             origin.settled.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(origin.settled.wait(), self.settings.drain_grace)
@@ -144,12 +147,10 @@ class Writer:
         """Count what is still unsettled of `origin` as dropped and send its final report."""
         if origin.closed:
             return
-        if origin.held:
-            log.warning("analytics: %d records were not written before shutdown", origin.held)
-            for lane in self._lanes:
-                name = lane.store.name
-                left = sum(o is origin for o, _ in lane.inflight) + sum(
-                    o is origin for o, _ in lane.queue._queue)  # type: ignore[attr-defined]
+        for name, left in origin.held.items():
+            if left:
+                log.warning("analytics: %d records for %s were not written before shutdown",
+                            left, name)
                 origin.figures[name][DROPPED] += left
         if origin.report is not None:
             origin.report.cancel()
@@ -176,8 +177,7 @@ class Writer:
                 except asyncio.QueueFull:
                     origin.count(name, DROPPED)
                     continue
-                origin.held += 1
-                origin.count(name, WAITING)
+                origin.hold(name)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -230,7 +230,6 @@ class Writer:
             batch = [await lane.queue.get()]
             while len(batch) < self.settings.batch_size and not lane.queue.empty():
                 batch.append(lane.queue.get_nowait())
-            lane.inflight = batch
             for origin, _ in batch:
                 origin.count(name, WAITING, -1)
             records = [rec for _, rec in batch]
@@ -242,7 +241,6 @@ class Writer:
             for n, (origin, _) in enumerate(batch):
                 if not origin.closed:
                     origin.outcome(name, SUCCESS if n < kept else DROPPED)
-            lane.inflight = []
             for _ in batch:
                 lane.queue.task_done()
 

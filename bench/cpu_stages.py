@@ -87,7 +87,9 @@ class Split:
 
 def stage_of(stack: str) -> str:
     frames = stack.split(";")
-    if any(p in frames[0] for p in STAGES[0][1]):
+    # With --subprocesses a stack starts with its process, after its parents: "process N:...".
+    processes = [f for f in frames[:4] if f.startswith("process ")]
+    if any(p in f for f in processes for p in STAGES[0][1]):
         return WRITER
     entry = [k for k, frame in enumerate(frames) if any(e in frame for e in ENTRY)]
     if entry:

@@ -31,10 +31,10 @@ def test_a_stack_goes_to_its_deepest_concern_not_to_the_handler_around_it() -> N
 
 def test_the_writer_process_is_a_stage_of_its_own() -> None:
     """py-spy --subprocesses starts each stack with its process's command line."""
-    writer = 'process 12:"python -m ollama_metrics.analytics.writer 7"'
+    proxy = 'process 11:"python -m ollama_metrics serve"'
+    writer = f'{proxy};process 12:"python -m ollama_metrics.analytics.writer 7"'
     assert stage_of(f"{writer};_run (ollama_metrics/analytics/writer.py:300);build "
                     "(ollama_metrics/analytics/record.py:323)") == WRITER
-    proxy = 'process 11:"python -m ollama_metrics serve"'
     assert stage_of(f"{proxy};{LOOP};{HANDLER};categorize (ollama_metrics/observe/"
                     "categorize.py:55)").startswith("record")
 

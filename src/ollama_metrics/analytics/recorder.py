@@ -3,8 +3,10 @@
 Building records (caps, capture level, redaction), encoding them and writing them to the stores
 run in the writer process (writer.py), so none of it takes the event loop's core or its GIL.
 Here, `finished` (the observer protocol) and `submit` (a record already built) only append to a
-list; once per event-loop turn that list is encoded as one orjson frame and written to a Unix
-socket connected to the writer (no thread: the loop's own non-blocking transport). Bounded:
+list; FLUSH_EVERY seconds after the first of them, the list is encoded as one orjson frame and
+written to a Unix socket connected to the writer (no thread: the loop's own non-blocking
+transport). Not once per loop turn: under load a turn finishes one or two requests, and a write
+that wakes the writer costs the loop more than the encoding (bench/README.md, hand-off line). Bounded:
 when more than `queue_size` records wait for a connection, or the transport's write buffer
 holds more than `queue_size` times RECORD_BYTES, records are dropped and counted
 (`ollama_analytics_dropped_total`); a full queue never waits.
@@ -49,6 +51,7 @@ log = logging.getLogger(__name__)
 
 OPEN_TIMEOUT = 10.0
 RECORD_BYTES = 8 * 1024  # the transport's buffer holds at most queue_size records of this size
+FLUSH_EVERY = 0.005  # seconds from the first record of a frame to its write
 RECONNECT_EVERY = 0.5
 RESTART_AFTER = (0.5, 30.0)  # back-off between restarts of a writer that keeps dying
 STEADY = 10.0  # seconds a writer must live for the back-off to start again from its floor
@@ -118,11 +121,11 @@ class Recorder:
         self._batch.append((kind, item))
         if not self._scheduled and self._loop is not None:
             self._scheduled = True
-            self._loop.call_soon(self._flush)
+            self._loop.call_later(FLUSH_EVERY, self._flush)
 
     def _flush(self) -> None:
-        """This turn's records as one frame to the writer; kept while there is no
-        connection, dropped when the connection's buffer is full."""
+        """The records since the last flush as one frame to the writer; kept while there is
+        no connection, dropped when the connection's buffer is full."""
         self._scheduled = False
         link = self._link
         if not self._batch or link is None or link.transport.is_closing():

@@ -354,9 +354,9 @@ class WriterProcess:
                 delay = RESTART_AFTER[0]
             await asyncio.sleep(delay)
             delay = min(2 * delay, RESTART_AFTER[1])
+            await self._spawn()
             if self.restarts is not None:
                 self.restarts.inc()
-            await self._spawn()
 
     async def stop(self, timeout: float) -> None:
         """Close the writer's stdin (it writes what is queued, then exits); kill it past

@@ -194,3 +194,37 @@ async def test_searches_answer_while_the_writer_writes(
             answered += 1
             await asyncio.sleep(0)
         assert answered > 0
+
+
+@pytest.mark.parametrize("capture", ["full", "truncated"])
+def test_what_the_proxy_leaves_out_changes_no_record(capture: str) -> None:
+    """channel.trim drops the middle messages and the tails of long texts before they are
+    encoded: the writer builds from what arrives the very record built from everything."""
+    from ollama_metrics.analytics import channel
+    from ollama_metrics.analytics import record as building
+    from ollama_metrics.analytics.privacy import Privacy
+    from ollama_metrics.observe.interaction import Interaction, Message
+
+    settings = AnalyticsConfig.build(analytics_capture=capture, analytics_max_messages=6,
+                                     analytics_max_text=1000, analytics_max_record_kb=16)
+
+    def exchange() -> Interaction:
+        i = Interaction(method="POST", path="/api/chat", endpoint="/api/chat",
+                        started_at=1.0, started=2.0, ended=3.0, ended_at=2.0, id="x",
+                        system="rules " * 5000, prompt="ask me@example.com " * 3000)
+        i.messages = [Message(role="user", text=f"turn {n} " + "word " * (n * 700),
+                              thinking="hmm " * 2000 if n % 3 else None)
+                      for n in range(20)]
+        i.response_pieces = ["answer " * 100]
+        return i
+
+    privacy = Privacy.from_settings(settings)
+    whole = building.build(exchange(), privacy)
+    sent = exchange()
+    elided = channel.trim(sent, settings.max_messages, privacy.decisive_chars)
+    payload, n = channel.encode([(channel.INTERACTION, sent, elided)])
+    assert n == 1 and elided == 14 and len(payload) < 40_000
+    ((kind, data, left_out),) = channel.decode(payload)
+    assert kind == channel.INTERACTION
+    assert building.build(channel.interaction(data, left_out), privacy) == whole
+    assert whole["truncated"] and whole["messages"][3] == {"elided": 14}

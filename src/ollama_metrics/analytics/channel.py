@@ -1,7 +1,8 @@
 """The stream between proxies and the writer process: length-prefixed orjson frames.
 
-A proxy sends one frame per event-loop turn: a JSON array of items, each `[0, interaction]`
-(a finished Interaction as orjson writes a dataclass, for the writer to build its record) or
+A proxy sends frames of a few milliseconds' records: a JSON array of items, each
+`[0, interaction, elided]` (a finished Interaction as orjson writes a dataclass, for the writer
+to build its record, after `trim`; `elided` messages were left out of its middle) or
 `[1, record]` (a record already built). The writer answers with report frames: a JSON object of
 this connection's cumulative figures, `{"received": n, "backends": {name: [success, error,
 dropped, waiting]}, "final": bool}`. Cumulative, so a lost or late report costs nothing; the
@@ -16,7 +17,6 @@ from typing import Any
 import orjson
 
 from ..observe.interaction import ErrorType, Interaction, Message, Outcome
-from .stores import Record
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def frame(payload: bytes) -> bytes:
     return len(payload).to_bytes(HEADER, "big")
 
 
-def encode(items: list[tuple[int, Interaction | Record]]) -> tuple[bytes, int]:
+def encode(items: list[tuple[Any, ...]]) -> tuple[bytes, int]:
     """One frame's payload for `items` and how many of them it holds. An item orjson refuses is
     left out (it cannot happen with values parsed from JSON, which is all an Interaction
     holds); the caller counts the difference as dropped."""
@@ -51,10 +51,40 @@ def encode(items: list[tuple[int, Interaction | Record]]) -> tuple[bytes, int]:
         return b"[" + b",".join(parts) + b"]", len(parts)
 
 
-def interaction(data: dict[str, Any]) -> Interaction:
+def trim(i: Interaction, max_messages: int, chars: int) -> int:
+    """Leave out of `i` what its record cannot keep, so it is not encoded and sent for nothing:
+    the middle messages past `max_messages` (returns how many; record.build keeps the first
+    and last halves) and every text past `chars` (Privacy.decisive_chars)."""
+    elided = 0
+    messages = i.messages
+    if messages is not None:
+        if len(messages) > max_messages:
+            head = max_messages // 2
+            elided = len(messages) - max_messages
+            messages = i.messages = [*messages[:head], *messages[head + elided:]]
+        for m in messages:
+            if len(m.text) > chars:
+                m.text = m.text[:chars]
+            if isinstance(m.thinking, str) and len(m.thinking) > chars:
+                m.thinking = m.thinking[:chars]
+    if i.prompt is not None and len(i.prompt) > chars:
+        i.prompt = i.prompt[:chars]
+    if i.system is not None and len(i.system) > chars:
+        i.system = i.system[:chars]
+    return elided
+
+
+_LEFT_OUT = Message(role=None, text="")  # stands for each message `trim` left out
+
+
+def interaction(data: dict[str, Any], elided: int = 0) -> Interaction:
     """The Interaction a proxy sent, rebuilt from its JSON."""
-    data["messages"] = None if data["messages"] is None else [
-        Message(**m) for m in data["messages"]]
+    if data["messages"] is not None:
+        messages = [Message(**m) for m in data["messages"]]
+        if elided:
+            head = len(messages) // 2  # trim kept max_messages: its first and last halves
+            messages[head:head] = [_LEFT_OUT] * elided
+        data["messages"] = messages
     data["outcome"] = Outcome(data["outcome"])
     data["error_type"] = None if data["error_type"] is None else ErrorType(data["error_type"])
     data["capped"] = set(data["capped"])

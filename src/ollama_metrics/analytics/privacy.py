@@ -95,6 +95,12 @@ class Privacy:
         """Characters kept of one text at this capture level."""
         return self.truncate_chars if self.capture == "truncated" else self.max_text
 
+    @property
+    def decisive_chars(self) -> int:
+        """Characters of a text that decide everything kept of it (its stored form, whether it
+        was cut, its share of the record): a longer text can be cut here first, unchanged."""
+        return self.limit + _MARGIN + 1
+
     def text(self, value: str | None, limit: int | None = None) -> tuple[str | None, bool]:
         """The storable form of one text (at most `limit` characters, never more than the
         level's), and whether it was cut."""

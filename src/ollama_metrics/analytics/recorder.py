@@ -6,8 +6,8 @@ Here, `finished` (the observer protocol) and `submit` (a record already built) o
 list; FLUSH_EVERY seconds after the first of them, the list is encoded as one orjson frame and
 written to a Unix socket connected to the writer (no thread: the loop's own non-blocking
 transport). Not once per loop turn: under load a turn finishes one or two requests, and a write
-that wakes the writer costs the loop more than the encoding (bench/README.md, hand-off line). Bounded:
-when more than `queue_size` records wait for a connection, or the transport's write buffer
+that wakes the writer costs the loop more than the encoding (bench/README.md, hand-off line).
+Bounded: when more than `queue_size` records wait for a connection, or the transport's write buffer
 holds more than `queue_size` times RECORD_BYTES, records are dropped and counted
 (`ollama_analytics_dropped_total`); a full queue never waits.
 
@@ -43,6 +43,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from ..observe.interaction import Interaction
 from . import channel
+from .privacy import Privacy
 from .settings import AnalyticsConfig
 from .stores import Record, Store, queryable
 from .writer import DROPPED, ERROR, SUCCESS, WAITING
@@ -68,7 +69,8 @@ class Recorder:
         self._names = [s.name for s in stores]
         self._reader = queryable(stores)
         self._address = writer
-        self._batch: list[tuple[int, Interaction | Record]] = []
+        self._batch: list[tuple[Any, ...]] = []
+        self._chars = Privacy.from_settings(settings).decisive_chars
         self._scheduled = False
         self._link: _Link | None = None
         self._connecting: asyncio.Task[None] | None = None
@@ -108,17 +110,20 @@ class Recorder:
         return None
 
     def finished(self, interaction: Interaction, token: object) -> None:
-        self._append(channel.INTERACTION, interaction)
+        """Queue the exchange for the writer to build its record; never waits. (The last
+        observer: it leaves out of `interaction` what the record cannot keep.)"""
+        elided = channel.trim(interaction, self.settings.max_messages, self._chars)
+        self._append((channel.INTERACTION, interaction, elided))
 
     def submit(self, rec: Record) -> None:
         """Queue a record already built for every store; never waits."""
-        self._append(channel.RECORD, rec)
+        self._append((channel.RECORD, rec))
 
-    def _append(self, kind: int, item: Interaction | Record) -> None:
+    def _append(self, item: tuple[Any, ...]) -> None:
         if self._closing or len(self._batch) >= self.settings.queue_size:
             self._drop(1)
             return
-        self._batch.append((kind, item))
+        self._batch.append(item)
         if not self._scheduled and self._loop is not None:
             self._scheduled = True
             self._loop.call_later(FLUSH_EVERY, self._flush)
@@ -138,9 +143,9 @@ class Recorder:
         self._drop(len(batch) - n)
         link.transport.writelines((channel.frame(payload), payload))
         link.sent += n
-        for kind, item in batch:
-            if kind == channel.INTERACTION:  # large requests should not outlive the exchange
-                item.messages = item.images = None  # type: ignore[union-attr]
+        for item in batch:
+            if item[0] == channel.INTERACTION:  # large requests should not outlive the exchange
+                item[1].messages = item[1].images = None
 
     def _drop(self, n: int) -> None:
         if n:

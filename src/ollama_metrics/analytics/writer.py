@@ -161,9 +161,9 @@ class Writer:
     def take(self, origin: Origin, items: list[list[Any]]) -> None:
         """Build the record of each item and queue it for every store; never waits."""
         origin.received += len(items)
-        for kind, data in items:
+        for kind, data, *elided in items:
             try:
-                rec = record.build(channel.interaction(data), self.privacy) \
+                rec = record.build(channel.interaction(data, *elided), self.privacy) \
                     if kind == channel.INTERACTION else data
             except Exception:  # a record we cannot build is lost, loudly; the rest carry on
                 log.exception("analytics: could not build a record")

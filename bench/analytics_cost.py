@@ -8,13 +8,16 @@ round measures every target in turn (interleaved, so load from elsewhere on the 
 all of them alike): p50 latency at 1 connection and req/s at 32 connections with wrk on the
 non-streamed ``POST /api/generate``. Prints the medians over rounds, the added p50 against the
 direct upstream, and the ratios the issue sets targets for: req/s against nginx's, and each
-tree's analytics-on req/s against its own analytics-off. Exit status: 0 with the table printed,
+tree's analytics-on req/s against its own analytics-off; and the CPU µs per request at 32
+connections of each target's own process (for a proxy: its event loop's) and of its children
+(the writer process; nginx's workers). Exit status: 0 with the table printed,
 1 when something failed to run, 2 when wrk or nginx is missing.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
@@ -23,12 +26,24 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
+import psutil
+
 from processes import Children, StartupError, free_port, wait_for_port
 from proxy_bench import GENERATE_PATH
 from targets import NGINX_CANDIDATES, Target, start_nginx, start_upstream
 from wrk import WrkError, run_wrk
 
 HERE_SRC = Path(__file__).resolve().parent.parent / "src"
+
+
+def cpu_seconds(target: Target) -> tuple[float, float]:
+    """CPU seconds (user + system) of the target's process, and of its children."""
+    root = psutil.Process(target.child.process.pid)
+    totals = [sum(root.cpu_times()[:2]), 0.0]
+    for child in root.children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            totals[1] += sum(child.cpu_times()[:2])
+    return totals[0], totals[1]
 
 
 def start_proxy(children: Children, work: Path, name: str, src: Path, upstream: int,
@@ -64,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         trees = {"baseline": Path(args.baseline_src).resolve(), **trees}
     p50: dict[str, list[float]] = defaultdict(list)
     rps: dict[str, list[float]] = defaultdict(list)
+    cpu: dict[str, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
     with tempfile.TemporaryDirectory(prefix="ollama-metrics-cost-") as tmp:
         work = Path(tmp)
         children = Children(work)
@@ -84,10 +100,15 @@ def main(argv: list[str] | None = None) -> int:
                 for target in targets:
                     one = run_wrk(wrk, target.url(GENERATE_PATH), connections=1, threads=1,
                                   duration_s=args.duration)
+                    before = cpu_seconds(target)
                     many = run_wrk(wrk, target.url(GENERATE_PATH), connections=32, threads=2,
                                    duration_s=args.duration)
+                    after = cpu_seconds(target)
                     p50[target.name].append(one.p50_ms)
                     rps[target.name].append(many.requests_per_s)
+                    for k in (0, 1):
+                        cpu[target.name][k].append(
+                            (after[k] - before[k]) / max(many.requests, 1) * 1e6)
         except (StartupError, WrkError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
@@ -98,15 +119,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"medians of {args.rounds} interleaved rounds, {args.duration:g} s wrk runs, "
           f"non-streamed POST {GENERATE_PATH}; load average {os.getloadavg()[0]:.1f} at the end")
     print(f"{'target':28} {'p50 @1 ms':>10} {'added µs':>9} {'req/s @32':>10} {'x nginx':>8} "
-          f"{'on / off':>9}")
+          f"{'on / off':>9} {'CPU µs/req':>11} {'children':>9}")
     for name in med_p50:
         added = (med_p50[name] - med_p50["direct"]) * 1000
         ratio = med_rps[name] / med_rps["nginx"]
         tree = name.split(",")[0]
         on_off = (f"{med_rps[name] / med_rps[f'{tree}, analytics off']:.2f}"
                   if name.endswith("analytics on") else "")
+        own, kids = (statistics.median(v) for v in cpu[name])
         print(f"{name:28} {med_p50[name]:10.3f} {added:9.0f} {med_rps[name]:10,.0f} "
-              f"{ratio:8.2f} {on_off:>9}")
+              f"{ratio:8.2f} {on_off:>9} {own:11.1f} {kids:9.1f}")
     return 0
 
 

@@ -249,7 +249,8 @@ class Recorder:
             self._connecting.cancel()
         link = self._link
         if link is not None:
-            link.transport.write_eof()
+            if not link.transport.is_closing():
+                link.transport.write_eof()  # the writer answers with its final report
             try:
                 await asyncio.wait_for(link.done.wait(),
                                        self.settings.drain_grace + STOP_MARGIN)

@@ -56,6 +56,7 @@ FLUSH_EVERY = 0.005  # seconds from the first record of a frame to its write
 RECONNECT_EVERY = 0.5
 RESTART_AFTER = (0.5, 30.0)  # back-off between restarts of a writer that keeps dying
 STEADY = 10.0  # seconds a writer must live for the back-off to start again from its floor
+READY_AT_LEAST = 1.0  # seconds start() waits for the writer, even past OPEN_TIMEOUT
 STOP_MARGIN = 5.0  # beyond the drain grace, for the writer to answer and exit
 
 
@@ -74,7 +75,7 @@ class Recorder:
         self._scheduled = False
         self._link: _Link | None = None
         self._connecting: asyncio.Task[None] | None = None
-        self._opening: asyncio.Task[None] | None = None
+        self._opening: asyncio.Future[None] | None = None
         self._closing = False
         self._limit = settings.queue_size * RECORD_BYTES
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -212,21 +213,34 @@ class Recorder:
 
     async def start(self) -> None:
         """Open the queryable store for reading, start the writer process (unless attached
-        to another's) and connect to it."""
-        self._loop = asyncio.get_running_loop()
+        to another's) and connect to it; within OPEN_TIMEOUT in all. An open still running
+        then (a migration over a large store takes minutes) goes on in the background:
+        searches answer once it is done, records queue meanwhile."""
+        loop = self._loop = asyncio.get_running_loop()
+        deadline = loop.time() + OPEN_TIMEOUT
         if self._reader is not None:  # its migrations run before the writer opens it too
-            try:
-                await asyncio.wait_for(self._reader.open(), OPEN_TIMEOUT)
-            except Exception as exc:
-                log.warning("analytics: cannot open %s yet, retrying in the background: %s",
-                            self._reader.name, exc or type(exc).__name__)
-                self._opening = asyncio.create_task(self._open_reader())
+            self._opening = asyncio.ensure_future(self._reader.open())
+            await asyncio.wait([self._opening], timeout=OPEN_TIMEOUT)
+            if not self._opening.done():
+                log.warning("analytics: %s is still opening (upgrading a large store can take "
+                            "minutes); searches answer once it is open", self._reader.name)
+                self._opening.add_done_callback(self._reader_opened)
+            else:
+                self._reader_opened(self._opening)
         if self.process is not None:
             await self.process.start()
         await self._connect()
         if self._link is not None:  # the writer's first report says its stores are open
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._link.ready.wait(), OPEN_TIMEOUT + STOP_MARGIN)
+                await asyncio.wait_for(self._link.ready.wait(),
+                                       max(deadline - loop.time(), READY_AT_LEAST))
+
+    def _reader_opened(self, opening: asyncio.Future[None]) -> None:
+        if opening.cancelled() or opening.exception() is None:
+            return
+        log.warning("analytics: cannot open %s yet, retrying in the background: %s",
+                    self._reader.name if self._reader else "", opening.exception())
+        self._opening = asyncio.ensure_future(self._open_reader())
 
     async def _open_reader(self) -> None:
         assert self._reader is not None

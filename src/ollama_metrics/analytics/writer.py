@@ -99,6 +99,7 @@ class _Lane:
     queue: asyncio.Queue[Item]
     task: asyncio.Task[None] | None = None
     opened: bool = False
+    opening: asyncio.Future[None] | None = None  # the first open, left running past start()
     failing_since: float | None = None
 
 
@@ -183,14 +184,26 @@ class Writer:
 
     async def start(self) -> None:
         """Open every store and start the writer tasks. A store that cannot open now is
-        retried by its writer task in the background; its records queue meanwhile."""
+        retried by its writer task in the background; its records queue meanwhile. An open
+        still running after OPEN_TIMEOUT (a migration over a large store takes minutes) is not
+        cancelled: it goes on, and its writer task starts writing when it is done."""
         for lane in self._lanes:
-            try:
-                await asyncio.wait_for(lane.store.open(), OPEN_TIMEOUT)
+            lane.opening = asyncio.ensure_future(lane.store.open())
+        await asyncio.wait([lane.opening for lane in self._lanes if lane.opening],
+                           timeout=OPEN_TIMEOUT)
+        for lane in self._lanes:
+            opening = lane.opening
+            if opening is None or not opening.done():
+                log.warning("analytics: %s is still opening (upgrading a large store can take "
+                            "minutes); its records queue meanwhile", lane.store.name)
+                continue
+            lane.opening = None
+            exc = opening.exception()
+            if exc is None:
                 lane.opened = True
-            except Exception as exc:
+            else:
                 log.warning("analytics: cannot open %s yet, retrying in the background: %s",
-                            lane.store.name, exc or type(exc).__name__)
+                            lane.store.name, printable(str(exc) or type(exc).__name__))
         for lane in self._lanes:
             lane.task = asyncio.create_task(self._write_loop(lane),
                                             name=f"analytics-{lane.store.name}")
@@ -224,6 +237,14 @@ class Writer:
 
     async def _write_loop(self, lane: _Lane) -> None:
         name = lane.store.name
+        if lane.opening is not None:  # the first open, still running after start()
+            try:
+                await lane.opening
+                lane.opened = True
+            except Exception as exc:
+                log.warning("analytics: cannot open %s yet, retrying: %s", name,
+                            printable(str(exc) or type(exc).__name__))
+            lane.opening = None
         if not lane.opened:
             lane.opened = await self._retry(lane, lane.store.open, "open", []) is not None
         while True:

@@ -5,12 +5,17 @@ moves a short summary of it to a bounded ring. Nothing here is stored or holds p
 snapshot is computed when someone asks (GET /analytics/live), never per request. Every value kept
 or shown is bounded (model names arrive capped, see interaction.CAPS), and so is the snapshot:
 at most `keep` recent entries and ACTIVE_SHOWN requests in flight (`active_count` has them all).
+
+With several workers, each publishes what `published()` returns (its own requests, as plain
+JSON) and the worker asked merges the others' into its snapshot (`others`): the requests in
+flight of every worker, counted in `active_count`, their latest completions and rates.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Iterable
 from typing import Any
 
 from .interaction import Interaction
@@ -24,13 +29,16 @@ class Live:
     def __init__(self, keep: int = 500) -> None:
         self._active: dict[str, Interaction] = {}
         self._recent: deque[dict[str, Any]] = deque(maxlen=keep)
+        self.changes = 0  # counts starts and ends: a publisher writes only after a change
 
     def started(self, i: Interaction) -> object:
         self._active[i.id] = i
+        self.changes += 1
         return None
 
     def finished(self, i: Interaction, token: object) -> None:
         self._active.pop(i.id, None)
+        self.changes += 1
         self._recent.append({
             "id": i.id,
             "model": i.model,
@@ -45,8 +53,9 @@ class Live:
             "tokens_per_second": i.tokens_per_second,
         })
 
-    def snapshot(self, recent: int = 20) -> dict[str, Any]:
-        now, clock = time.time(), time.perf_counter()
+    def published(self) -> dict[str, Any]:
+        """This process's requests, for the other workers to merge (bounded like a snapshot)."""
+        clock = time.perf_counter()
         active: list[dict[str, Any]] = [{
             "id": i.id,
             "model": i.model,
@@ -60,7 +69,26 @@ class Live:
         active.sort(key=lambda a: -a["elapsed"])
         count = len(active)
         del active[ACTIVE_SHOWN:]
-        window = [r for r in self._recent if (r["ended_at"] or 0) >= now - RATE_WINDOW]
+        return {"time": time.time(), "active": active, "active_count": count,
+                "recent": list(self._recent)}
+
+    def snapshot(self, recent: int = 20, others: Iterable[dict[str, Any]] = ()
+                 ) -> dict[str, Any]:
+        own = self.published()
+        now = own["time"]
+        active, count, done = own["active"], own["active_count"], own["recent"]
+        merged = False
+        for other in others:  # published a moment ago: their requests have run that much more
+            lag = max(0.0, now - other["time"])
+            active.extend({**a, "elapsed": a["elapsed"] + lag} for a in other["active"])
+            count += other["active_count"]
+            done.extend(other["recent"])
+            merged = True
+        if merged:
+            active.sort(key=lambda a: -a["elapsed"])
+            del active[ACTIVE_SHOWN:]
+            done.sort(key=lambda r: r["ended_at"] or 0)
+        window = [r for r in done if (r["ended_at"] or 0) >= now - RATE_WINDOW]
         models: dict[str, dict[str, Any]] = {}
         for r in window:
             m = models.setdefault(r["model"] or "none", {
@@ -75,7 +103,7 @@ class Live:
             "time": now,
             "active": active,
             "active_count": count,
-            "recent": list(self._recent)[-recent:][::-1] if recent > 0 else [],
+            "recent": done[-recent:][::-1] if recent > 0 else [],
             "models": sorted(models.values(), key=lambda m: -m["requests"]),
             "window_seconds": RATE_WINDOW,
         }

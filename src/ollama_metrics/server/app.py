@@ -5,13 +5,20 @@ Routes: GET {metrics_path} (Prometheus), GET /test (health of proxy and upstream
 /analytics/* API and the dashboard page at /analytics, and everything else, any method, to the
 proxy. Resources live in cleanup_ctx: the upstream session and the background refresh of model
 names are opened on start-up and closed on shutdown.
+
+As one of the workers of `--workers N` (given `shared`, server/workers.py): /metrics shows every
+process's metrics (multiprocess mode) and the main process's /api/ps snapshot, the model label
+bound is shared, /analytics/live merges every worker's requests, and records go to the main
+process (analytics/forward.py); stores are opened here for searches only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import aiohttp
 import orjson
@@ -22,19 +29,21 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from .. import __version__
 from ..analytics import otel_content
 from ..analytics.api import AnalyticsApi, require_token
+from ..analytics.forward import Forwarder
 from ..analytics.privacy import Privacy
 from ..analytics.recorder import Recorder
 from ..analytics.settings import AnalyticsConfig
-from ..analytics.stores import open_stores, queryable
+from ..analytics.stores import Store, open_stores, queryable
 from ..config import Config
 from ..dashboard import routes as dashboard
 from ..observe.labels import ModelLabels
 from ..observe.live import Live
-from ..observe.metrics import Metrics, new_registry
+from ..observe.metrics import Metrics, multiprocess_registry, new_registry
 from ..observe.otel import Export
 from ..ollama import control, ps, upstream
 from . import hosts
 from .proxy import Observer, Proxy, strip_own_server_header
+from .shared import Shared
 
 CONFIG = web.AppKey("config", Config)
 RECORDER = web.AppKey("recorder", Recorder)
@@ -43,13 +52,16 @@ METRICS = web.AppKey("metrics", Metrics)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 ANALYTICS = web.AppKey("analytics", AnalyticsConfig)
 LOADED = web.AppKey("loaded", ps.Loaded)  # only while /api/ps is polled
+SHARED = web.AppKey("shared", Shared)  # only in a worker of --workers N
+LIVE_PUBLISH_EVERY = 0.1  # seconds: how stale another worker's requests may be in a snapshot
 
 
 def create_app(config: Config, registry: CollectorRegistry | None = None,
-               analytics: AnalyticsConfig | None = None) -> web.Application:
+               analytics: AnalyticsConfig | None = None,
+               shared: Shared | None = None) -> web.Application:
     registry = registry if registry is not None else new_registry()
     analytics = analytics if analytics is not None else AnalyticsConfig(backends=())
-    labels = ModelLabels(config.max_extra_models)
+    labels = ModelLabels(config.max_extra_models, shared.labels if shared else None)
     metrics = Metrics(registry, labels)
     # Bodies the proxy reads whole are capped by max_parse_bytes; larger ones stream unread.
     app = web.Application(client_max_size=max(config.max_parse_bytes, 1024) + 1,
@@ -71,11 +83,19 @@ def create_app(config: Config, registry: CollectorRegistry | None = None,
         await session.close()
 
     app.cleanup_ctx.append(resources)
-    if config.ps_interval is not None:  # after `resources`: it polls with the upstream session
+    scraped = registry
+    if shared is not None:  # the main process polls /api/ps and publishes what it saw
+        app[SHARED] = shared
+        scraped = multiprocess_registry(shared.metrics)
+        if config.ps_interval is not None:
+            scraped.register(ps.LoadedCollector(lambda: ps.Loaded.read(shared.loaded)))
+    elif config.ps_interval is not None:  # after `resources`: it polls with the session
         app[LOADED] = ps.Loaded()
         app.cleanup_ctx.append(ps.poller(config, registry, lambda: app[SESSION], app[LOADED]))
     live = Live()
     app[LIVE] = live
+    if shared is not None:
+        app.cleanup_ctx.append(_publishing(live, shared))
     observers: list[Observer] = [metrics, live]
     if config.otel:  # before the recorder, which lets go of the parsed request
         export = Export(upstream=config.upstream, registry=registry, labels=labels,
@@ -85,7 +105,11 @@ def create_app(config: Config, registry: CollectorRegistry | None = None,
         observers.append(export)
         app.cleanup_ctx.append(_exporting(export, config.shutdown_grace))
     stores = open_stores(analytics)
-    if stores:
+    if stores and shared is not None:
+        forwarder = Forwarder(shared.records, analytics, [s.name for s in stores], registry)
+        observers.append(forwarder)
+        app.cleanup_ctx.append(_forwarding(forwarder, stores))
+    elif stores:
         recorder = Recorder(stores, analytics, registry)
         app[RECORDER] = recorder
         observers.append(recorder)
@@ -93,7 +117,7 @@ def create_app(config: Config, registry: CollectorRegistry | None = None,
     app.on_response_prepare.append(strip_own_server_header)
     proxy = Proxy(config, lambda: app[SESSION], observers)
     app.on_shutdown.append(proxy.on_shutdown)  # cuts what is still in flight after the grace
-    scrape = make_aiohttp_handler(registry)
+    scrape = make_aiohttp_handler(scraped)
     app.router.add_get(config.metrics_path, require_token(analytics.token, scrape)
                        if analytics.protect_metrics else scrape)
     app.router.add_get("/test", _test)
@@ -115,6 +139,65 @@ def _recording(recorder: Recorder) -> Callable[[web.Application], AsyncIterator[
         await recorder.close()
 
     return ctx
+
+
+def _forwarding(forwarder: Forwarder, stores: list[Store]
+                ) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A worker's records go to the main process; its searches read the store (opened here
+    after the main process opened it for writing, so the schema is there)."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        await forwarder.start()
+        reader = queryable(stores)
+        if reader is not None:
+            await reader.open()
+        yield
+        await forwarder.close()
+        if reader is not None:
+            with contextlib.suppress(Exception):
+                await reader.close()
+
+    return ctx
+
+
+def _publishing(live: Live, shared: Shared) -> Callable[[web.Application],
+                                                         AsyncIterator[None]]:
+    """This worker's requests, written for the others every LIVE_PUBLISH_EVERY seconds after a
+    change (atomically: they read the file whenever asked)."""
+    mine = shared.live_file(os.getpid())
+
+    async def publish() -> None:
+        seen = -1
+        while True:
+            if live.changes != seen:
+                seen = live.changes
+                part = mine.with_suffix(".part")
+                await asyncio.to_thread(part.write_bytes, orjson.dumps(live.published()))
+                os.replace(part, mine)
+            await asyncio.sleep(LIVE_PUBLISH_EVERY)
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(publish())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        with contextlib.suppress(OSError):
+            mine.unlink()
+
+    return ctx
+
+
+def _others_live(shared: Shared) -> list[dict[str, Any]]:
+    """What the other workers published (a file being replaced or gone is skipped)."""
+    mine = shared.live_file(os.getpid())
+    out = []
+    for path in shared.live.glob("*.json"):
+        if path == mine:
+            continue
+        with contextlib.suppress(OSError, orjson.JSONDecodeError):
+            out.append(orjson.loads(path.read_bytes()))
+    return out
 
 
 def _exporting(export: Export, grace: float) -> Callable[[web.Application],
@@ -156,12 +239,17 @@ async def _live(request: web.Request) -> web.Response:
         recent = min(max(int(request.query.get("recent", "20")), 0), 500)
     except ValueError:
         return web.json_response({"error": "recent: expected a whole number"}, status=400)
-    return web.Response(body=orjson.dumps(request.app[LIVE].snapshot(recent)),
+    shared = request.app.get(SHARED)
+    others = await asyncio.to_thread(_others_live, shared) if shared is not None else []
+    return web.Response(body=orjson.dumps(request.app[LIVE].snapshot(recent, others)),
                         content_type="application/json")
 
 
 async def _loaded(request: web.Request) -> web.Response:
     """What Ollama has in memory, from the latest /api/ps poll (for the dashboard)."""
     loaded = request.app.get(LOADED)
+    shared = request.app.get(SHARED)
+    if shared is not None and request.app[CONFIG].ps_interval is not None:
+        loaded = ps.Loaded.read(shared.loaded)
     return web.Response(body=orjson.dumps(loaded.as_json() if loaded else {"polling": False}),
                         content_type="application/json")

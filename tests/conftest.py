@@ -127,6 +127,8 @@ async def start_workers() -> AsyncIterator[StartProxy]:
         yield start
         for proc in running:
             assert await asyncio.to_thread(proc.stop) == 0, proc.output
+            # What no_error_logs checks in this process, in theirs.
+            assert " ERROR " not in proc.output and "Traceback" not in proc.output, proc.output
 
 
 @pytest.fixture(params=[1, pytest.param(2, marks=pytest.mark.slow(

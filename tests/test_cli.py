@@ -115,8 +115,10 @@ def test_says_clearly_when_ollama_is_not_running() -> None:
             assert "ollama serve" in warning
 
 
-def test_sigterm_exits_cleanly() -> None:
-    with fake_process() as fake, proxy_process(fake.url) as proxy:
+@pytest.mark.parametrize("workers", ["1", pytest.param("2", marks=pytest.mark.slow(
+    reason="serve --workers 2: three processes"))])
+def test_sigterm_exits_cleanly(workers: str) -> None:
+    with fake_process() as fake, proxy_process(fake.url, "--workers", workers) as proxy:
         with urllib.request.urlopen(proxy.url + "/api/version") as resp:
             assert resp.status == 200
         proxy.proc.send_signal(signal.SIGTERM)
@@ -177,14 +179,16 @@ def test_start_failures_are_one_line_and_exit_2(tmp_path: Path, args: list[str],
 
 
 @pytest.mark.slow(reason="a proxy process, a stream in flight and two signals")
-def test_second_signal_stops_at_once_after_writing_the_queue(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_second_signal_stops_at_once_after_writing_the_queue(tmp_path: Path,
+                                                             workers: str) -> None:
     """The first SIGINT starts the grace and says how to cut it short; the second stops at
     once (not after the 60 s grace), and the records are in the store, the cut stream's too."""
     slow = json.dumps({"slow:latest": {"tokens": ["x"] * 200, "token_delay": 0.3},
                        "llama3.2:latest": {}})
     with fake_process("--scenarios", slow) as fake, \
             proxy_process(fake.url, "--analytics-dir", str(tmp_path),
-                          "--shutdown-grace", "60") as proxy:
+                          "--shutdown-grace", "60", "--workers", workers) as proxy:
         with urllib.request.urlopen(urllib.request.Request(
                 proxy.url + "/api/generate", data=b'{"model": "llama3.2", "prompt": "hi"}')) as r:
             r.read()

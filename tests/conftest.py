@@ -114,7 +114,13 @@ async def start_workers() -> AsyncIterator[StartProxy]:
                 args += ["--analytics-backend", "none"]
             else:
                 args += ["--analytics-backend", ",".join(analytics.backends),
-                         "--analytics-dir", str(analytics.dir)]
+                         "--analytics-dir", str(analytics.dir),
+                         "--analytics-retention-days", str(analytics.retention_days),
+                         "--analytics-capture", analytics.capture]
+                if analytics.token is not None:
+                    args += ["--analytics-token", analytics.token]
+                if analytics.protect_metrics:
+                    args.append("--analytics-protect-metrics")
             # In a thread: the fake Ollama may be serving in this test's loop meanwhile.
             proc = await asyncio.to_thread(stack.enter_context,
                                            proxy_process(upstream, *args))

@@ -53,6 +53,10 @@ class Live:
             "tokens_per_second": i.tokens_per_second,
         })
 
+    @property
+    def in_flight(self) -> int:
+        return len(self._active)
+
     def published(self) -> dict[str, Any]:
         """This process's requests, for the other workers to merge (bounded like a snapshot)."""
         clock = time.perf_counter()

@@ -162,14 +162,15 @@ def _forwarding(forwarder: Forwarder, stores: list[Store]
 
 def _publishing(live: Live, shared: Shared) -> Callable[[web.Application],
                                                          AsyncIterator[None]]:
-    """This worker's requests, written for the others every LIVE_PUBLISH_EVERY seconds after a
-    change (atomically: they read the file whenever asked)."""
+    """This worker's requests, written for the others every LIVE_PUBLISH_EVERY seconds while
+    any is in flight (their chunks and times move) or after one ended (atomically: they read
+    the file whenever asked)."""
     mine = shared.live_file(os.getpid())
 
     async def publish() -> None:
         seen = -1
         while True:
-            if live.changes != seen:
+            if live.changes != seen or live.in_flight:
                 seen = live.changes
                 part = mine.with_suffix(".part")
                 await asyncio.to_thread(part.write_bytes, orjson.dumps(live.published()))

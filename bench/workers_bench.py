@@ -42,6 +42,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--streams", type=int, default=500, help="concurrent streams")
     parser.add_argument("--quick", action="store_true", help="a smoke run")
+    parser.add_argument("--proxy-args", default="",
+                        help="more options for both ollama-metrics targets, e.g. "
+                             "'--analytics-backend none' to leave the store writer out")
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.repeats, args.streams = 1.0, 1, 50
@@ -80,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
                 start_nginx(children, nginx, work, upstream.port, 2, "nginx-2"),
                 *(start_proxy(children, work, upstream.port,
                               ("--workers", str(n), "--analytics-dir",
-                               str(work / f"analytics-{n}")), f"ollama-metrics-{n}")
+                               str(work / f"analytics-{n}"), *args.proxy_args.split()),
+                              f"ollama-metrics-{n}")
                   for n in (1, 2)),
             ]
             for target in targets:  # warm-up, not reported

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import signal
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -208,3 +210,16 @@ async def test_a_worker_that_dies_is_replaced(ollama: Process) -> None:
             await _one_each(http, proxy.url, 10)
         assert proxy.stop() == 0
         assert "starting another" in proxy.output
+
+
+def test_a_port_held_by_another_proxy_with_workers_is_in_use(ollama: Process) -> None:
+    """SO_REUSEPORT would let a second proxy share the first one's connections: it is refused
+    as a port in use, as without workers."""
+    with proxy_process(ollama.url, "--workers", "2", "--analytics-backend", "none") as first:
+        second = subprocess.run(
+            [sys.executable, "-m", "ollama_metrics", "serve", "--listen",
+             f"127.0.0.1:{first.port}", "--upstream", ollama.url, "--workers", "2",
+             "--analytics-backend", "none"], capture_output=True, text=True, timeout=30)
+        assert second.returncode == 3, second.stderr
+        assert f"port {first.port} on 127.0.0.1 is already in use" in second.stderr
+        assert first.stop() == 0

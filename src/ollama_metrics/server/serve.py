@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 from collections.abc import Mapping
+from dataclasses import replace
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -46,7 +47,20 @@ class CannotListen(OSError):
 
 def bind(config: Config, shared_port: bool = False) -> socket.socket:
     """The listening socket; with `shared_port` (--workers), bound with SO_REUSEPORT and not
-    listening: it holds the port for the workers' own sockets (server/workers.py)."""
+    listening: it holds the port for the workers' own sockets (server/workers.py).
+
+    A port shared with SO_REUSEPORT would also be shared with another process of this user
+    that set it (another proxy with workers): so the port is first bound without it, which
+    fails if anyone holds it, then bound again with it."""
+    if shared_port:
+        alone = _bind(config, shared_port=False)
+        port = alone.getsockname()[1]  # a port 0 is numbered here
+        alone.close()
+        return _bind(replace(config, listen_port=port), shared_port=True)
+    return _bind(config, shared_port=False)
+
+
+def _bind(config: Config, shared_port: bool) -> socket.socket:
     family = socket.AF_INET6 if ":" in config.listen_host else socket.AF_INET
     where = f"{config.listen_host}:{config.listen_port}"
     fix = "listen on an address of this machine with --listen HOST:PORT (OLLAMA_METRICS_LISTEN)"

@@ -105,11 +105,13 @@ def test_env_vars_configure_serve(monkeypatch: pytest.MonkeyPatch) -> None:
             assert b"ollama_active_requests" in r.read()
 
 
-def test_says_clearly_when_ollama_is_not_running() -> None:
+@pytest.mark.parametrize("workers", ["1", pytest.param("2", marks=pytest.mark.slow(
+    reason="serve --workers 2: three processes"))])
+def test_says_clearly_when_ollama_is_not_running(workers: str) -> None:
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
-        with proxy_process(f"http://127.0.0.1:{port}") as proxy:
+        with proxy_process(f"http://127.0.0.1:{port}", "--workers", workers) as proxy:
             warning = proxy.wait_for("Ollama is not answering").string
             assert f"at http://127.0.0.1:{port}" in warning
             assert "ollama serve" in warning

@@ -195,9 +195,15 @@ async def _serve(config: Config, sock: socket.socket, shared: Shared,
                  config.upstream_shown)
         announce_analytics(config, analytics)
         health = await control.health(session, config.upstream)
-        if not health.ok:
-            log.warning("Ollama is not answering at %s (%s). Requests get 502 until it does.",
-                        config.upstream_shown, health.error)
+        if health.ok:
+            log.info("Ollama %s answers at %s", health.version or "(unknown version)",
+                     config.upstream_shown)
+        else:
+            log.warning(
+                "Ollama is not answering at %s (%s). Requests get 502 until it does: start it "
+                "with OLLAMA_HOST=%s ollama serve, or point --upstream (OLLAMA_METRICS_UPSTREAM) "
+                "at it.", config.upstream_shown, health.error,
+                f"{config.upstream.host}:{config.upstream.port}")
         await stop.wait()
         log.info("shutting down (up to %ss for requests in flight; press Ctrl-C again, or send "
                  "a second SIGTERM, to stop now)", config.shutdown_grace)

@@ -74,9 +74,14 @@ async def test_both_workers_serve_and_metrics_sum(ollama: Process) -> None:
         assert len(_workers(proxy)) == 2
         async with aiohttp.ClientSession() as http:
             await _one_each(http, proxy.url, 40)
-            async with http.get(f"{proxy.url}/analytics/live?recent=100") as resp:
-                live = await resp.json()
-            # Every completion, from both processes, in whichever worker answered.
+            # Every completion, from both processes, in whichever worker answered (the other
+            # worker's as it published them, at most LIVE_PUBLISH_EVERY ago).
+            for _ in range(40):
+                async with http.get(f"{proxy.url}/analytics/live?recent=100") as resp:
+                    live = await resp.json()
+                if len(live["recent"]) == 40:
+                    break
+                await asyncio.sleep(0.05)
             assert len(live["recent"]) == 40
             assert len({_pid(r["id"]) for r in live["recent"]}) == 2
             series = ('ollama_requests_total{endpoint="/api/generate",model="llama3.2:latest",'

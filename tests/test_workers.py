@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -228,3 +229,30 @@ def test_a_port_held_by_another_proxy_with_workers_is_in_use(ollama: Process) ->
         assert second.returncode == 3, second.stderr
         assert f"port {first.port} on 127.0.0.1 is already in use" in second.stderr
         assert first.stop() == 0
+
+
+async def test_the_store_writers_queue_shows_with_workers(ollama: Process) -> None:
+    """The queue of a store that cannot take records (a Loki that is down) grows, and /metrics
+    says so whichever worker answers (the Recorder's gauge is a callback in the main process)."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        loki = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        with proxy_process(ollama.url, "--workers", "2", "--analytics-backend", "loki",
+                           "--analytics-loki-url", loki, "--analytics-drain-grace", "0"
+                           ) as proxy:
+            async with aiohttp.ClientSession() as http:
+                await _one_each(http, proxy.url, 1)  # taken by the writer, retried
+                await asyncio.sleep(0.3)
+                await _one_each(http, proxy.url, 6)  # these wait in the queue
+
+                async def queued() -> float:
+                    return _value(await _scrape(http, proxy.url),
+                                  'ollama_analytics_queue_size{backend="loki"}')
+                for _ in range(60):
+                    if await queued() >= 6:
+                        break
+                    await asyncio.sleep(0.05)
+                assert await queued() >= 6
+                assert _value(await _scrape(http, proxy.url),
+                              'ollama_analytics_queue_capacity{backend="loki"}') == 10_000
+            assert proxy.stop() == 0

@@ -40,6 +40,7 @@ from .worker import HEADER, Start
 log = logging.getLogger("ollama_metrics")
 
 RESTART_AFTER = 1.0  # seconds before a worker that died is started again
+QUEUE_SIZE_EVERY = 0.5
 
 
 class WorkerFailed(Exception):
@@ -169,7 +170,7 @@ async def _serve(config: Config, sock: socket.socket, shared: Shared,
         ps.Loaded().publish(shared.loaded)
         poller = asyncio.create_task(ps.poll(session, config, None, config.ps_interval,
                                              ps.Loaded(), shared.loaded))
-    recorder = intake = None
+    recorder = intake = mirror = None
     stores = open_stores(analytics) if analytics is not None else []
     if stores:
         assert analytics is not None
@@ -177,6 +178,7 @@ async def _serve(config: Config, sock: socket.socket, shared: Shared,
         await recorder.start()  # the stores exist before a worker opens them to search
         intake = Intake(shared.records, recorder)
         await intake.start()
+        mirror = asyncio.create_task(_mirror_queue_sizes(recorder))
     workers = Workers(config, analytics, sock, shared, environ)
     watching: list[asyncio.Task[None]] = []
     try:
@@ -225,8 +227,21 @@ async def _serve(config: Config, sock: socket.socket, shared: Shared,
             poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await poller
+        if mirror is not None:
+            mirror.cancel()
         if intake is not None:
             await intake.close()
         if recorder is not None:
             await recorder.close()
         await session.close()
+
+
+async def _mirror_queue_sizes(recorder: Recorder) -> None:
+    """`ollama_analytics_queue_size` is a callback gauge, which the multiprocess mode cannot
+    show (a scrape reads the files only): its values are copied into them every
+    QUEUE_SIZE_EVERY seconds."""
+    while True:
+        for metric in recorder.queue_size.collect():
+            for sample in metric.samples:
+                recorder.queue_size.labels(**sample.labels).set(sample.value)
+        await asyncio.sleep(QUEUE_SIZE_EVERY)

@@ -112,7 +112,7 @@ async def in_process_proxy(upstream_url: str, analytics_dir: str | None) -> Asyn
     from ollama_metrics.config import Config
     from ollama_metrics.observe.metrics import new_registry
     from ollama_metrics.server.app import create_app
-    from ollama_metrics.server.serve import make_runner
+    from ollama_metrics.server.lifecycle import make_runner
 
     config = Config.build(listen="127.0.0.1:0", upstream=upstream_url)
     analytics = (AnalyticsConfig.build(analytics_dir=analytics_dir, analytics_batch_size=50)

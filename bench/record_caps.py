@@ -29,7 +29,7 @@ from ollama_metrics.analytics.settings import AnalyticsConfig
 from ollama_metrics.config import Config
 from ollama_metrics.observe.metrics import new_registry
 from ollama_metrics.server.app import create_app
-from ollama_metrics.server.serve import make_runner
+from ollama_metrics.server.lifecycle import make_runner
 
 MB = 2**20
 

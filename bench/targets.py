@@ -42,13 +42,14 @@ def start_upstream(children: Children) -> Target:
     return Target(DIRECT, port, child)
 
 
-def nginx_config(work_dir: Path, listen_port: int, upstream_port: int, as_root: bool) -> str:
+def nginx_config(work_dir: Path, listen_port: int, upstream_port: int, as_root: bool,
+                 workers: int = 1) -> str:
     # As root, nginx drops workers to "nobody", who cannot enter the 0700 temp dir. With buffering
     # off this workload never touches it, but anything spilling to a temp file would fail.
     user_line = "user root;\n" if as_root else ""
     return f"""{user_line}daemon off;
 master_process on;
-worker_processes 1;
+worker_processes {workers};
 pid {work_dir}/nginx.pid;
 error_log {work_dir}/nginx-error.log warn;
 
@@ -87,26 +88,28 @@ http {{
 """
 
 
-def start_nginx(children: Children, nginx: str, work_dir: Path, upstream_port: int) -> Target:
+def start_nginx(children: Children, nginx: str, work_dir: Path, upstream_port: int,
+                workers: int = 1, name: str = NGINX) -> Target:
     port = free_port()
-    nginx_dir = work_dir / "nginx"
+    nginx_dir = work_dir / name
     nginx_dir.mkdir()
     conf = nginx_dir / "nginx.conf"
-    conf.write_text(nginx_config(nginx_dir, port, upstream_port, as_root=os.geteuid() == 0))
+    conf.write_text(nginx_config(nginx_dir, port, upstream_port, as_root=os.geteuid() == 0,
+                                 workers=workers))
     error_log = nginx_dir / "nginx-error.log"
     argv = [nginx, "-p", str(nginx_dir), "-c", str(conf), "-e", str(error_log)]
-    child = children.spawn("nginx", argv)
+    child = children.spawn(name, argv)
     wait_for_port(child, port, timeout_s=10)
-    return Target(NGINX, port, child)
+    return Target(name, port, child)
 
 
 def start_proxy(children: Children, work_dir: Path, upstream_port: int,
-                extra_args: tuple[str, ...] = ()) -> Target:
+                extra_args: tuple[str, ...] = (), name: str = PROXY) -> Target:
     port = free_port()
     env = dict(os.environ)
     src = str(REPO_DIR / "src")
     env["PYTHONPATH"] = src + os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else src
-    proxy_dir = work_dir / "proxy"
+    proxy_dir = work_dir / ("proxy" if name == PROXY else name)
     proxy_dir.mkdir()
     argv = [
         sys.executable, "-m", "ollama_metrics", "serve",
@@ -115,6 +118,6 @@ def start_proxy(children: Children, work_dir: Path, upstream_port: int,
         *extra_args,
     ]
     # cwd in the temp dir so anything the proxy writes relative to it is cleaned up with it.
-    child = children.spawn("ollama-metrics", argv, env=env, cwd=proxy_dir)
+    child = children.spawn(name, argv, env=env, cwd=proxy_dir)
     wait_for_port(child, port, timeout_s=20)
-    return Target(PROXY, port, child)
+    return Target(name, port, child)

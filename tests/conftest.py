@@ -8,6 +8,7 @@ processes (memory, signals, the CLI) use `fake_process` / `proxy_process` from h
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -17,14 +18,15 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from fake_ollama import FakeOllama
-from helpers import RunningProxy
+from helpers import Process, RunningProxy, Scraped, proxy_process
 from ollama_metrics.analytics.settings import AnalyticsConfig
 from ollama_metrics.config import Config
 from ollama_metrics.observe.metrics import new_registry
 from ollama_metrics.server.app import create_app
-from ollama_metrics.server.serve import make_runner
+from ollama_metrics.server.lifecycle import make_runner
 from services import loki, postgres_dsn  # noqa: F401  (fixtures)
 
 StartProxy = Callable[..., Awaitable[RunningProxy]]
@@ -92,6 +94,55 @@ async def start_proxy() -> AsyncIterator[StartProxy]:
     yield start
     for runner in runners:
         await runner.cleanup()
+
+
+@pytest.fixture
+async def start_workers() -> AsyncIterator[StartProxy]:
+    """`start_proxy`'s twin for `serve --workers 2`: the real command in processes of its own,
+    given the same settings; its `registry` reads the metrics by scraping /metrics (the sum
+    over the workers), and its `app` is an empty one (a test reaching into the app is
+    in-process only). Stopped with SIGTERM, and must exit 0."""
+    with contextlib.ExitStack() as stack:
+        running: list[Process] = []
+
+        async def start(upstream: str, analytics: AnalyticsConfig | None = None,
+                        **settings: Any) -> RunningProxy:
+            args = ["--workers", str(settings.pop("workers", 2))]
+            for name, value in settings.items():
+                args += [f"--{name.replace('_', '-')}", str(value)]
+            if analytics is None or not analytics.enabled:
+                args += ["--analytics-backend", "none"]
+            else:
+                args += ["--analytics-backend", ",".join(analytics.backends),
+                         "--analytics-dir", str(analytics.dir),
+                         "--analytics-retention-days", str(analytics.retention_days),
+                         "--analytics-capture", analytics.capture]
+                if analytics.token is not None:
+                    args += ["--analytics-token", analytics.token]
+                if analytics.protect_metrics:
+                    args.append("--analytics-protect-metrics")
+            # In a thread: the fake Ollama may be serving in this test's loop meanwhile.
+            proc = await asyncio.to_thread(stack.enter_context,
+                                           proxy_process(upstream, *args))
+            running.append(proc)
+            config = Config.build(upstream=upstream, listen=f"127.0.0.1:{proc.port}")
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(Scraped(f"{proc.url}{config.metrics_path}"))
+            return RunningProxy(proc.url, proc.port, registry, config, web.Application())
+
+        yield start
+        for proc in running:
+            assert await asyncio.to_thread(proc.stop) == 0, proc.output
+            # What no_error_logs checks in this process, in theirs.
+            assert " ERROR " not in proc.output and "Traceback" not in proc.output, proc.output
+
+
+@pytest.fixture(params=[1, pytest.param(2, marks=pytest.mark.slow(
+    reason="starts serve --workers 2: three processes"))], ids=["1-worker", "2-workers"])
+def start_any(request: pytest.FixtureRequest, start_proxy: StartProxy,
+              start_workers: StartProxy) -> StartProxy:
+    """`start_proxy` in this process, then again as `serve --workers 2`."""
+    return start_proxy if request.param == 1 else start_workers
 
 
 @pytest.fixture

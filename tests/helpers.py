@@ -11,6 +11,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,6 +20,9 @@ from typing import IO
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 
 from ollama_metrics.config import Config
 
@@ -37,6 +41,18 @@ class RunningProxy:
         """A metric sample's value, 0.0 when the series does not exist (yet)."""
         value = self.registry.get_sample_value(name, labels)
         return 0.0 if value is None else value
+
+
+class Scraped(Collector):
+    """The metrics a running proxy's /metrics shows, read at each collect (a blocking GET: the
+    proxy is another process, which answers /metrics without asking Ollama)."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+
+    def collect(self) -> Iterator[Metric]:
+        with urllib.request.urlopen(self._url, timeout=5) as reply:
+            yield from text_string_to_metric_families(reply.read().decode())
 
 
 async def settle(check: Callable[[], bool], timeout: float = 2.0) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 from pathlib import Path
@@ -22,7 +23,19 @@ TOKEN = "s3cret-token"
 
 
 @pytest.fixture
-async def api(fake: FakeOllama, start_proxy: StartProxy, tmp_path: Path) -> RunningProxy:
+async def api(fake: FakeOllama, start_any: StartProxy, tmp_path: Path) -> RunningProxy:
+    """Each test of the API also runs through `serve --workers 2`: a worker answers from the
+    store the main process writes."""
+    await _seed(tmp_path, DATA)
+    settings = AnalyticsConfig.build(analytics_dir=str(tmp_path), analytics_token=TOKEN,
+                                     analytics_retention_days=0)
+    return await start_any(fake.url, analytics=settings)
+
+
+@pytest.fixture
+async def api_here(fake: FakeOllama, start_proxy: StartProxy, tmp_path: Path) -> RunningProxy:
+    """`api` in this process only: for the long tables of parameters (a worker reads them with
+    the same code)."""
     await _seed(tmp_path, DATA)
     settings = AnalyticsConfig.build(analytics_dir=str(tmp_path), analytics_token=TOKEN,
                                      analytics_retention_days=0)
@@ -106,17 +119,24 @@ async def test_paging(api: RunningProxy, http: aiohttp.ClientSession) -> None:
     assert await _ids(http, api, limit="3", offset="3") == ["rec00021", "rec00020", "rec00019"]
 
 
-async def test_ranked_search(api: RunningProxy, http: aiohttp.ClientSession) -> None:
-    await _seed_extra(api, [record(30, prompt="sea sea sea", response="x"),
-                            record(31, prompt="nothing", response="sea")])
+async def test_ranked_search(api: RunningProxy, http: aiohttp.ClientSession,
+                             tmp_path: Path) -> None:
+    await _seed_extra(api, tmp_path, [record(30, prompt="sea sea sea", response="x"),
+                                      record(31, prompt="nothing", response="sea")])
     ids = await _ids(http, api, prompt_search="sea", order="rank")
     assert ids[0] == "rec00030"  # most prompt matches ranks first, though not newest
     assert set(ids) == {"rec00030", "rec00031", "rec00024"}
 
 
-async def _seed_extra(proxy: RunningProxy, records: list[dict[str, Any]]) -> None:
+async def _seed_extra(proxy: RunningProxy, directory: Path,
+                      records: list[dict[str, Any]]) -> None:
+    """Records added while the proxy runs: through its recorder, or with workers (whose
+    recorder is in another process) into the store it writes."""
     from ollama_metrics.server.app import RECORDER
 
+    if RECORDER not in proxy.app:
+        await _seed(directory, records)
+        return
     for r in records:
         proxy.app[RECORDER].submit(r)
     from helpers import settle
@@ -194,16 +214,16 @@ async def test_timeseries(api: RunningProxy, http: aiohttp.ClientSession) -> Non
 
 @pytest.mark.parametrize(("since", "step"), [
     ("15m", 10), ("1h", 30), ("6h", 300), ("24h", 900), ("7d", 7200)])
-async def test_timeseries_chooses_a_step(api: RunningProxy, http: aiohttp.ClientSession,
+async def test_timeseries_chooses_a_step(api_here: RunningProxy, http: aiohttp.ClientSession,
                                          since: str, step: int) -> None:
-    status, body = await _get(http, api, "/analytics/timeseries", since=since)
+    status, body = await _get(http, api_here, "/analytics/timeseries", since=since)
     assert status == 200 and body["step"] == step
     span = body["end_time"] - body["start_time"]
     assert 60 <= round(span) / step <= 120
     assert len(body["points"]) in (span // step, span // step + 1)
     assert sum(p["seconds"] for p in body["points"]) == pytest.approx(span)
     # Without a start: the last hour.
-    status, body = await _get(http, api, "/analytics/timeseries")
+    status, body = await _get(http, api_here, "/analytics/timeseries")
     assert body["end_time"] - body["start_time"] == 3600 and body["step"] == 30
 
 
@@ -217,9 +237,9 @@ async def test_timeseries_chooses_a_step(api: RunningProxy, http: aiohttp.Client
     ({"since": "soon"}, "since: expected a duration"),
     ({"colour": "blue"}, "unknown parameter 'colour'"),
 ])
-async def test_timeseries_bad_parameters(api: RunningProxy, http: aiohttp.ClientSession,
+async def test_timeseries_bad_parameters(api_here: RunningProxy, http: aiohttp.ClientSession,
                                          params: dict[str, str], reason: str) -> None:
-    status, body = await _get(http, api, "/analytics/timeseries", **params)
+    status, body = await _get(http, api_here, "/analytics/timeseries", **params)
     assert status == 400, body
     assert reason in body["error"]
 
@@ -236,9 +256,9 @@ async def test_export(api: RunningProxy, http: aiohttp.ClientSession) -> None:
     assert rows[0] == FIELD_NAMES and len(rows) == 25
 
 
-async def test_csv_export_neutralises_formulas(api: RunningProxy,
-                                               http: aiohttp.ClientSession) -> None:
-    await _seed_extra(api, [record(
+async def test_csv_export_neutralises_formulas(api: RunningProxy, http: aiohttp.ClientSession,
+                                               tmp_path: Path) -> None:
+    await _seed_extra(api, tmp_path, [record(
         40, model="+m", prompt="=cmd|' /C calc'!A0", response="-2+3", error="@SUM(A1)",
         user_agent="\tTAB", client_ip="\rCR", path="/api/=chat", duration=-1.5, ttft=-0.25,
         completion_tokens=-3, messages=[{"role": "user", "content": "=1+1"}])])
@@ -269,10 +289,11 @@ async def test_csv_export_neutralises_formulas(api: RunningProxy,
     ({"since": "a while"}, "since: expected a duration"),
     ({"colour": "blue"}, "unknown parameter 'colour'"),
 ])
-async def test_bad_parameters_get_400_with_reason(api: RunningProxy, http: aiohttp.ClientSession,
+async def test_bad_parameters_get_400_with_reason(api_here: RunningProxy,
+                                                  http: aiohttp.ClientSession,
                                                   params: dict[str, str], reason: str) -> None:
     for path in ("/analytics/search", "/analytics/stats", "/analytics/export"):
-        status, body = await _get(http, api, path, **params)
+        status, body = await _get(http, api_here, path, **params)
         assert status == 400, (path, body)
         assert reason in body["error"]
 
@@ -282,33 +303,38 @@ INJECTIONS = ["x' OR '1'='1", "x\"; DROP TABLE interactions; --", "') OR 1=1 --"
 
 
 @pytest.mark.parametrize("evil", INJECTIONS)
-async def test_sql_injection_in_every_parameter(api: RunningProxy, http: aiohttp.ClientSession,
+async def test_sql_injection_in_every_parameter(api_here: RunningProxy,
+                                                http: aiohttp.ClientSession,
                                                 evil: str) -> None:
     for name in ("model", "endpoint", "prompt_search", "prompt_category", "status", "start_time",
                  "end_time", "limit", "offset", "cursor", "order", "since"):
-        status, body = await _get(http, api, "/analytics/search", **{name: evil})
+        status, body = await _get(http, api_here, "/analytics/search", **{name: evil})
         assert status in (200, 400), (name, body)
         if status == 200:
             assert body["results"] == [] or name == "prompt_search", (name, body)
-    status, body = await _get(http, api, f"/analytics/messages/{evil}")
+    status, body = await _get(http, api_here, f"/analytics/messages/{evil}")
     assert status in (400, 404)
-    assert len(await _ids(http, api)) == 24  # and the table is still there, whole
+    assert len(await _ids(http, api_here)) == 24  # and the table is still there, whole
 
 
 @pytest.mark.slow(reason="a 2 s stream")
-async def test_live_shows_requests_in_flight_and_recent(fake: FakeOllama, start_proxy: StartProxy,
+async def test_live_shows_requests_in_flight_and_recent(fake: FakeOllama, start_any: StartProxy,
                                                        http: aiohttp.ClientSession) -> None:
     from fake_ollama import Scenario
     from helpers import settle
 
     fake.scenarios["slow:latest"] = Scenario(tokens=["a"] * 40, token_delay=0.05)
-    proxy = await start_proxy(fake.url)
+    proxy = await start_any(fake.url)
     async with aiohttp.ClientSession() as other:
         resp = await other.post(proxy.url + "/api/generate", data=b'{"model":"slow","prompt":"x"}')
         for _ in range(5):
             await resp.content.readline()
-        async with http.get(proxy.url + "/analytics/live") as r:
-            live = await r.json()
+        for _ in range(20):  # another worker's requests show within its publishing interval
+            async with http.get(proxy.url + "/analytics/live") as r:
+                live = await r.json()
+            if live["active"] and live["active"][0]["chunks"] >= 5:
+                break
+            await asyncio.sleep(0.05)
         (active,) = live["active"]
         assert (active["model"], active["endpoint"], active["stream"]) == (
             "slow:latest", "/api/generate", True)
@@ -316,8 +342,12 @@ async def test_live_shows_requests_in_flight_and_recent(fake: FakeOllama, start_
         await resp.read()
         resp.release()
     await settle(lambda: proxy.sample("ollama_active_requests", model="slow:latest") == 0)
-    async with http.get(proxy.url + "/analytics/live", params={"recent": "5"}) as r:
-        live = await r.json()
+    for _ in range(40):  # with workers, another's view is at most 0.1 s old
+        async with http.get(proxy.url + "/analytics/live", params={"recent": "5"}) as r:
+            live = await r.json()
+        if not live["active"]:
+            break
+        await asyncio.sleep(0.05)
     assert live["active"] == []
     (done,) = live["recent"]
     assert (done["model"], done["status"], done["completion_tokens"]) == (

@@ -34,3 +34,12 @@ def test_failure_modes_bench_quick() -> None:
     out = _run(str(BENCH / "failure_modes.py"), "--quick")
     for row in ("FM17", "FM18", "FM19"):
         assert out.count(row) == 2, out  # its row of the table and its PASS/MISS line
+
+
+def test_workers_bench_quick() -> None:
+    require("wrk")
+    require("nginx")
+    out = _run(str(BENCH / "workers_bench.py"), "--quick")
+    for row in ("nginx-1", "nginx-2", "ollama-metrics-1", "ollama-metrics-2",
+                "2 workers / 1"):
+        assert row in out, out

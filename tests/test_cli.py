@@ -121,18 +121,22 @@ def test_env_vars_configure_serve(monkeypatch: pytest.MonkeyPatch) -> None:
             assert b"ollama_active_requests" in r.read()
 
 
-def test_says_clearly_when_ollama_is_not_running() -> None:
+@pytest.mark.parametrize("workers", ["1", pytest.param("2", marks=pytest.mark.slow(
+    reason="serve --workers 2: three processes"))])
+def test_says_clearly_when_ollama_is_not_running(workers: str) -> None:
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
-        with proxy_process(f"http://127.0.0.1:{port}") as proxy:
+        with proxy_process(f"http://127.0.0.1:{port}", "--workers", workers) as proxy:
             warning = proxy.wait_for("Ollama is not answering").string
             assert f"at http://127.0.0.1:{port}" in warning
             assert "ollama serve" in warning
 
 
-def test_sigterm_exits_cleanly() -> None:
-    with fake_process() as fake, proxy_process(fake.url) as proxy:
+@pytest.mark.parametrize("workers", ["1", pytest.param("2", marks=pytest.mark.slow(
+    reason="serve --workers 2: three processes"))])
+def test_sigterm_exits_cleanly(workers: str) -> None:
+    with fake_process() as fake, proxy_process(fake.url, "--workers", workers) as proxy:
         with urllib.request.urlopen(proxy.url + "/api/version") as resp:
             assert resp.status == 200
         proxy.proc.send_signal(signal.SIGTERM)
@@ -192,36 +196,35 @@ def test_start_failures_are_one_line_and_exit_2(tmp_path: Path, args: list[str],
     assert lines[0].startswith("ollama-metrics: ")
 
 
-# `serve` as on Windows: an event loop without add_signal_handler (asyncio's selector loop
-# before its Unix additions, which is Windows' SelectorEventLoop), and no uvloop.
+# `serve` as on Windows: an event loop without add_signal_handler (Windows' loops have none; they
+# do run subprocesses, as the analytics writer needs, so this one is Unix's with the signal
+# handlers taken away), and no uvloop.
 _NO_SIGNAL_HANDLERS = """
 import asyncio, sys
-from asyncio.selector_events import BaseSelectorEventLoop
 class _Block:
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] == "uvloop":
             raise ImportError("No module named 'uvloop' (blocked by the test)")
 sys.meta_path.insert(0, _Block())
+class _Loop(asyncio.SelectorEventLoop):
+    def add_signal_handler(self, sig, callback, *args):
+        raise NotImplementedError
+    def remove_signal_handler(self, sig):
+        raise NotImplementedError
 class _Policy(asyncio.DefaultEventLoopPolicy):
     def new_event_loop(self):
-        return BaseSelectorEventLoop()
+        return _Loop()
 asyncio.set_event_loop_policy(_Policy())
-loop = asyncio.new_event_loop()
-try:
-    loop.add_signal_handler(2, print)
-except NotImplementedError:
-    pass
-else:
-    raise SystemExit("this loop has add_signal_handler")
-loop.close()
 from ollama_metrics.cli import main
 main(prog_name="ollama-metrics")
 """
 
 
 @pytest.mark.slow(reason="a proxy process, a stream in flight and two signals")
-@pytest.mark.parametrize("loop", ["unix", "without add_signal_handler (as on Windows)"])
-def test_second_signal_stops_at_once_after_writing_the_queue(tmp_path: Path, loop: str) -> None:
+@pytest.mark.parametrize(("loop", "workers"), [
+    ("unix", "1"), ("unix", "2"), ("without add_signal_handler (as on Windows)", "1")])
+def test_second_signal_stops_at_once_after_writing_the_queue(tmp_path: Path, loop: str,
+                                                             workers: str) -> None:
     """The first SIGINT starts the grace and says how to cut it short; the second stops at
     once (not after the 60 s grace), and the records are in the store, the cut stream's too."""
     slow = json.dumps({"slow:latest": {"tokens": ["x"] * 200, "token_delay": 0.3},
@@ -229,7 +232,8 @@ def test_second_signal_stops_at_once_after_writing_the_queue(tmp_path: Path, loo
     python = ("-m", "ollama_metrics") if loop == "unix" else ("-c", _NO_SIGNAL_HANDLERS)
     with fake_process("--scenarios", slow) as fake, \
             proxy_process(fake.url, "--analytics-dir", str(tmp_path),
-                          "--shutdown-grace", "60", python=python) as proxy:
+                          "--shutdown-grace", "60", "--workers", workers,
+                          python=python) as proxy:
         with urllib.request.urlopen(urllib.request.Request(
                 proxy.url + "/api/generate", data=b'{"model": "llama3.2", "prompt": "hi"}')) as r:
             r.read()

@@ -75,10 +75,10 @@ def test_the_names_are_read() -> None:
 
 
 async def test_every_named_metric_is_exposed_from_the_start(
-        fake: FakeOllama, start_proxy: StartProxy, tmp_path: Path,
+        fake: FakeOllama, start_any: StartProxy, tmp_path: Path,
         http: aiohttp.ClientSession) -> None:
-    proxy = await start_proxy(fake.url, AnalyticsConfig.build(analytics_dir=str(tmp_path)),
-                              ps_interval=0.05)
+    proxy = await start_any(fake.url, AnalyticsConfig.build(analytics_dir=str(tmp_path)),
+                            ps_interval=0.05)
     # The loaded-model gauges and the version describe Ollama: they are there once its first
     # /api/ps answer is (a poll, not a request through the proxy).
     await settle(lambda: proxy.sample("ollama_up") == 1)

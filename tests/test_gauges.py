@@ -25,8 +25,9 @@ def value(proxy: RunningProxy, name: str, **labels: str) -> float | None:
     return proxy.registry.get_sample_value(name, labels)
 
 
-async def test_gauges_follow_api_ps(fake: FakeOllama, start_proxy: StartProxy) -> None:
-    proxy = await start_proxy(fake.url, **FAST)
+async def test_gauges_follow_api_ps(fake: FakeOllama, start_any: StartProxy) -> None:
+    """With workers too: the main process polls, every worker shows what it saw."""
+    proxy = await start_any(fake.url, **FAST)
     await settle(lambda: value(proxy, "ollama_up") == 1 and len(loaded(proxy)) == 2)
     assert loaded(proxy) == {"llama3.2:latest", "all-minilm:latest"}
     size = fake._model_entry("llama3.2:latest")["size"]  # what the fake reports
@@ -53,9 +54,9 @@ async def test_gauges_follow_api_ps(fake: FakeOllama, start_proxy: StartProxy) -
     assert loaded(proxy) == set()
 
 
-async def test_loaded_shows_the_latest_poll(fake: FakeOllama, start_proxy: StartProxy,
+async def test_loaded_shows_the_latest_poll(fake: FakeOllama, start_any: StartProxy,
                                             http: aiohttp.ClientSession) -> None:
-    proxy = await start_proxy(fake.url, **FAST)
+    proxy = await start_any(fake.url, **FAST)
     await settle(lambda: len(loaded(proxy)) == 2)
     async with http.get(proxy.url + "/analytics/loaded") as resp:
         assert resp.status == 200

@@ -11,6 +11,13 @@ from fake_ollama import FakeOllama, Scenario
 from helpers import RunningProxy, settle
 from ollama_metrics.observe.metrics import DURATION_BUCKETS, TTFT_BUCKETS
 
+
+@pytest.fixture
+async def proxy(fake: FakeOllama, start_any: StartProxy) -> RunningProxy:
+    """Each test here also runs through `serve --workers 2` (conftest.start_any): the values
+    read are then /metrics', the sum over the workers."""
+    return await start_any(fake.url)
+
 EXACT = Scenario(tokens=["The", " sky", " is", " blue"], prompt_eval_count=26, eval_count=4,
                  load_duration=6_338_219_291, prompt_eval_duration=130_079_000,
                  eval_duration=2_000_000_000, total_duration=10_706_818_083)

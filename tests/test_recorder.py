@@ -235,12 +235,14 @@ async def test_jsonl_rotates_and_stays_readable(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow(reason="streams through a proxy process stopped by SIGTERM")
-def test_sigterm_drains_records_in_flight(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_drains_records_in_flight(tmp_path: Path, workers: str) -> None:
     """SIGTERM with streams in flight: they finish, and every one of them is stored."""
     scenarios = orjson.dumps({"slow:latest": {"tokens": ["a"] * 10, "token_delay": 0.1},
                               "llama3.2:latest": {}}).decode()
     with fake_process("--scenarios", scenarios) as fake, proxy_process(
-            fake.url, "--analytics-dir", str(tmp_path), "--shutdown-grace", "10") as proxy:
+            fake.url, "--analytics-dir", str(tmp_path), "--shutdown-grace", "10",
+            "--workers", workers) as proxy:
         results: list[int] = []
 
         def stream() -> None:

@@ -15,6 +15,12 @@ from fake_ollama import FakeOllama, Scenario
 from helpers import RunningProxy, settle
 from ollama_metrics.server import relay
 
+
+@pytest.fixture
+async def proxy(fake: FakeOllama, start_any: StartProxy) -> RunningProxy:
+    """Each test here also runs through `serve --workers 2` (conftest.start_any)."""
+    return await start_any(fake.url)
+
 GENERATE = b'{"model":"slow","prompt":"Tell me a story"}'
 
 

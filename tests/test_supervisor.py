@@ -72,12 +72,14 @@ def test_starts_ollama_behind_the_proxy_and_stops_both(
     assert "Traceback" not in out
 
 
-def test_ctrl_c_at_the_terminal_reaches_the_proxy_only(standin: Path) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_ctrl_c_at_the_terminal_reaches_the_proxy_only(standin: Path, workers: str) -> None:
     # A terminal's Ctrl-C is SIGINT to its whole foreground process group: the proxy's group
     # here (setsid makes the proxy lead one). Ollama, in a group of its own, must not get it
-    # directly, but be stopped by the proxy once the proxy has drained.
+    # directly, but be stopped by the proxy once the proxy has drained. Workers get it too,
+    # and ignore it: one Ctrl-C is one signal, a drain, not a stop at once.
     proxy = Process(["setsid", sys.executable, "-m", "ollama_metrics", "serve",
-                     *serve_args(free_port())])
+                     *serve_args(free_port()), "--workers", workers])
     try:
         proxy.port = int(proxy.wait_for(r"listening on http://127\.0\.0\.1:(\d+)").group(1))
         child = child_pid(proxy)
@@ -89,6 +91,7 @@ def test_ctrl_c_at_the_terminal_reaches_the_proxy_only(standin: Path) -> None:
     assert gone(child, timeout=0)
     out = proxy.output
     assert out.index("shutting down") < out.index("stopping ollama serve")
+    assert "stopping now" not in out
 
 
 def test_child_killed_mid_stream_is_restarted(

@@ -20,6 +20,12 @@ from fake_ollama import FakeOllama, Scenario
 from helpers import RunningProxy, raw_request
 from ollama_metrics.ollama.wire import route
 
+
+@pytest.fixture
+async def proxy(fake: FakeOllama, start_any: StartProxy) -> RunningProxy:
+    """Each test here also runs through `serve --workers 2` (conftest.start_any)."""
+    return await start_any(fake.url)
+
 _CLOCK = re.compile(rb'"(created_at|created|expires_at|modified_at)":("[^"]*"|\d+)|chatcmpl-\d+|'
                     rb'cmpl-\d+')
 _IGNORED_HEADERS = {"date"}

@@ -78,6 +78,8 @@ class Config:
     model_refresh: float = _D["model_refresh"]
     max_parse_bytes: int = _D["max_parse_bytes"]
     shutdown_grace: float = _D["shutdown_grace"]
+    # Processes serving the listen port (server/workers.py); 1 serves in this one.
+    workers: int = _D["workers"]
     metrics_path: str = _D["metrics_path"]
     log_level: str = _D["log_level"]
     # OpenTelemetry export (observe/otel.py); where to, how and what sampled are the SDK's own

@@ -299,6 +299,9 @@ PROXY = Settings(
     Setting("shutdown_grace", "OLLAMA_METRICS_SHUTDOWN_GRACE", 10.0, type=_ZERO_OR_MORE,
             metavar="SECONDS",
             help="On SIGTERM/SIGINT, how long requests in flight may take to finish."),
+    Setting("workers", "OLLAMA_METRICS_WORKERS", 1, type=_POSITIVE_COUNT, metavar="N",
+            help="Event loops serving the listen port, each in a process of its own (Linux: "
+                 "SO_REUSEPORT); 1 where the system cannot share a port."),
     Setting("metrics_path", "OLLAMA_METRICS_PATH", "/metrics", metavar="PATH",
             check=_metrics_path, help="Where Prometheus scrapes."),
     Setting("log_level", "OLLAMA_METRICS_LOG_LEVEL", "INFO",

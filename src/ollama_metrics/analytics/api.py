@@ -19,7 +19,7 @@ import hmac
 import io
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -175,6 +175,17 @@ class AnalyticsApi:
             "Content-Disposition": f'attachment; filename="interactions.{fmt}"',
         })
         await response.prepare(request)
+        try:
+            if await self._send_export(request, response, fmt, first, records):
+                await response.write_eof()
+        except ConnectionResetError:  # the client went away mid-export: nothing to answer
+            pass
+        return response
+
+    async def _send_export(self, request: web.Request, response: web.StreamResponse, fmt: str,
+                           first: dict[str, Any] | None,
+                           records: AsyncIterator[dict[str, Any]]) -> bool:
+        """Write the records; False when the export was cut short (the store failed)."""
         line = jsonl_line if fmt == "jsonl" else csv_row
         if fmt == "csv":
             await response.write(csv_line(FIELD_NAMES))
@@ -187,9 +198,8 @@ class AnalyticsApi:
                 log.warning("analytics: export cut short: %s", exc)
                 if request.transport is not None:
                     request.transport.close()
-                return response
-        await response.write_eof()
-        return response
+                return False
+        return True
 
 
 def jsonl_line(record: dict[str, Any]) -> bytes:

@@ -81,10 +81,10 @@ class Recorder:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.queue_size = Gauge(
             "ollama_analytics_queue_size", "Records waiting to be written", ["backend"],
-            registry=registry)
+            registry=registry, multiprocess_mode="livesum")
         self.queue_capacity = Gauge(
             "ollama_analytics_queue_capacity", "Most records a backend's queue holds",
-            ["backend"], registry=registry)
+            ["backend"], registry=registry, multiprocess_mode="livemax")
         self.writes = Counter(
             "ollama_analytics_writes_total",
             "Records by the outcome of each write attempt (errors are retried)",

@@ -42,6 +42,7 @@ def start_errors() -> Iterator[None]:
     from ..ollama.supervisor import OllamaFailedToStart, OllamaPortTaken
     from ..server.internals import Unsupported
     from ..server.serve import CannotListen, PortInUse
+    from ..server.workers import WorkerFailed
 
     try:
         yield
@@ -59,7 +60,7 @@ def start_errors() -> Iterator[None]:
         fail(str(exc), EXIT_NO_OLLAMA)
     except Unsupported as exc:
         fail(str(exc), EXIT_UNSUPPORTED_AIOHTTP)
-    except (OllamaFailedToStart, ProxyNotStarted) as exc:
+    except (OllamaFailedToStart, ProxyNotStarted, WorkerFailed) as exc:
         fail(str(exc), EXIT_FAILED)
 
 
@@ -81,10 +82,14 @@ def serve(**options: Any) -> None:
     logging.basicConfig(
         level=config.log_level, stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from ..server.serve import run  # aiohttp is imported only when serving
+    from ..server.shared import prepared
 
-    with start_errors(), contextlib.suppress(KeyboardInterrupt):
-        run(config, os.environ, analytics)
+    # Before prometheus_client is imported (by server.serve): workers share its values.
+    with prepared(config.workers) as shared:
+        from ..server.serve import run  # aiohttp is imported only when serving
+
+        with start_errors(), contextlib.suppress(KeyboardInterrupt):
+            run(config, os.environ, analytics, shared)
 
 
 def config_from_args(serve_args: Sequence[str]) -> tuple[Config, AnalyticsConfig]:

@@ -6,12 +6,17 @@ snapshot is computed when someone asks (GET /analytics/live), never per request.
 or shown is bounded (model names arrive capped, see interaction.CAPS), and so is the snapshot:
 at most `keep` recent entries and `shown` (ACTIVE_SHOWN) requests in flight (`active_count` has
 them all).
+
+With several workers, each publishes what `published()` returns (its own requests, as plain
+JSON) and the worker asked merges the others' into its snapshot (`others`): the requests in
+flight of every worker, counted in `active_count`, their latest completions and rates.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Iterable
 from typing import Any
 
 from .interaction import Interaction
@@ -26,13 +31,16 @@ class Live:
         self.shown = shown
         self._active: dict[str, Interaction] = {}
         self._recent: deque[dict[str, Any]] = deque(maxlen=keep)
+        self.changes = 0  # counts starts and ends: a publisher writes only after a change
 
     def started(self, i: Interaction) -> object:
         self._active[i.id] = i
+        self.changes += 1
         return None
 
     def finished(self, i: Interaction, token: object) -> None:
         self._active.pop(i.id, None)
+        self.changes += 1
         self._recent.append({
             "id": i.id,
             "model": i.model,
@@ -47,8 +55,13 @@ class Live:
             "tokens_per_second": i.tokens_per_second,
         })
 
-    def snapshot(self, recent: int = 20) -> dict[str, Any]:
-        now, clock = time.time(), time.perf_counter()
+    @property
+    def in_flight(self) -> int:
+        return len(self._active)
+
+    def published(self) -> dict[str, Any]:
+        """This process's requests, for the other workers to merge (bounded like a snapshot)."""
+        clock = time.perf_counter()
         active: list[dict[str, Any]] = [{
             "id": i.id,
             "model": i.model,
@@ -62,7 +75,26 @@ class Live:
         active.sort(key=lambda a: -a["elapsed"])
         count = len(active)
         del active[self.shown:]
-        window = [r for r in self._recent if (r["ended_at"] or 0) >= now - RATE_WINDOW]
+        return {"time": time.time(), "active": active, "active_count": count,
+                "recent": list(self._recent)}
+
+    def snapshot(self, recent: int = 20, others: Iterable[dict[str, Any]] = ()
+                 ) -> dict[str, Any]:
+        own = self.published()
+        now = own["time"]
+        active, count, done = own["active"], own["active_count"], own["recent"]
+        merged = False
+        for other in others:  # published a moment ago: their requests have run that much more
+            lag = max(0.0, now - other["time"])
+            active.extend({**a, "elapsed": a["elapsed"] + lag} for a in other["active"])
+            count += other["active_count"]
+            done.extend(other["recent"])
+            merged = True
+        if merged:
+            active.sort(key=lambda a: -a["elapsed"])
+            del active[self.shown:]
+            done.sort(key=lambda r: r["ended_at"] or 0)
+        window = [r for r in done if (r["ended_at"] or 0) >= now - RATE_WINDOW]
         models: dict[str, dict[str, Any]] = {}
         for r in window:
             # No model: null, which every view writes as its one word for it (units.MISSING).
@@ -78,7 +110,7 @@ class Live:
             "time": now,
             "active": active,
             "active_count": count,
-            "recent": list(self._recent)[-recent:][::-1] if recent > 0 else [],
+            "recent": done[-recent:][::-1] if recent > 0 else [],
             "models": sorted(models.values(), key=lambda m: -m["requests"]),
             "window_seconds": RATE_WINDOW,
         }

@@ -11,6 +11,7 @@ cold loads, durations reach two hours.
 from __future__ import annotations
 
 import weakref
+from pathlib import Path
 from typing import Any, TypeVar
 
 from prometheus_client import (
@@ -23,6 +24,7 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
 )
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from .interaction import ErrorType, Interaction, Outcome
 from .labels import NONE, ModelLabels
@@ -80,6 +82,16 @@ def new_registry() -> CollectorRegistry:
     return registry
 
 
+def multiprocess_registry(path: Path) -> CollectorRegistry:
+    """What a worker's /metrics shows with `--workers N`: every process's metrics, summed by
+    prometheus-client's multiprocess mode from its files in `path` (gauges as their
+    `multiprocess_mode` says), and the process, platform and GC collectors of the worker that
+    answered (they describe one process; there is no sum of them)."""
+    registry = new_registry()
+    MultiProcessCollector(registry, path=str(path))  # type: ignore[no-untyped-call]
+    return registry
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry, model_labels: ModelLabels) -> None:
         self.registry = registry
@@ -124,9 +136,9 @@ class Metrics:
             "ollama_prompt_eval_tokens_per_second",
             "Prompt evaluation speed, prompt_eval_count / prompt_eval_duration",
             ["model"], buckets=PREFILL_BUCKETS, registry=r)
-        self.active = Gauge(
+        self.active = Gauge(  # with workers: the sum over the live ones
             "ollama_active_requests", "Requests in flight through the proxy", ["model"],
-            registry=r)
+            registry=r, multiprocess_mode="livesum")
         self.disconnects = Counter(
             "ollama_client_disconnects_total", "Clients that went away before the reply ended",
             ["model", "endpoint"], registry=r)

@@ -14,12 +14,12 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
 from types import FrameType
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CollectorRegistry
 
 from ..analytics.settings import AnalyticsConfig
@@ -28,11 +28,12 @@ from ..config import Config, connect_url
 from ..observe.metrics import new_registry
 from ..ollama import control, probe
 from ..ollama.supervisor import Supervisor
-from ..printable import printable
 from . import relay
 from .app import SESSION, create_app
-from .connection import Runner, verify
+from .connection import verify
 from .descriptors import Watch, lift_open_file_limit
+from .lifecycle import announce_analytics, make_runner, shut_down, unless_stopped
+from .shared import Shared
 
 log = logging.getLogger("ollama_metrics")
 
@@ -46,7 +47,22 @@ class CannotListen(OSError):
     refused by the system); the message says which and what to do."""
 
 
-def bind(config: Config) -> socket.socket:
+def bind(config: Config, shared_port: bool = False) -> socket.socket:
+    """The listening socket; with `shared_port` (--workers), bound with SO_REUSEPORT and not
+    listening: it holds the port for the workers' own sockets (server/workers.py).
+
+    A port shared with SO_REUSEPORT would also be shared with another process of this user
+    that set it (another proxy with workers): so the port is first bound without it, which
+    fails if anyone holds it, then bound again with it."""
+    if shared_port:
+        alone = _bind(config, shared_port=False)
+        port = alone.getsockname()[1]  # a port 0 is numbered here
+        alone.close()
+        return _bind(replace(config, listen_port=port), shared_port=True)
+    return _bind(config, shared_port=False)
+
+
+def _bind(config: Config, shared_port: bool) -> socket.socket:
     family = socket.AF_INET6 if ":" in config.listen_host else socket.AF_INET
     where = f"{config.listen_host}:{config.listen_port}"
     fix = "listen on an address of this machine with --listen HOST:PORT (OLLAMA_METRICS_LISTEN)"
@@ -57,6 +73,8 @@ def bind(config: Config) -> socket.socket:
             from None
     if sys.platform != "win32":
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if shared_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((config.listen_host, config.listen_port))
     except socket.gaierror as exc:
@@ -77,42 +95,10 @@ def bind(config: Config) -> socket.socket:
             "not allowed (ports below 1024 need privileges)" if exc.errno == errno.EACCES else \
             exc.strerror
         raise CannotListen(exc.errno, f"cannot listen on {where}: {why}; {fix}") from None
-    sock.listen(1024)
+    if not shared_port:
+        sock.listen(1024)
     sock.setblocking(False)
     return sock
-
-
-class _QuietBadRequests(logging.Filter):
-    """aiohttp logs every request it cannot parse (bad framing, oversized or invalid headers) at
-    ERROR with a traceback. Those are the client's fault and routine from scanners and hostile
-    peers, so they become one DEBUG line: no traceback, and the offending bytes, which may be a
-    prompt, never reach the log at INFO."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
-            why = f"{exc.code}: {exc.message}"
-        elif isinstance(exc, web.RequestPayloadError):  # a body that broke its framing
-            why = str(exc)
-        else:
-            return True  # anything else is a real fault: keep it loud
-        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-        record.msg, record.args = "bad request (%s)", (printable(why),)
-        record.exc_info, record.exc_text = None, None
-        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
-
-
-_HTTP_LOG = logging.getLogger("ollama_metrics.http")
-_HTTP_LOG.addFilter(_QuietBadRequests())
-
-
-def make_runner(app: web.Application, config: Config) -> web.AppRunner:
-    # auto_decompress off: a request body with Content-Encoding goes to Ollama as it came, as
-    # every other byte does (decoded, it would reach Ollama still labelled gzip; undecodable, it
-    # would be a 500 of the proxy's own).
-    return Runner(app, header_timeout=config.header_timeout, handler_cancellation=True,
-                  access_log=None, shutdown_timeout=config.shutdown_grace,
-                  auto_decompress=False, logger=_HTTP_LOG)
 
 
 async def serve(config: Config, sock: socket.socket, stop: asyncio.Event | None = None,
@@ -175,7 +161,7 @@ async def _serve(config: Config, sock: socket.socket, stop: asyncio.Event, now: 
         assert environ is not None, "the child's environment is needed to start Ollama"
         supervisor = Supervisor(config, registry, environ)
         try:
-            started = await _unless_stopped(supervisor.start(), stop)
+            started = await unless_stopped(supervisor.start(), stop)
         except BaseException:
             sock.close()
             raise
@@ -188,21 +174,6 @@ async def _serve(config: Config, sock: socket.socket, stop: asyncio.Event, now: 
     finally:
         if supervisor is not None:
             await supervisor.stop(now)
-
-
-async def _unless_stopped(work: Awaitable[None], stop: asyncio.Event) -> bool:
-    """Run `work` unless `stop` is set first (then cancel it and return False)."""
-    task = asyncio.ensure_future(work)
-    stopped = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    stopped.cancel()
-    if not task.done():
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        return False
-    task.result()
-    return True
 
 
 async def _serve_app(config: Config, sock: socket.socket, stop: asyncio.Event,
@@ -220,7 +191,7 @@ async def _serve_app(config: Config, sock: socket.socket, stop: asyncio.Event,
     if relay.UNAVAILABLE is not None:
         log.info("streamed replies take the plain relay (%s): correct, with more CPU per frame",
                  relay.UNAVAILABLE)
-    _announce_analytics(config, analytics)
+    announce_analytics(config, analytics)
     health = await control.health(app[SESSION], config.upstream)
     if health.ok:
         log.info("Ollama %s answers at %s", health.version or "(unknown version)",
@@ -236,43 +207,13 @@ async def _serve_app(config: Config, sock: socket.socket, stop: asyncio.Event,
         log.info("shutting down (up to %ss for requests in flight; press Ctrl-C again, or send "
                  "a second SIGTERM, to stop now)", config.shutdown_grace)
         descriptors.stop()
-        await _cleanup(runner, now)
-
-
-async def _cleanup(runner: web.AppRunner, now: asyncio.Event) -> None:
-    """Shut down within the grace, or at once when `now` is set: the connections still open
-    are closed, which cancels their requests (each is recorded, as a client that went away
-    is); the app's cleanup still writes the records queued."""
-    cleanup = asyncio.ensure_future(runner.cleanup())
-    forced = asyncio.ensure_future(now.wait())
-    await asyncio.wait({cleanup, forced}, return_when=asyncio.FIRST_COMPLETED)
-    forced.cancel()
-    if not cleanup.done():
-        connections = runner.server.connections if runner.server is not None else []
-        log.warning("stopping now: closing %d connection(s) still open", len(connections))
-        for connection in connections:
-            connection.force_close()
-    await cleanup
-
-
-def _announce_analytics(config: Config, analytics: AnalyticsConfig | None) -> None:
-    if analytics is None or not analytics.enabled:
-        log.info("analytics off: nothing is recorded")
-        return
-    where = ", ".join(f"{b} ({analytics.dir})" if b in ("sqlite", "jsonl") else b
-                      for b in analytics.backends)
-    log.info("recording interactions to %s (capture: %s, retention: %s days)", where,
-             analytics.capture, analytics.retention_days or "unlimited")
-    if not config.listens_on_loopback and analytics.token is None:
-        log.warning(
-            "listening on %s, beyond this machine, with no ANALYTICS_TOKEN: anyone who can reach "
-            "it can read stored prompts at /analytics. Set --analytics-token (ANALYTICS_TOKEN), "
-            "or listen on 127.0.0.1.", config.listen)
+        await shut_down(runner, now)
 
 
 def run(config: Config, environ: Mapping[str, str],
-        analytics: AnalyticsConfig | None = None) -> None:
-    """Bind, then serve on uvloop where available.
+        analytics: AnalyticsConfig | None = None, shared: Shared | None = None) -> None:
+    """Bind, then serve on uvloop where available: in this process, or with `shared`
+    (shared.prepared) in `config.workers` worker processes (server/workers.py).
 
     Raises before serving anything: internals.Unsupported when this aiohttp cannot take the
     request guard, StoreError when the analytics settings cannot work (check_usable),
@@ -285,14 +226,19 @@ def run(config: Config, environ: Mapping[str, str],
         check_usable(analytics)
     lift_open_file_limit()
     try:
-        sock = bind(config)
+        sock = bind(config, shared_port=shared is not None)
     except PortInUse:
         answer = probe.identify(connect_url(config.listen_host, config.listen_port), timeout=1.0)
         if answer.who is probe.Who.OLLAMA:
             raise probe.OllamaInTheWay(
                 probe.explain_ollama_in_the_way(config, answer.version)) from None
         raise
-    main = serve(config, sock, environ=environ, analytics=analytics)
+    if shared is not None:
+        from . import workers
+
+        main = workers.serve(config, sock, shared, environ, analytics)
+    else:
+        main = serve(config, sock, environ=environ, analytics=analytics)
     try:
         import uvloop
     except ImportError:

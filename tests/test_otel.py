@@ -78,6 +78,7 @@ async def test_a_chat_is_one_genai_span(receiver: Receiver, fake: FakeOllama,
     assert a["server.address"] == "127.0.0.1"
     assert a["server.port"] == fake.port
     assert "error.type" not in a
+    assert "gen_ai.response.id" not in a  # native replies carry no id
     assert not any(k.startswith("gen_ai.input") or k.startswith("gen_ai.output") for k in a)
     assert span.end_time_unix_nano > span.start_time_unix_nano
     assert receiver.resources[0]["service.name"] == "proxy-under-test"
@@ -108,17 +109,30 @@ async def test_openai_routes_and_a_cancelled_call(
     proxy = await _otel_proxy(fake, start_proxy)
     client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="ollama")
     async with client:
-        await client.chat.completions.create(model="llama3.2", messages=MESSAGES,  # type: ignore[arg-type]
-                                             max_tokens=32, temperature=0.5)
+        reply = await client.chat.completions.create(
+            model="llama3.2", messages=MESSAGES, max_tokens=32, temperature=0.5, seed=3,  # type: ignore[arg-type]
+            top_p=0.8, stop=["END"])
+        streamed = await client.completions.create(model="llama3.2", prompt="hi", stream=True,
+                                                   stream_options={"include_usage": True})
+        ids = {chunk.id async for chunk in streamed}
     [span] = await _spans(receiver, "chat llama3.2:latest")
     a = attributes(span)
     assert a["gen_ai.request.max_tokens"] == 32
     assert a["gen_ai.request.temperature"] == 0.5
+    assert a["gen_ai.request.top_p"] == 0.8
+    assert a["gen_ai.request.seed"] == 3
+    assert a["gen_ai.request.stop_sequences"] == ["END"]
+    assert a["gen_ai.response.id"] == reply.id
+    assert a["gen_ai.response.finish_reasons"] == ["stop"]
+    assert a["gen_ai.usage.input_tokens"] == reply.usage.prompt_tokens  # type: ignore[union-attr]
+    assert a["gen_ai.usage.output_tokens"] == reply.usage.completion_tokens  # type: ignore[union-attr]
     assert a["ollama_metrics.endpoint"] == "/v1/chat/completions"
+    [completion] = await _spans(receiver, "text_completion llama3.2:latest")
+    assert [attributes(completion)["gen_ai.response.id"]] == list(ids)
     fake.scenarios["slow:latest"] = Scenario(tokens=["a"] * 50, token_delay=0.05)
     async with aiohttp.ClientSession() as http, http.post(
-            proxy.url + "/api/generate", json={"model": "slow", "prompt": "hi"}) as reply:
-        await reply.content.readline()  # the first token, then the client goes away
+            proxy.url + "/api/generate", json={"model": "slow", "prompt": "hi"}) as cut:
+        await cut.content.readline()  # the first token, then the client goes away
     [cancelled] = await _spans(receiver, "text_completion slow:latest")
     assert attributes(cancelled)["error.type"] == "cancelled"
     assert attributes(cancelled)["ollama_metrics.outcome"] == "cancelled"
@@ -217,6 +231,23 @@ async def test_an_unreachable_collector_costs_counted_spans(
     await settle(lambda: proxy.sample("ollama_otel_spans_dropped_total",
                                       reason="export_failed") == 1, timeout=10.0)
     caplog.clear()  # the SDK's exporter logs its failure, as it should
+
+
+async def test_the_batch_processor_follows_otel_bsp_variables(
+        receiver: Receiver, fake: FakeOllama, start_proxy: StartProxy,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SDK's own variables size its queue: with room for one span and a slow collector, the
+    first span is being sent while the next two find the queue full, and are counted."""
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "1")
+    monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "1")
+    receiver.delay = 0.5
+    proxy = await _otel_proxy(fake, start_proxy)
+    async with ollama.AsyncClient(host=proxy.url) as client:
+        for _ in range(3):
+            await client.generate(model="llama3.2", prompt="hi", stream=False)
+    await settle(lambda: proxy.sample("ollama_otel_spans_dropped_total",
+                                      reason="queue_full") == 2, timeout=5.0)
+    [_] = await _spans(receiver, "text_completion llama3.2:latest")
 
 
 def test_otel_without_the_extra_fails_at_start() -> None:

@@ -96,10 +96,11 @@ class Emitter:
         self._reports = reports
         self._lock = threading.Lock()
         self._waiting = 0  # spans handed to the processor and not yet through the exporter
-        # The processor's own queue drops silently when full; the same bound, counted, here.
-        # OTEL_BSP_MAX_QUEUE_SIZE is the SDK's to read: ask it what it read.
-        self._queue_size: int = BatchSpanProcessor._default_max_queue_size()  # type: ignore[no-untyped-call]
         self._processor = BatchSpanProcessor(_counting(span_exporter, self))
+        # The processor's own queue drops silently when full; the same bound, counted, here.
+        # Its size is the SDK's to read (OTEL_BSP_MAX_QUEUE_SIZE): ask the processor.
+        self._queue_size: int = getattr(getattr(self._processor, "_batch_processor", None),
+                                        "_max_queue_size", 2048)
         self._traces = TracerProvider(resource=resource)  # sampler: OTEL_TRACES_SAMPLER
         self._traces.add_span_processor(self._processor)
         self._tracer = self._traces.get_tracer(

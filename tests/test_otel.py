@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import ollama
@@ -22,6 +24,7 @@ from conftest import StartProxy
 from fake_ollama import FakeOllama, Scenario
 from helpers import RunningProxy, settle
 from otlp_receiver import Receiver, attributes, grpc_server
+from services import Phoenix
 
 MESSAGES = [{"role": "system", "content": "Be brief."},
             {"role": "user", "content": "Why is the sky blue? Mail me at bob@example.com"}]
@@ -260,3 +263,58 @@ def test_otel_without_the_extra_fails_at_start() -> None:
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert "pip install 'ollama-metrics[otel]'" in lines[0]
+
+
+@pytest.mark.slow(reason="starts Arize Phoenix, a real OTLP receiver: about 20 s")
+async def test_phoenix_stores_the_proxy_span_inside_the_app_trace(
+        receiver: Receiver, phoenix: Phoenix, fake: FakeOllama, start_proxy: StartProxy,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A third-party receiver takes our spans (Phoenix takes traces, not metrics: those still go
+    to our receiver) and, asked back over its REST API, has ours as a child of the app's."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.propagate import inject
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    project = f"ollama-metrics-{uuid.uuid4().hex[:8]}"  # Phoenix files spans by this attribute
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", phoenix.traces)
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", f"openinference.project.name={project}")
+    proxy = await _otel_proxy(fake, start_proxy)
+    app = TracerProvider(resource=Resource({"openinference.project.name": project}))
+    app.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=phoenix.traces)))
+    with app.get_tracer("the-app").start_as_current_span("answer-question") as parent:
+        headers: dict[str, str] = {}
+        inject(headers)
+        async with ollama.AsyncClient(host=proxy.url, headers=headers) as client:
+            await client.chat(model="llama3.2", messages=MESSAGES, stream=False,
+                              options={"temperature": 0.2, "num_predict": 64})
+    await asyncio.to_thread(app.shutdown)
+    stored: dict[str, dict[str, Any]] = {}
+
+    async def both_stored() -> bool:  # Phoenix writes what it receives in batches
+        async with aiohttp.ClientSession() as http, http.get(
+                f"{phoenix.url}/v1/projects/{project}/spans", params={"limit": "100"}) as reply:
+            if reply.status == 200:
+                stored.update({s["name"]: s for s in (await reply.json())["data"]})
+        return {"answer-question", "chat llama3.2:latest"} <= stored.keys()
+
+    for _ in range(150):
+        if await both_stored():
+            break
+        await asyncio.sleep(0.1)
+    assert {"answer-question", "chat llama3.2:latest"} <= stored.keys(), stored.keys()
+    ours, theirs = stored["chat llama3.2:latest"], stored["answer-question"]
+    context = parent.get_span_context()
+    assert theirs["context"]["span_id"] == f"{context.span_id:016x}"
+    assert ours["context"]["trace_id"] == f"{context.trace_id:032x}"
+    assert ours["parent_id"] == f"{context.span_id:016x}"
+    a = ours["attributes"]
+    assert a["gen_ai.operation.name"] == "chat"
+    assert a["gen_ai.provider.name"] == "ollama"
+    assert a["gen_ai.request.model"] == "llama3.2:latest"
+    assert a["gen_ai.response.model"] == "llama3.2"
+    assert a["gen_ai.request.temperature"] == 0.2
+    assert a["gen_ai.request.max_tokens"] == 64
+    assert a["gen_ai.usage.output_tokens"] == 4
+    assert a["server.port"] == fake.port

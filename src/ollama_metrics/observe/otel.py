@@ -68,6 +68,7 @@ OPERATIONS = {
 QUEUE_SIZE = 2048  # calls waiting for the child process, as the SDK's default batch queue
 FRAME = struct.Struct("!I")  # each pickled list of calls on the child's stdin: its length first
 SEND_EVERY = 0.05  # seconds between writes to the child
+PIPE_SIZE = 1 << 20
 
 # Request parameter (native `options` or OpenAI body) → attribute, and the type it must have.
 _PARAMS: list[tuple[str, str, type]] = [
@@ -141,6 +142,22 @@ def error_type(i: Interaction) -> str | None:
 
 
 
+def _write(fd: int, data: bytes) -> None:
+    """All of `data`, in as few system calls as the pipe allows: one os.write releases the GIL
+    for as long as the child takes to read, where a buffered file takes it back after every
+    partial write (a GIL hand-off with the event loop each time the child reads a little)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _widen(fd: int) -> None:
+    """A larger pipe (Linux: 1 MiB), so the child's reads wake the sender less often."""
+    with contextlib.suppress(AttributeError, OSError):
+        import fcntl
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+
+
 def call(i: Interaction, operation: str, labels: ModelLabels) -> dict[str, Any]:
     """What the child needs of a finished call: plain values, cheap to take on the event loop
     and to pickle (no messages, no reply text)."""
@@ -208,6 +225,7 @@ class Export:
             [sys.executable, "-m", "ollama_metrics.observe.otel_process",
              json.dumps(self._settings)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         assert self._child.stdin is not None and self._child.stdout is not None
+        _widen(self._child.stdin.fileno())
         self._threads = [
             threading.Thread(target=self._send, args=(self._child.stdin,), name="otel-send",
                              daemon=True),
@@ -273,8 +291,7 @@ class Export:
                 continue
             data = pickle.dumps(records, pickle.HIGHEST_PROTOCOL)
             try:
-                pipe.write(FRAME.pack(len(data)) + data)
-                pipe.flush()
+                _write(pipe.fileno(), FRAME.pack(len(data)) + data)
             except (OSError, ValueError):
                 lost = sum(1 for r in records if "close" not in r)
                 log.warning("otel: the exporting process is gone; %d span(s) dropped", lost)

@@ -8,8 +8,8 @@ value of the batch processor, exporter or reader is set here, so OTEL_BSP_*, OTE
 and OTEL_METRIC_EXPORT_* all hold). A last `{"close": seconds}` and then end of input make it send
 what it holds (up to that long each for spans and metrics) and exit 0. It writes the spans it
 dropped on stdout, one `queue_full N` or `export_failed N` line at a time; its log goes to stderr.
-It runs at a lower priority (nice): on a busy machine the export falls behind and drops, counted,
-rather than taking CPU from the proxy.
+It runs only on CPU time nothing else wants (SCHED_IDLE): on a busy machine the export falls
+behind and drops, counted, rather than taking CPU from the proxy.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
 
 log = logging.getLogger("ollama_metrics.observe.otel")
-NICE = 10  # this process yields the CPU to the proxy and its neighbours: it falls behind, not them
 
 # The spec's ExplicitBucketBoundaries, metric by metric.
 DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
@@ -277,8 +276,17 @@ def serve(settings: dict[str, str], source: IO[bytes], out: IO[bytes]) -> None:
     emitter.close(timeout)
 
 
+def _yield_the_cpu() -> None:
+    """Run only on CPU time nothing else wants (Linux's SCHED_IDLE; elsewhere the lowest nice):
+    on a busy machine export falls behind and drops, counted, rather than slow the proxy."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        os.nice(19)
+
+
 def main() -> None:
-    os.nice(NICE)
+    _yield_the_cpu()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     serve(json.loads(sys.argv[1]), sys.stdin.buffer, sys.stdout.buffer)
 

@@ -8,6 +8,8 @@ proxy's span inside its own trace. The proxy is configured as a user would: OTEL
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import subprocess
 import sys
 import uuid
@@ -17,12 +19,18 @@ from typing import Any
 import aiohttp
 import ollama
 import openai
+import psutil
 import pytest
+from aiohttp import web
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from conftest import StartProxy
 from fake_ollama import FakeOllama, Scenario
 from helpers import RunningProxy, settle
+from ollama_metrics.config import Config
+from ollama_metrics.observe.metrics import new_registry
+from ollama_metrics.server.app import create_app
+from ollama_metrics.server.serve import make_runner
 from otlp_receiver import Receiver, attributes, grpc_server
 from services import Phoenix
 
@@ -251,6 +259,32 @@ async def test_the_batch_processor_follows_otel_bsp_variables(
     await settle(lambda: proxy.sample("ollama_otel_spans_dropped_total",
                                       reason="queue_full") == 2, timeout=5.0)
     [_] = await _spans(receiver, "text_completion llama3.2:latest")
+
+
+async def test_the_exporting_process_sends_what_waits_and_ends_with_the_app(
+        receiver: Receiver, fake: FakeOllama, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SDK runs in a child process of the proxy: started with the app, at idle priority;
+    on shutdown it sends what still waits (the schedule delay is long here) and exits."""
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "60000")
+    config = Config.build(upstream=fake.url, listen="127.0.0.1:0", otel=True)
+    runner = make_runner(create_app(config, new_registry(), None), config)
+    await runner.setup()
+    try:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        await web.SockSite(runner, sock).start()
+        [child] = [p for p in psutil.Process().children()
+                   if "ollama_metrics.observe.otel_process" in p.cmdline()]
+        if hasattr(os, "SCHED_IDLE"):  # set first thing once it runs
+            await settle(lambda: os.sched_getscheduler(child.pid) == os.SCHED_IDLE, 10.0)
+        async with ollama.AsyncClient(host=f"http://127.0.0.1:{sock.getsockname()[1]}") as c:
+            await c.generate(model="llama3.2", prompt="hi", stream=False)
+        await asyncio.sleep(0.2)
+        assert receiver.spans == []  # waiting in the child's batch
+    finally:
+        await runner.cleanup()
+    assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+    assert [s.name for s in receiver.spans] == ["text_completion llama3.2:latest"]
 
 
 def test_otel_without_the_extra_fails_at_start() -> None:

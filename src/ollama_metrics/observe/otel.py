@@ -2,11 +2,12 @@
 
 Off unless --otel. The SDK and its exporters are the `otel` extra, imported only here and only when
 turned on; `load()` says what to install when they are missing. Where telemetry goes, with which
-headers, under which service name and resource, and how spans are sampled, is the SDK's standard
-configuration, read by the SDK itself from its OTEL_* variables (OTEL_EXPORTER_OTLP_ENDPOINT,
-_HEADERS, _TIMEOUT, OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES, OTEL_TRACES_SAMPLER(_ARG),
-OTEL_BSP_SCHEDULE_DELAY, OTEL_METRIC_EXPORT_INTERVAL). The protocol picks the exporter class, so it
-is a setting of ours (--otel-protocol, read from OTEL_EXPORTER_OTLP_PROTOCOL).
+headers, under which service name and resource, and how spans are sampled and batched, is the
+SDK's standard configuration, read by the SDK itself from its OTEL_* variables
+(OTEL_EXPORTER_OTLP_*, OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES, OTEL_TRACES_SAMPLER(_ARG),
+OTEL_BSP_*, OTEL_METRIC_EXPORT_*), which the child process inherits. The protocol picks the
+exporter class, so it is a setting of ours (--otel-protocol, read from
+OTEL_EXPORTER_OTLP_PROTOCOL).
 
 Conventions: OpenTelemetry semantic conventions v1.41.0 for GenAI client spans and metrics. Only
 Ollama calls get spans (OPERATIONS); every other route gets none. Providers are private to the
@@ -15,13 +16,14 @@ proxy: nothing global is set, so an application embedding the proxy keeps its ow
 Never in the way: the SDK builds spans, aggregates metrics and encodes OTLP in Python, some
 hundreds of microseconds a call, and on a thread of the proxy's process that work holds the GIL the
 event loop needs (up to the 5 ms switch interval at a time: the p50 rose by milliseconds). So the
-SDK runs in a child process (otel_process.py, started with the app, stopped after it): the event
-loop only copies the call's plain fields into a tuple and puts it on a bounded queue; a thread of
-ours pickles the queue onto the child's stdin. With content on, the content is built on a thread
-of ours first, since redacting long texts is regex work. Calls that cannot be sent are dropped and
-counted in ollama_otel_spans_dropped_total: `queue_full` when more wait than a queue holds (ours, or
-the SDK's batch queue in the child: the collector is slow or away), `export_failed` when the
-exporter gave up on a batch (the child reports its counts on its stdout).
+SDK runs in a child process (otel_process.py, started with the app, stopped after it, on idle CPU
+only): the event loop only copies the call's plain fields into a dict on a bounded queue (~7 us a
+call); a thread of ours pickles the queue onto the child's stdin every 50 ms. With content on, the
+content is built on a thread of ours first, since redacting long texts is regex work. Calls that
+cannot be sent are dropped and counted in ollama_otel_spans_dropped_total: `queue_full` when more
+wait than a queue holds (ours, or the SDK's batch queue in the child: the collector is slow or
+away, or the child is behind), `export_failed` when the exporter gave up on a batch (the child
+reports its counts on its stdout).
 """
 
 from __future__ import annotations

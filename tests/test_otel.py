@@ -28,7 +28,9 @@ from conftest import StartProxy
 from fake_ollama import FakeOllama, Scenario
 from helpers import RunningProxy, settle
 from ollama_metrics.config import Config
+from ollama_metrics.observe.interaction import Interaction
 from ollama_metrics.observe.metrics import new_registry
+from ollama_metrics.ollama.wire import reply_reader
 from ollama_metrics.server.app import create_app
 from ollama_metrics.server.serve import make_runner
 from otlp_receiver import Receiver, attributes, grpc_server
@@ -352,3 +354,29 @@ async def test_phoenix_stores_the_proxy_span_inside_the_app_trace(
     assert a["gen_ai.request.max_tokens"] == 64
     assert a["gen_ai.usage.output_tokens"] == 4
     assert a["server.port"] == fake.port
+
+
+@pytest.mark.parametrize(("content_type", "body", "expected"), [
+    ("text/event-stream",  # /v1/responses, streamed: the id comes with response.created
+     b'event: response.created\ndata: {"type":"response.created","response":{"id":"resp_1"}}\n\n'
+     b'event: response.completed\ndata: {"type":"response.completed","response":{"id":"resp_1",'
+     b'"usage":{"input_tokens":3,"output_tokens":2}}}\n\n', "resp_1"),
+    ("text/event-stream",  # /v1/messages (Anthropic), streamed
+     b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1"}}\n\n'
+     b'event: message_stop\ndata: {"type":"message_stop"}\n\n', "msg_1"),
+    ("application/json",  # /v1/messages, whole
+     b'{"id":"msg_2","type":"message","usage":{"input_tokens":3,"output_tokens":2}}', "msg_2"),
+    ("application/json",  # /v1/responses, whole
+     b'{"id":"resp_2","object":"response","model":"llama3.2"}', "resp_2"),
+    ("application/x-ndjson",  # native: no id
+     b'{"model":"llama3.2","response":"hi","done":true,"done_reason":"stop"}\n', None),
+])
+def test_the_reply_id_of_each_route_shape(content_type: str, body: bytes,
+                                          expected: str | None) -> None:
+    """gen_ai.response.id comes from Interaction.response_id, read from replies in the reference's
+    shapes (the fake Ollama has no /v1/responses or /v1/messages)."""
+    i = Interaction(method="POST", path="/v1/x", endpoint="/v1/x", started_at=0.0, started=0.0)
+    reader = reply_reader(content_type, i, 1 << 20)
+    reader.feed(body, 1.0)
+    reader.close()
+    assert i.response_id == expected

@@ -289,6 +289,21 @@ async def test_the_exporting_process_sends_what_waits_and_ends_with_the_app(
     assert [s.name for s in receiver.spans] == ["text_completion llama3.2:latest"]
 
 
+async def test_a_configuration_the_sdk_refuses_costs_counted_spans(
+        receiver: Receiver, fake: FakeOllama, start_proxy: StartProxy,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A batch larger than the queue (OTEL_BSP_MAX_EXPORT_BATCH_SIZE defaults to 512): the SDK
+    refuses it, the exporting process exits, the proxy carries on and counts what it drops."""
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "1")
+    proxy = await _otel_proxy(fake, start_proxy)
+    async with ollama.AsyncClient(host=proxy.url) as client:
+        await client.generate(model="llama3.2", prompt="hi", stream=False)
+    await settle(lambda: proxy.sample("ollama_otel_spans_dropped_total",
+                                      reason="export_failed") == 1, timeout=10.0)
+    assert any("exporting process exited (code 2)" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+
+
 def test_otel_without_the_extra_fails_at_start() -> None:
     code = ("import sys; sys.modules['opentelemetry'] = None\n"
             "from ollama_metrics.cli import main\n"

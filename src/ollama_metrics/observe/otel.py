@@ -153,6 +153,14 @@ def _write(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+def _either(a: threading.Event, b: threading.Event, timeout: float) -> None:
+    """Wait until `a` or `b` is set, or `timeout` seconds."""
+    for _ in range(max(1, int(timeout / 0.05))):
+        if a.is_set() or b.is_set():
+            return
+        b.wait(0.05)
+
+
 def _widen(fd: int) -> None:
     """A larger pipe (Linux: 1 MiB), so the child's reads wake the sender less often."""
     with contextlib.suppress(AttributeError, OSError):
@@ -204,6 +212,8 @@ class Export:
         self._queue_size = queue_size
         self._waiting: deque[dict[str, Any]] = deque()
         self._closing = threading.Event()
+        self._ready = threading.Event()  # the child can export
+        self._gone = threading.Event()  # the child's output ended
         self._lock = threading.Lock()
         self._queued = 0  # calls taken and not yet written to the child (content ones included)
         self.dropped = Counter(
@@ -278,10 +288,15 @@ class Export:
     def _send(self, pipe: IO[bytes]) -> None:
         """Every SEND_EVERY seconds, pickle what waits onto the child's stdin, in one frame;
         close() ends it. Polling, not waking per call: a wake-up per request would be a GIL
-        hand-off per request."""
+        hand-off per request. Nothing is written before the child says it is ready, so a child
+        that cannot start loses no call uncounted."""
         ended = False
         while not ended:
             ended = self._closing.wait(SEND_EVERY)
+            if ended:  # give a child still starting the time to say whether it can export
+                _either(self._ready, self._gone, self._close_timeout)
+            elif not (self._ready.is_set() or self._gone.is_set()):
+                continue
             records = []
             while self._waiting:
                 records.append(self._waiting.popleft())
@@ -289,24 +304,34 @@ class Export:
                 self._queued -= len(records)
             if ended:  # the last word: how long the child may take to send what it holds
                 records.append({"close": self._close_timeout})
+            calls = sum(1 for r in records if "close" not in r)
+            if self._gone.is_set():
+                self.dropped.labels("export_failed").inc(calls)
+                continue
             if not records:
                 continue
             data = pickle.dumps(records, pickle.HIGHEST_PROTOCOL)
             try:
                 _write(pipe.fileno(), FRAME.pack(len(data)) + data)
             except (OSError, ValueError):
-                lost = sum(1 for r in records if "close" not in r)
-                log.warning("otel: the exporting process is gone; %d span(s) dropped", lost)
-                self.dropped.labels("export_failed").inc(lost)
+                self.dropped.labels("export_failed").inc(calls)
         with contextlib.suppress(OSError):
             pipe.close()  # end of input: the child sends what it holds and exits
 
     def _reports(self, pipe: IO[bytes]) -> None:
-        """The child's drop counts, one `reason count` line each."""
+        """`ready` once the child can export, then its drop counts, one `reason count` line
+        each. End of output before close(): the child is gone, said once."""
         for line in pipe:
             reason, _, count = line.decode(errors="replace").strip().partition(" ")
-            if reason in ("queue_full", "export_failed") and count.isdigit():
+            if reason == "ready":
+                self._ready.set()
+            elif reason in ("queue_full", "export_failed") and count.isdigit():
                 self.dropped.labels(reason).inc(int(count))
+        self._gone.set()
+        if not self._closing.is_set():  # its own error is above, on stderr
+            child = self._child
+            log.error("otel: the exporting process exited (code %s); spans are dropped, "
+                      "counted as export_failed", child.wait() if child is not None else None)
 
     def close(self, timeout: float = 10.0) -> None:
         """Send what is waiting (the child allows up to `timeout` seconds each for spans and

@@ -6,8 +6,9 @@ otel.call() dicts; turns each into a GenAI client span and the GenAI metrics wit
 by OTLP with the SDK's standard configuration (its OTEL_* variables, read by the SDK itself: no
 value of the batch processor, exporter or reader is set here, so OTEL_BSP_*, OTEL_EXPORTER_OTLP_*
 and OTEL_METRIC_EXPORT_* all hold). A last `{"close": seconds}` and then end of input make it send
-what it holds (up to that long each for spans and metrics) and exit 0. It writes the spans it
-dropped on stdout, one `queue_full N` or `export_failed N` line at a time; its log goes to stderr.
+what it holds (up to that long each for spans and metrics) and exit 0; a configuration the SDK
+refuses, exit 2 with one line on stderr. On stdout it writes `ready` once it can export, then the
+spans it dropped, one `queue_full N` or `export_failed N` line at a time; its log goes to stderr.
 It runs only on CPU time nothing else wants (SCHED_IDLE): on a busy machine the export falls
 behind and drops, counted, rather than taking CPU from the proxy.
 """
@@ -52,9 +53,12 @@ class Reports:
         self._lock = threading.Lock()
 
     def dropped(self, reason: str, count: int) -> None:
+        self.line(f"{reason} {count}")
+
+    def line(self, text: str) -> None:
         with self._lock:
             try:
-                self._out.write(f"{reason} {count}\n".encode())
+                self._out.write(text.encode() + b"\n")
                 self._out.flush()
             except (OSError, ValueError):  # the parent is gone
                 pass
@@ -258,8 +262,14 @@ def _read(pipe: IO[bytes], size: int) -> bytes | None:
 
 
 def serve(settings: dict[str, str], source: IO[bytes], out: IO[bytes]) -> None:
-    emitter = Emitter(upstream=URL(settings["upstream"]), version=settings["version"],
-                      protocol=settings["protocol"], reports=Reports(out))
+    reports = Reports(out)
+    try:
+        emitter = Emitter(upstream=URL(settings["upstream"]), version=settings["version"],
+                          protocol=settings["protocol"], reports=reports)
+    except ValueError as exc:  # the SDK refuses its configuration (OTEL_BSP_* out of range…)
+        print(f"otel: cannot export: {exc}", file=sys.stderr)
+        sys.exit(2)
+    reports.line("ready")
     timeout = 10.0
     while (header := _read(source, FRAME.size)) is not None:
         data = _read(source, FRAME.unpack(header)[0])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -265,8 +266,9 @@ async def test_the_batch_processor_follows_otel_bsp_variables(
 
 async def test_the_exporting_process_sends_what_waits_and_ends_with_the_app(
         receiver: Receiver, fake: FakeOllama, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The SDK runs in a child process of the proxy: started with the app, at idle priority;
-    on shutdown it sends what still waits (the schedule delay is long here) and exits."""
+    """The SDK runs in a child process of the proxy: started with the app, at idle priority,
+    deaf to the process group's signals; on shutdown it sends what still waits (the schedule
+    delay is long here) and exits."""
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "60000")
     config = Config.build(upstream=fake.url, listen="127.0.0.1:0", otel=True)
     runner = make_runner(create_app(config, new_registry(), None), config)
@@ -279,6 +281,10 @@ async def test_the_exporting_process_sends_what_waits_and_ends_with_the_app(
                    if "ollama_metrics.observe.otel_process" in p.cmdline()]
         if hasattr(os, "SCHED_IDLE"):  # set first thing once it runs
             await settle(lambda: os.sched_getscheduler(child.pid) == os.SCHED_IDLE, 10.0)
+        # What a terminal's Ctrl-C or a service manager sends the whole process group: the
+        # child stays, for the proxy to end once it has handed everything over.
+        child.send_signal(signal.SIGINT)
+        child.send_signal(signal.SIGTERM)
         async with ollama.AsyncClient(host=f"http://127.0.0.1:{sock.getsockname()[1]}") as c:
             await c.generate(model="llama3.2", prompt="hi", stream=False)
         await asyncio.sleep(0.2)

@@ -9,8 +9,9 @@ and OTEL_METRIC_EXPORT_* all hold). A last `{"close": seconds}` and then end of 
 what it holds (up to that long each for spans and metrics) and exit 0; a configuration the SDK
 refuses, exit 2 with one line on stderr. On stdout it writes `ready` once it can export, then the
 spans it dropped, one `queue_full N` or `export_failed N` line at a time; its log goes to stderr.
-It runs only on CPU time nothing else wants (SCHED_IDLE): on a busy machine the export falls
-behind and drops, counted, rather than taking CPU from the proxy.
+SIGINT and SIGTERM are ignored: the parent ends it. It runs only on CPU time nothing else wants
+(SCHED_IDLE): on a busy machine the export falls behind and drops, counted, rather than taking
+CPU from the proxy.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import logging
 import os
 import pickle
+import signal
 import sys
 import threading
 from collections.abc import Sequence
@@ -296,6 +298,10 @@ def _yield_the_cpu() -> None:
 
 
 def main() -> None:
+    # Ended by its parent (end of input), never by a signal to the whole process group (Ctrl-C
+    # in a terminal, a service manager's SIGTERM): the parent still has spans to hand over.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
     _yield_the_cpu()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     serve(json.loads(sys.argv[1]), sys.stdin.buffer, sys.stdout.buffer)

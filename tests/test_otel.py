@@ -27,7 +27,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from conftest import StartProxy
 from fake_ollama import FakeOllama, Scenario
-from helpers import RunningProxy, settle
+from helpers import RunningProxy, proxy_process, settle
 from ollama_metrics.config import Config
 from ollama_metrics.observe.interaction import Interaction
 from ollama_metrics.observe.metrics import new_registry
@@ -308,6 +308,23 @@ async def test_a_configuration_the_sdk_refuses_costs_counted_spans(
                                       reason="export_failed") == 1, timeout=10.0)
     assert any("exporting process exited (code 2)" in r.getMessage() for r in caplog.records)
     caplog.clear()
+
+
+@pytest.mark.slow(reason="a proxy process started and stopped by SIGTERM")
+async def test_a_stopped_proxy_process_hands_over_its_spans(
+        receiver: Receiver, fake: FakeOllama, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`serve --otel` as a process, stopped as a service manager stops it: the call still
+    waiting in the exporting process reaches the collector, and no process is left behind."""
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "60000")
+    with proxy_process(fake.url, "--otel", "--analytics-backend", "none") as p:
+        async with ollama.AsyncClient(host=p.url) as client:
+            await client.chat(model="llama3.2", messages=MESSAGES, stream=False)
+        [child] = psutil.Process(p.proc.pid).children()
+        await asyncio.sleep(0.2)
+        assert receiver.spans == []
+        assert await asyncio.to_thread(p.stop) == 0  # the collector answers meanwhile
+    assert [s.name for s in receiver.spans] == ["chat llama3.2:latest"]
+    assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
 
 
 def test_otel_without_the_extra_fails_at_start() -> None:

@@ -18,12 +18,14 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,10 +46,12 @@ from targets import (
     DIRECT,
     NGINX,
     NGINX_CANDIDATES,
+    OTEL,
     PROXY,
     Target,
     start_nginx,
     start_proxy,
+    start_sink,
     start_upstream,
 )
 from wrk import WrkError, WrkResult, run_wrk, wrk_version
@@ -63,6 +67,7 @@ TTFT_PATH = (
 STREAMS_CHUNKS = 63  # and the final line: 64 frames, as in failure mode 19
 STREAMS_CHUNK_DELAY_MS = 20
 STREAMS_PATH = f"{GENERATE_PATH}?chunk_delay_ms={STREAMS_CHUNK_DELAY_MS}&chunks={STREAMS_CHUNKS}"
+DROPPED = re.compile(r'^ollama_otel_spans_dropped_total\{reason="(\w+)"\} (\S+)$', re.M)
 INSTALL_HINT = "{tool} not found: install the Debian package `{tool}` (apt-get install {tool})"
 
 
@@ -182,6 +187,8 @@ def header(settings: Settings, machine: dict[str, Any]) -> str:
         "         ollama-metrics = python -m ollama_metrics serve "
         + (" ".join(s.proxy_args) if s.proxy_args else "(default options: metrics, and "
            "analytics recorded to SQLite)"),
+        "         ollama-metrics+otel = the same with --otel, exporting OTLP/HTTP to a local",
+        "         collector (bench/otlp_sink.py); `otel vs off` is its cost over ollama-metrics",
         "Values are medians across rounds. wrk, the proxies and the upstream share the same CPUs.",
     ])
 
@@ -294,8 +301,25 @@ def _count_wrk_errors(results: Results, target: str, result: WrkResult) -> str:
 
 
 def log_problems(targets: list[Target]) -> str:
-    proxy = next((t for t in targets if t.name == PROXY), None)
-    return render_log_problems(PROXY, proxy.child.log_tail(100_000)) if proxy else ""
+    return "\n".join(text for t in targets if t.name in (PROXY, OTEL)
+                     if (text := render_log_problems(t.name, t.child.log_tail(100_000))))
+
+
+def otel_export(targets: list[Target], sink: int | None) -> str:
+    """What the OTEL target had sent to the collector by the end of the last round, and what it
+    dropped: export must have run for its figures to mean anything."""
+    target = next((t for t in targets if t.name == OTEL), None)
+    if target is None or sink is None:
+        return ""
+    with urllib.request.urlopen(f"http://127.0.0.1:{sink}/stats", timeout=5) as reply:
+        stats = json.load(reply)
+    with urllib.request.urlopen(target.url("/metrics"), timeout=5) as reply:
+        scrape = reply.read().decode()
+    dropped = {m[1]: float(m[2]) for m in DROPPED.finditer(scrape)}
+    return (f"{OTEL} export: {stats['traces_exports']} trace exports "
+            f"({stats['traces_bytes']:,} bytes) and {stats['metrics_exports']} metric exports "
+            f"received by the local collector; spans dropped: "
+            + ", ".join(f"{reason} {count:.0f}" for reason, count in sorted(dropped.items())))
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -316,9 +340,15 @@ def run(settings: Settings, tools: Tools) -> int:
             if PROXY in settings.targets:
                 targets.append(start_proxy(children, work_dir, upstream.port,
                                            settings.proxy_args))
+            sink = None
+            if OTEL in settings.targets:
+                sink = start_sink(children)
+                targets.append(start_proxy(children, work_dir, upstream.port,
+                                           settings.proxy_args, otel_sink=sink))
             progress("started: " + ", ".join(f"{t.name} on :{t.port}" for t in targets))
             results = run_rounds(settings, tools, targets)
             problems = log_problems(targets)
+            export = otel_export(targets, sink)
         except (StartupError, WrkError, BenchError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
@@ -333,6 +363,8 @@ def run(settings: Settings, tools: Tools) -> int:
     print(render_errors(results))
     if problems:
         print(problems)
+    if export:
+        print(export)
     print()
     print(render_checks(results))
     if settings.emit_json:

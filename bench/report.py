@@ -2,7 +2,8 @@
 
 Contract: ``Results`` accumulates one value per (target, metric, round) plus error counts;
 ``render_table`` and ``render_checks`` turn the MEDIANS across rounds into the text report
-(rows = metrics; columns = targets, ollama-metrics minus direct, ollama-metrics over nginx);
+(rows = metrics; columns = targets, ollama-metrics minus direct, ollama-metrics over nginx,
+ollama-metrics+otel against ollama-metrics);
 ``to_json`` gives the same data, with every round's values, for machines. Missing targets or values
 print as ``-``. ``render_log_problems`` summarises warnings, errors and tracebacks in a child's log.
 """
@@ -15,9 +16,10 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from targets import ALL_TARGETS, DIRECT, NGINX, PROXY
+from targets import ALL_TARGETS, DIRECT, NGINX, OTEL, PROXY
 
 ADDED_P50_LIMIT_MS = 0.5
+OTEL_ADDED_P50_LIMIT_MS = 0.1  # what turning on --otel may add to the proxy's p50
 RPS_RATIO_LIMIT = 0.3
 LOG_LEVEL = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b")
 TRACEBACK = "Traceback (most recent call last):"
@@ -83,17 +85,24 @@ def _fmt(value: float, unit: str) -> str:
 
 
 def render_table(results: Results) -> str:
-    header = ("metric", *ALL_TARGETS, "added vs direct", "ratio vs nginx")
+    header = ("metric", *ALL_TARGETS, "added vs direct", "ratio vs nginx", "otel vs off")
     rows: list[tuple[str, ...]] = [header]
     for metric in METRICS:
         values = {t: results.median(t, metric.key) for t in ALL_TARGETS}
         added = values[PROXY] - values[DIRECT]
         ratio = values[PROXY] / values[NGINX] if values[NGINX] else math.nan
+        otel = values[OTEL] - values[PROXY]
+        if metric.unit == "ms":
+            otel_cell = "-" if math.isnan(otel) else f"{_fmt(otel, '+ms')} ms"
+        else:
+            otel_ratio = values[OTEL] / values[PROXY] if values[PROXY] else math.nan
+            otel_cell = "-" if math.isnan(otel_ratio) else f"{otel_ratio:.2f}x"
         rows.append((
             metric.label,
             *(_fmt(values[t], metric.unit) for t in ALL_TARGETS),
             "-" if metric.unit != "ms" or math.isnan(added) else f"{_fmt(added, '+ms')} ms",
             "-" if math.isnan(ratio) else f"{ratio:.2f}x",
+            otel_cell,
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = []
@@ -113,7 +122,7 @@ def render_errors(results: Results) -> str:
     ]
     for target in results.targets:
         e = results.errors_for(target)
-        line = (f"  {target:<15} non-2xx/3xx {e.status}  socket {e.socket}  ttft {e.ttft}  "
+        line = (f"  {target:<19} non-2xx/3xx {e.status}  socket {e.socket}  ttft {e.ttft}  "
                 f"streams {e.streams}")
         if e.first_ttft_error:
             line += f"  (first TTFT error: {e.first_ttft_error[:160]})"
@@ -152,6 +161,7 @@ def checks(results: Results) -> list[Check]:
     added = results.median(PROXY, "p50_ms") - results.median(DIRECT, "p50_ms")
     proxy_rps = results.median(PROXY, "rps")
     floor = RPS_RATIO_LIMIT * results.median(NGINX, "rps")
+    otel = results.median(OTEL, "p50_ms") - results.median(PROXY, "p50_ms")
     return [
         Check(
             None if math.isnan(added) else added <= ADDED_P50_LIMIT_MS,
@@ -162,6 +172,11 @@ def checks(results: Results) -> list[Check]:
             None if math.isnan(proxy_rps) or math.isnan(floor) else proxy_rps >= floor,
             f"ollama-metrics req/s at 32 connections: {_fmt(proxy_rps, 'req/s')} "
             f"(target >= {RPS_RATIO_LIMIT} x nginx = {_fmt(floor, 'req/s')})",
+        ),
+        Check(
+            None if math.isnan(otel) else otel <= OTEL_ADDED_P50_LIMIT_MS,
+            f"p50 latency at 1 connection added by --otel: {_fmt(otel, '+ms')} ms "
+            f"(target <= {OTEL_ADDED_P50_LIMIT_MS} ms)",
         ),
     ]
 

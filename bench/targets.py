@@ -22,7 +22,8 @@ NGINX_CANDIDATES = ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/ngin
 DIRECT = "direct"
 NGINX = "nginx"
 PROXY = "ollama-metrics"
-ALL_TARGETS = (DIRECT, NGINX, PROXY)
+OTEL = "ollama-metrics+otel"  # the same, with --otel exporting to a local collector (otlp_sink.py)
+ALL_TARGETS = (DIRECT, NGINX, PROXY, OTEL)
 
 
 @dataclass(frozen=True)
@@ -103,12 +104,26 @@ def start_nginx(children: Children, nginx: str, work_dir: Path, upstream_port: i
     return Target(name, port, child)
 
 
+def start_sink(children: Children) -> int:
+    """The local OTLP collector of the OTEL target; its port."""
+    argv = [sys.executable, str(BENCH_DIR / "otlp_sink.py")]
+    return wait_for_listening_line(children.spawn("otlp-sink", argv), timeout_s=15)
+
+
 def start_proxy(children: Children, work_dir: Path, upstream_port: int,
-                extra_args: tuple[str, ...] = (), name: str = PROXY) -> Target:
+                extra_args: tuple[str, ...] = (), name: str = PROXY,
+                otel_sink: int | None = None) -> Target:
+    """ollama-metrics; with `otel_sink`, the OTEL target: --otel, exporting to that port."""
+    if otel_sink is not None and name == PROXY:
+        name = OTEL
     port = free_port()
     env = dict(os.environ)
     src = str(REPO_DIR / "src")
     env["PYTHONPATH"] = src + os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else src
+    if otel_sink is not None:
+        extra_args = (*extra_args, "--otel")
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{otel_sink}"
+        env["OTEL_EXPORTER_OTLP_PROTOCOL"] = "http/protobuf"
     proxy_dir = work_dir / ("proxy" if name == PROXY else name)
     proxy_dir.mkdir()
     argv = [

@@ -3,6 +3,7 @@ official opentelemetry-proto messages, kept for exact checks. Also the same over
 
 from __future__ import annotations
 
+import asyncio
 from concurrent import futures
 from typing import Any
 
@@ -31,6 +32,7 @@ class Receiver:
         self.metrics: dict[str, Any] = {}  # name → the last Metric message received
         self.runner: web.AppRunner | None = None
         self.url = ""
+        self.delay = 0.0  # seconds before answering an export of spans: a slow collector
 
     def take_traces(self, request: trace_service_pb2.ExportTraceServiceRequest) -> None:
         for rs in request.resource_spans:
@@ -41,6 +43,7 @@ class Receiver:
     async def _traces(self, request: web.Request) -> web.Response:
         message = trace_service_pb2.ExportTraceServiceRequest()
         message.ParseFromString(await request.read())
+        await asyncio.sleep(self.delay)
         self.take_traces(message)
         return web.Response(body=trace_service_pb2.ExportTraceServiceResponse()
                             .SerializeToString(), content_type="application/x-protobuf")

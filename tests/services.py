@@ -10,6 +10,12 @@ is skipped with the reason and the package to install -- except where `CI` is se
 set `CI=true`, and so does .ci/run), where it fails: the full run in CI installs every service
 and must skip none of them.
 
+`phoenix`: Arize Phoenix (PyPI `arize-phoenix`, a real third-party OTLP receiver), installed in its
+own virtualenv PHOENIX_VENV so that its pins stay apart from ours, started once per session on free
+loopback ports with its working directory and SQLite database in a temporary directory and its
+telemetry off. It takes OTLP/HTTP traces on /v1/traces and answers what it stored on its REST API
+(GET /v1/projects/{project}/spans). It takes about 20 s to start.
+
 `loki`: a LokiReceiver (tests/loki_receiver.py) on a loopback port, one per test, that checks
 pushes against Loki's documented push format and keeps what it stored.
 """
@@ -22,8 +28,11 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
@@ -39,9 +48,9 @@ def _free_port() -> int:
         return port
 
 
-def missing(what: str, package: str) -> NoReturn:
-    """Skip the test for want of `what`, naming the Debian package to install; fail under CI."""
-    reason = f"{what} is not installed: apt-get install -y {package}"
+def missing(what: str, package: str, install: str = "apt-get install -y") -> NoReturn:
+    """Skip the test for want of `what`, naming the package to install; fail under CI."""
+    reason = f"{what} is not installed: {install} {package}"
     if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
         pytest.fail(f"{reason} (CI is set, where nothing may be skipped)", pytrace=False)
     pytest.skip(reason)
@@ -107,6 +116,63 @@ async def new_postgres_schema(dsn: str) -> str:
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         await conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
     return make_conninfo(dsn, options=f"-c search_path={name}")
+
+
+PHOENIX_VENV = Path("/opt/phoenix-venv")
+
+
+@dataclass(frozen=True)
+class Phoenix:
+    url: str  # its HTTP port: the UI, the REST API and OTLP/HTTP on /v1/traces
+
+    @property
+    def traces(self) -> str:
+        return self.url + "/v1/traces"
+
+
+@pytest.fixture(scope="session")
+def phoenix() -> Iterator[Phoenix]:
+    program = PHOENIX_VENV / "bin" / "phoenix"
+    if not program.exists():
+        missing("Arize Phoenix", "arize-phoenix",
+                f"python -m venv {PHOENIX_VENV} && {PHOENIX_VENV}/bin/pip install")
+    root = Path(tempfile.mkdtemp(prefix="ollama-metrics-phoenix-"))
+    port = _free_port()
+    env = {**os.environ, "PHOENIX_HOST": "127.0.0.1", "PHOENIX_PORT": str(port),
+           "PHOENIX_GRPC_PORT": str(_free_port()), "PHOENIX_WORKING_DIR": str(root),
+           "PHOENIX_SQL_DATABASE_URL": f"sqlite:///{root}/phoenix.db",
+           "PHOENIX_TELEMETRY_ENABLED": "false"}
+    for name in [k for k in env if k.startswith("OTEL_") or k == "PYTHONPATH"]:
+        del env[name]  # its own tracing stays off; our source tree is not its business
+    log = root / "phoenix.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen([str(program), "serve"], env=env, cwd=root, stdout=out,
+                                  stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while not _answers(url + "/healthz"):
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError("Phoenix did not start:\n"
+                                     + log.read_text(errors="replace")[-3000:])
+            time.sleep(0.3)
+        yield Phoenix(url)
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as reply:
+            return bool(reply.status == 200)
+    except OSError:
+        return False
 
 
 @pytest.fixture

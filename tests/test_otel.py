@@ -8,20 +8,34 @@ proxy's span inside its own trace. The proxy is configured as a user would: OTEL
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import socket
 import subprocess
 import sys
+import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import ollama
 import openai
+import psutil
 import pytest
+from aiohttp import web
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from conftest import StartProxy
 from fake_ollama import FakeOllama, Scenario
-from helpers import RunningProxy, settle
+from helpers import RunningProxy, proxy_process, settle
+from ollama_metrics.config import Config
+from ollama_metrics.observe.interaction import Interaction
+from ollama_metrics.observe.metrics import new_registry
+from ollama_metrics.ollama.wire import reply_reader
+from ollama_metrics.server.app import create_app
+from ollama_metrics.server.lifecycle import make_runner
 from otlp_receiver import Receiver, attributes, grpc_server
+from services import Phoenix
 
 MESSAGES = [{"role": "system", "content": "Be brief."},
             {"role": "user", "content": "Why is the sky blue? Mail me at bob@example.com"}]
@@ -78,6 +92,7 @@ async def test_a_chat_is_one_genai_span(receiver: Receiver, fake: FakeOllama,
     assert a["server.address"] == "127.0.0.1"
     assert a["server.port"] == fake.port
     assert "error.type" not in a
+    assert "gen_ai.response.id" not in a  # native replies carry no id
     assert not any(k.startswith("gen_ai.input") or k.startswith("gen_ai.output") for k in a)
     assert span.end_time_unix_nano > span.start_time_unix_nano
     assert receiver.resources[0]["service.name"] == "proxy-under-test"
@@ -108,17 +123,30 @@ async def test_openai_routes_and_a_cancelled_call(
     proxy = await _otel_proxy(fake, start_proxy)
     client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="ollama")
     async with client:
-        await client.chat.completions.create(model="llama3.2", messages=MESSAGES,  # type: ignore[arg-type]
-                                             max_tokens=32, temperature=0.5)
+        reply = await client.chat.completions.create(
+            model="llama3.2", messages=MESSAGES, max_tokens=32, temperature=0.5, seed=3,  # type: ignore[arg-type]
+            top_p=0.8, stop=["END"])
+        streamed = await client.completions.create(model="llama3.2", prompt="hi", stream=True,
+                                                   stream_options={"include_usage": True})
+        ids = {chunk.id async for chunk in streamed}
     [span] = await _spans(receiver, "chat llama3.2:latest")
     a = attributes(span)
     assert a["gen_ai.request.max_tokens"] == 32
     assert a["gen_ai.request.temperature"] == 0.5
+    assert a["gen_ai.request.top_p"] == 0.8
+    assert a["gen_ai.request.seed"] == 3
+    assert a["gen_ai.request.stop_sequences"] == ["END"]
+    assert a["gen_ai.response.id"] == reply.id
+    assert a["gen_ai.response.finish_reasons"] == ["stop"]
+    assert a["gen_ai.usage.input_tokens"] == reply.usage.prompt_tokens  # type: ignore[union-attr]
+    assert a["gen_ai.usage.output_tokens"] == reply.usage.completion_tokens  # type: ignore[union-attr]
     assert a["ollama_metrics.endpoint"] == "/v1/chat/completions"
+    [completion] = await _spans(receiver, "text_completion llama3.2:latest")
+    assert [attributes(completion)["gen_ai.response.id"]] == list(ids)
     fake.scenarios["slow:latest"] = Scenario(tokens=["a"] * 50, token_delay=0.05)
     async with aiohttp.ClientSession() as http, http.post(
-            proxy.url + "/api/generate", json={"model": "slow", "prompt": "hi"}) as reply:
-        await reply.content.readline()  # the first token, then the client goes away
+            proxy.url + "/api/generate", json={"model": "slow", "prompt": "hi"}) as cut:
+        await cut.content.readline()  # the first token, then the client goes away
     [cancelled] = await _spans(receiver, "text_completion slow:latest")
     assert attributes(cancelled)["error.type"] == "cancelled"
     assert attributes(cancelled)["ollama_metrics.outcome"] == "cancelled"
@@ -219,6 +247,86 @@ async def test_an_unreachable_collector_costs_counted_spans(
     caplog.clear()  # the SDK's exporter logs its failure, as it should
 
 
+async def test_the_batch_processor_follows_otel_bsp_variables(
+        receiver: Receiver, fake: FakeOllama, start_proxy: StartProxy,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SDK's own variables size its queue: with room for one span and a slow collector, the
+    first span is being sent while the next two find the queue full, and are counted."""
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "1")
+    monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "1")
+    receiver.delay = 0.5
+    proxy = await _otel_proxy(fake, start_proxy)
+    async with ollama.AsyncClient(host=proxy.url) as client:
+        for _ in range(3):
+            await client.generate(model="llama3.2", prompt="hi", stream=False)
+    await settle(lambda: proxy.sample("ollama_otel_spans_dropped_total",
+                                      reason="queue_full") == 2, timeout=5.0)
+    [_] = await _spans(receiver, "text_completion llama3.2:latest")
+
+
+async def test_the_exporting_process_sends_what_waits_and_ends_with_the_app(
+        receiver: Receiver, fake: FakeOllama, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SDK runs in a child process of the proxy: started with the app, at idle priority,
+    deaf to the process group's signals; on shutdown it sends what still waits (the schedule
+    delay is long here) and exits."""
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "60000")
+    config = Config.build(upstream=fake.url, listen="127.0.0.1:0", otel=True)
+    runner = make_runner(create_app(config, new_registry(), None), config)
+    await runner.setup()
+    try:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        await web.SockSite(runner, sock).start()
+        [child] = [p for p in psutil.Process().children()
+                   if "ollama_metrics.observe.otel_process" in p.cmdline()]
+        if hasattr(os, "SCHED_IDLE"):  # set first thing once it runs
+            await settle(lambda: os.sched_getscheduler(child.pid) == os.SCHED_IDLE, 10.0)
+        # What a terminal's Ctrl-C or a service manager sends the whole process group: the
+        # child stays, for the proxy to end once it has handed everything over.
+        child.send_signal(signal.SIGINT)
+        child.send_signal(signal.SIGTERM)
+        async with ollama.AsyncClient(host=f"http://127.0.0.1:{sock.getsockname()[1]}") as c:
+            await c.generate(model="llama3.2", prompt="hi", stream=False)
+        await asyncio.sleep(0.2)
+        assert receiver.spans == []  # waiting in the child's batch
+    finally:
+        await runner.cleanup()
+    assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+    assert [s.name for s in receiver.spans] == ["text_completion llama3.2:latest"]
+
+
+async def test_a_configuration_the_sdk_refuses_costs_counted_spans(
+        receiver: Receiver, fake: FakeOllama, start_proxy: StartProxy,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A batch larger than the queue (OTEL_BSP_MAX_EXPORT_BATCH_SIZE defaults to 512): the SDK
+    refuses it, the exporting process exits, the proxy carries on and counts what it drops."""
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "1")
+    proxy = await _otel_proxy(fake, start_proxy)
+    async with ollama.AsyncClient(host=proxy.url) as client:
+        await client.generate(model="llama3.2", prompt="hi", stream=False)
+    await settle(lambda: proxy.sample("ollama_otel_spans_dropped_total",
+                                      reason="export_failed") == 1, timeout=10.0)
+    assert any("exporting process exited (code 2)" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+
+
+@pytest.mark.slow(reason="a proxy process started and stopped by SIGTERM")
+async def test_a_stopped_proxy_process_hands_over_its_spans(
+        receiver: Receiver, fake: FakeOllama, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`serve --otel` as a process, stopped as a service manager stops it: the call still
+    waiting in the exporting process reaches the collector, and no process is left behind."""
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "60000")
+    with proxy_process(fake.url, "--otel", "--analytics-backend", "none") as p:
+        async with ollama.AsyncClient(host=p.url) as client:
+            await client.chat(model="llama3.2", messages=MESSAGES, stream=False)
+        [child] = psutil.Process(p.proc.pid).children()
+        await asyncio.sleep(0.2)
+        assert receiver.spans == []
+        assert await asyncio.to_thread(p.stop) == 0  # the collector answers meanwhile
+    assert [s.name for s in receiver.spans] == ["chat llama3.2:latest"]
+    assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+
+
 def test_otel_without_the_extra_fails_at_start() -> None:
     code = ("import sys; sys.modules['opentelemetry'] = None\n"
             "from ollama_metrics.cli import main\n"
@@ -229,3 +337,84 @@ def test_otel_without_the_extra_fails_at_start() -> None:
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert "pip install 'ollama-metrics[otel]'" in lines[0]
+
+
+@pytest.mark.slow(reason="starts Arize Phoenix, a real OTLP receiver: about 20 s")
+async def test_phoenix_stores_the_proxy_span_inside_the_app_trace(
+        receiver: Receiver, phoenix: Phoenix, fake: FakeOllama, start_proxy: StartProxy,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A third-party receiver takes our spans (Phoenix takes traces, not metrics: those still go
+    to our receiver) and, asked back over its REST API, has ours as a child of the app's."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.propagate import inject
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    project = f"ollama-metrics-{uuid.uuid4().hex[:8]}"  # Phoenix files spans by this attribute
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", phoenix.traces)
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", f"openinference.project.name={project}")
+    proxy = await _otel_proxy(fake, start_proxy)
+    app = TracerProvider(resource=Resource({"openinference.project.name": project}))
+    app.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=phoenix.traces)))
+    with app.get_tracer("the-app").start_as_current_span("answer-question") as parent:
+        headers: dict[str, str] = {}
+        inject(headers)
+        async with ollama.AsyncClient(host=proxy.url, headers=headers) as client:
+            await client.chat(model="llama3.2", messages=MESSAGES, stream=False,
+                              options={"temperature": 0.2, "num_predict": 64})
+    await asyncio.to_thread(app.shutdown)
+    stored: dict[str, dict[str, Any]] = {}
+
+    async def both_stored() -> bool:  # Phoenix writes what it receives in batches
+        async with aiohttp.ClientSession() as http, http.get(
+                f"{phoenix.url}/v1/projects/{project}/spans", params={"limit": "100"}) as reply:
+            if reply.status == 200:
+                stored.update({s["name"]: s for s in (await reply.json())["data"]})
+        return {"answer-question", "chat llama3.2:latest"} <= stored.keys()
+
+    for _ in range(150):
+        if await both_stored():
+            break
+        await asyncio.sleep(0.1)
+    assert {"answer-question", "chat llama3.2:latest"} <= stored.keys(), stored.keys()
+    ours, theirs = stored["chat llama3.2:latest"], stored["answer-question"]
+    context = parent.get_span_context()
+    assert theirs["context"]["span_id"] == f"{context.span_id:016x}"
+    assert ours["context"]["trace_id"] == f"{context.trace_id:032x}"
+    assert ours["parent_id"] == f"{context.span_id:016x}"
+    a = ours["attributes"]
+    assert a["gen_ai.operation.name"] == "chat"
+    assert a["gen_ai.provider.name"] == "ollama"
+    assert a["gen_ai.request.model"] == "llama3.2:latest"
+    assert a["gen_ai.response.model"] == "llama3.2"
+    assert a["gen_ai.request.temperature"] == 0.2
+    assert a["gen_ai.request.max_tokens"] == 64
+    assert a["gen_ai.usage.output_tokens"] == 4
+    assert a["server.port"] == fake.port
+
+
+@pytest.mark.parametrize(("content_type", "body", "expected"), [
+    ("text/event-stream",  # /v1/responses, streamed: the id comes with response.created
+     b'event: response.created\ndata: {"type":"response.created","response":{"id":"resp_1"}}\n\n'
+     b'event: response.completed\ndata: {"type":"response.completed","response":{"id":"resp_1",'
+     b'"usage":{"input_tokens":3,"output_tokens":2}}}\n\n', "resp_1"),
+    ("text/event-stream",  # /v1/messages (Anthropic), streamed
+     b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1"}}\n\n'
+     b'event: message_stop\ndata: {"type":"message_stop"}\n\n', "msg_1"),
+    ("application/json",  # /v1/messages, whole
+     b'{"id":"msg_2","type":"message","usage":{"input_tokens":3,"output_tokens":2}}', "msg_2"),
+    ("application/json",  # /v1/responses, whole
+     b'{"id":"resp_2","object":"response","model":"llama3.2"}', "resp_2"),
+    ("application/x-ndjson",  # native: no id
+     b'{"model":"llama3.2","response":"hi","done":true,"done_reason":"stop"}\n', None),
+])
+def test_the_reply_id_of_each_route_shape(content_type: str, body: bytes,
+                                          expected: str | None) -> None:
+    """gen_ai.response.id comes from Interaction.response_id, read from replies in the reference's
+    shapes (the fake Ollama has no /v1/responses or /v1/messages)."""
+    i = Interaction(method="POST", path="/v1/x", endpoint="/v1/x", started_at=0.0, started=0.0)
+    reader = reply_reader(content_type, i, 1 << 20)
+    reader.feed(body, 1.0)
+    reader.close()
+    assert i.response_id == expected

@@ -100,6 +100,7 @@ class Interaction:
     # What came back.
     http_status: int | None = None
     response_model: str | None = None  # the model the reply names
+    response_id: str | None = None  # the reply's own id (OpenAI-style routes; native: none)
     response_bytes: int = 0
     first_token: float | None = None  # perf_counter at the first content chunk
     last_token: float | None = None  # perf_counter at the last content chunk

@@ -2,42 +2,53 @@
 
 Off unless --otel. The SDK and its exporters are the `otel` extra, imported only here and only when
 turned on; `load()` says what to install when they are missing. Where telemetry goes, with which
-headers, under which service name and resource, and how spans are sampled, is the SDK's standard
-configuration, read by the SDK itself from its OTEL_* variables (OTEL_EXPORTER_OTLP_ENDPOINT,
-_HEADERS, _TIMEOUT, OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES, OTEL_TRACES_SAMPLER(_ARG),
-OTEL_BSP_SCHEDULE_DELAY, OTEL_METRIC_EXPORT_INTERVAL). The protocol picks the exporter class, so it
-is a setting of ours (--otel-protocol, read from OTEL_EXPORTER_OTLP_PROTOCOL).
+headers, under which service name and resource, and how spans are sampled and batched, is the
+SDK's standard configuration, read by the SDK itself from its OTEL_* variables
+(OTEL_EXPORTER_OTLP_*, OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES, OTEL_TRACES_SAMPLER(_ARG),
+OTEL_BSP_*, OTEL_METRIC_EXPORT_*), which the child process inherits. The protocol picks the
+exporter class, so it is a setting of ours (--otel-protocol, read from
+OTEL_EXPORTER_OTLP_PROTOCOL).
 
 Conventions: OpenTelemetry semantic conventions v1.41.0 for GenAI client spans and metrics. Only
 Ollama calls get spans (OPERATIONS); every other route gets none. Providers are private to the
 proxy: nothing global is set, so an application embedding the proxy keeps its own.
 
-The request path pays for one span built from the finished Interaction and a deque append (the
-SDK's BatchSpanProcessor); export runs on the SDK's thread. With content on, spans are built on a
-thread of ours, since redacting long texts is regex work. Spans that cannot be sent are dropped and
-counted in ollama_otel_spans_dropped_total: `queue_full` when more wait than the queue holds (the
-collector is slow or away), `export_failed` when the exporter gave up on a batch.
+Never in the way: the SDK builds spans, aggregates metrics and encodes OTLP in Python, some
+hundreds of microseconds a call, and on a thread of the proxy's process that work holds the GIL the
+event loop needs (up to the 5 ms switch interval at a time: the p50 rose by milliseconds). So the
+SDK runs in a child process (otel_process.py, started with the app, stopped after it, on idle CPU
+only): the event loop only copies the call's plain fields into a dict on a bounded queue (~7 us a
+call); a thread of ours pickles the queue onto the child's stdin every 50 ms. With content on, the
+content is built on a thread of ours first, since redacting long texts is regex work. Calls that
+cannot be sent are dropped and counted in ollama_otel_spans_dropped_total: `queue_full` when more
+wait than a queue holds (ours, or the SDK's batch queue in the child: the collector is slow or
+away, or the child is behind), `export_failed` when the exporter gave up on a batch (the child
+reports its counts on its stdout).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
 import logging
+import os
+import pickle
+import struct
+import subprocess
+import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import IO, Any
 
 from prometheus_client import CollectorRegistry, Counter
 from yarl import URL
 
 from .interaction import ErrorType, Interaction, Outcome
 from .labels import ModelLabels
-
-if TYPE_CHECKING:
-    from opentelemetry.sdk.metrics.export import MetricReader
-    from opentelemetry.sdk.trace import ReadableSpan
-    from opentelemetry.sdk.trace.export import SpanExporter
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +67,10 @@ OPERATIONS = {
     "/api/embeddings": "embeddings",
     "/v1/embeddings": "embeddings",
 }
-# The spec's ExplicitBucketBoundaries, metric by metric.
-DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
-                    40.96, 81.92)
-TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304,
-                 16777216, 67108864)
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
-                7.5, 10.0)
-TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
-QUEUE_SIZE = 2048  # spans waiting for export, as the SDK's default
+QUEUE_SIZE = 2048  # calls waiting for the child process, as the SDK's default batch queue
+FRAME = struct.Struct("!I")  # each pickled list of calls on the child's stdin: its length first
+SEND_EVERY = 0.05  # seconds between writes to the child
+PIPE_SIZE = 1 << 20
 
 # Request parameter (native `options` or OpenAI body) → attribute, and the type it must have.
 _PARAMS: list[tuple[str, str, type]] = [
@@ -104,22 +110,6 @@ def load(protocol: str = "http/protobuf") -> None:
                       "not installed): pip install 'ollama-metrics[otel]'") from None
 
 
-def _exporters(protocol: str) -> tuple[SpanExporter, MetricReader]:
-    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
-
-    if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
-            OTLPMetricExporter as GrpcMetrics,
-        )
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
-            OTLPSpanExporter as GrpcSpans,
-        )
-        return GrpcSpans(), PeriodicExportingMetricReader(GrpcMetrics())
-    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    return OTLPSpanExporter(), PeriodicExportingMetricReader(OTLPMetricExporter())
-
-
 def request_attributes(body: dict[str, Any] | None, options: dict[str, Any] | None
                        ) -> dict[str, Any]:
     """The gen_ai.request.* parameters a request sets, natively in `options` or OpenAI-style at
@@ -153,76 +143,108 @@ def error_type(i: Interaction) -> str | None:
     return None if i.outcome is Outcome.SUCCESS else "_OTHER"
 
 
-class Export:
-    """The observer that turns finished Ollama calls into spans and GenAI metrics.
 
-    `span_exporter` and `metric_reader` replace the OTLP ones (tests, or an embedding app).
-    """
+def _write(fd: int, data: bytes) -> None:
+    """All of `data`, in as few system calls as the pipe allows: one os.write releases the GIL
+    for as long as the child takes to read, where a buffered file takes it back after every
+    partial write (a GIL hand-off with the event loop each time the child reads a little)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _either(a: threading.Event, b: threading.Event, timeout: float) -> None:
+    """Wait until `a` or `b` is set, or `timeout` seconds."""
+    for _ in range(max(1, int(timeout / 0.05))):
+        if a.is_set() or b.is_set():
+            return
+        b.wait(0.05)
+
+
+def _widen(fd: int) -> None:
+    """A larger pipe (Linux: 1 MiB), so the child's reads wake the sender less often."""
+    with contextlib.suppress(AttributeError, OSError):
+        import fcntl
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+
+
+def call(i: Interaction, operation: str, labels: ModelLabels) -> dict[str, Any]:
+    """What the child needs of a finished call: plain values, cheap to take on the event loop
+    and to pickle (no messages, no reply text)."""
+    return {
+        "operation": operation,
+        "endpoint": i.endpoint,
+        "model": i.model,
+        "response_model": i.response_model,
+        # Model names on metrics are bounded like the Prometheus labels.
+        "model_label": labels(i.model) if i.model else None,
+        "response_model_label": labels(i.response_model) if i.response_model else None,
+        "params": i.params,
+        "options": i.options,
+        "response_id": i.response_id,
+        "done_reason": i.done_reason,
+        "input_tokens": i.prompt_eval_count,
+        "output_tokens": i.eval_count,
+        "embedding_dims": i.embedding_dims,
+        "ttft": i.ttft,
+        "time_per_output_token": i.time_per_output_token,
+        "outcome": i.outcome.value,
+        "success": i.outcome is Outcome.SUCCESS,
+        "error": error_type(i),
+        "traceparent": i.traceparent,
+        "tracestate": i.tracestate,
+        "started_at": i.started_at,
+        "ended_at": i.ended_at if i.ended_at is not None else i.started_at + i.duration,
+        "duration": i.duration,
+    }
+
+
+class Export:
+    """The observer that hands finished Ollama calls to the exporting child process."""
 
     def __init__(self, *, upstream: URL, registry: CollectorRegistry, labels: ModelLabels,
                  version: str, protocol: str = "http/protobuf", content: Content | None = None,
-                 queue_size: int = QUEUE_SIZE, span_exporter: SpanExporter | None = None,
-                 metric_reader: MetricReader | None = None) -> None:
+                 queue_size: int = QUEUE_SIZE) -> None:
         load(protocol)
-        from opentelemetry.propagators.textmap import DefaultGetter
-        from opentelemetry.sdk.metrics import MeterProvider
-        from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
-        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
-        resource = Resource.create()  # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES, by the SDK
-        if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
-            resource = resource.merge(Resource({SERVICE_NAME: "ollama-metrics"}))
-        if span_exporter is None or metric_reader is None:
-            default_spans, default_reader = _exporters(protocol)
-            span_exporter = span_exporter or default_spans
-            metric_reader = metric_reader or default_reader
-        self._upstream = upstream
+        self._settings = {"upstream": str(upstream), "version": version, "protocol": protocol}
         self._labels = labels
         self._content = content
         self._queue_size = queue_size
+        self._waiting: deque[dict[str, Any]] = deque()
+        self._closing = threading.Event()
+        self._ready = threading.Event()  # the child can export
+        self._gone = threading.Event()  # the child's output ended
         self._lock = threading.Lock()
-        self._waiting = 0  # spans handed to the processor and not yet through the exporter
-        self._building = 0  # exchanges waiting for the content thread
+        self._queued = 0  # calls taken and not yet written to the child (content ones included)
         self.dropped = Counter(
             "ollama_otel_spans_dropped_total",
             "OpenTelemetry spans not sent: queue_full (the collector is slow or away), "
             "export_failed (the exporter gave up)", ["reason"], registry=registry)
         for reason in ("queue_full", "export_failed"):
             self.dropped.labels(reason)
-        self._processor = BatchSpanProcessor(_counting(span_exporter, self),
-                                             max_queue_size=queue_size)
-        self._traces = TracerProvider(resource=resource)  # sampler: OTEL_TRACES_SAMPLER
-        self._traces.add_span_processor(self._processor)
-        self._tracer = self._traces.get_tracer(
-            "ollama_metrics", version,
-            schema_url=f"https://opentelemetry.io/schemas/{SEMCONV_VERSION}")
-        self._meters = MeterProvider(resource=resource, metric_readers=[metric_reader])
-        meter = self._meters.get_meter("ollama_metrics", version)
-        self._operation_duration = meter.create_histogram(
-            "gen_ai.client.operation.duration", unit="s", description="GenAI operation duration",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
-        self._token_usage = meter.create_histogram(
-            "gen_ai.client.token.usage", unit="{token}",
-            description="Number of input and output tokens used",
-            explicit_bucket_boundaries_advisory=TOKEN_BUCKETS)
-        self._request_duration = meter.create_histogram(
-            "gen_ai.server.request.duration", unit="s",
-            description="Generative AI server request duration such as time-to-last byte",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
-        self._ttft = meter.create_histogram(
-            "gen_ai.server.time_to_first_token", unit="s",
-            description="Time to generate first token for successful responses",
-            explicit_bucket_boundaries_advisory=TTFT_BUCKETS)
-        self._tpot = meter.create_histogram(
-            "gen_ai.server.time_per_output_token", unit="s",
-            description="Time per output token generated after the first token for successful "
-                        "responses",
-            explicit_bucket_boundaries_advisory=TPOT_BUCKETS)
-        self._propagator = TraceContextTextMapPropagator()
-        self._getter = DefaultGetter()
         self._thread = ThreadPoolExecutor(1, "otel-content") if content is not None else None
+        self._child: subprocess.Popen[bytes] | None = None
+        self._threads: list[threading.Thread] = []
+        self._close_timeout = 10.0
+
+    def start(self) -> None:
+        """Start the child process and the threads that talk to it."""
+        env = dict(os.environ)
+        # The child imports this package from where the parent did, installed or not.
+        root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        self._child = subprocess.Popen(
+            [sys.executable, "-m", "ollama_metrics.observe.otel_process",
+             json.dumps(self._settings)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        assert self._child.stdin is not None and self._child.stdout is not None
+        _widen(self._child.stdin.fileno())
+        self._threads = [
+            threading.Thread(target=self._send, args=(self._child.stdin,), name="otel-send",
+                             daemon=True),
+            threading.Thread(target=self._reports, args=(self._child.stdout,),
+                             name="otel-reports", daemon=True)]
+        for thread in self._threads:
+            thread.start()
 
     # --- the Observer protocol -----------------------------------------------------------------
 
@@ -233,154 +255,99 @@ class Export:
         operation = OPERATIONS.get(i.endpoint)
         if operation is None:
             return
-        # A copy: the recorder lets go of the request's messages and images once it has built
-        # its record, and this one may be exported after that.
-        i = copy.copy(i)
-        body = i.params
         try:
-            if self._thread is None:
-                self._emit(i, body, operation)
-                return
             with self._lock:
-                if self._building >= self._queue_size:
-                    self.dropped.labels("queue_full").inc()
-                    return
-                self._building += 1
-            self._thread.submit(self._emit_built, i, body, operation)
+                full = self._queued >= self._queue_size
+                if not full:
+                    self._queued += 1
+            if full:
+                self.dropped.labels("queue_full").inc()
+            elif self._thread is None:
+                self._waiting.append(call(i, operation, self._labels))
+            else:
+                # A copy: the recorder lets go of the request's messages once it has built its
+                # record, and the content is built after that.
+                self._thread.submit(self._with_content, copy.copy(i), operation)
         except Exception:  # an observer never breaks the proxy
             log.exception("otel: could not export an exchange")
 
-    # --- spans and metrics ---------------------------------------------------------------------
+    # --- off the event loop --------------------------------------------------------------------
 
-    def _emit_built(self, i: Interaction, body: dict[str, Any] | None, operation: str) -> None:
+    def _with_content(self, i: Interaction, operation: str) -> None:
+        assert self._content is not None
         try:
-            self._emit(i, body, operation)
+            record = call(i, operation, self._labels)
+            record["content"] = self._content(i, i.params)
         except Exception:
-            log.exception("otel: could not export an exchange")
-        finally:
+            log.exception("otel: could not build a span's content")
             with self._lock:
-                self._building -= 1
-
-    def _emit(self, i: Interaction, body: dict[str, Any] | None, operation: str) -> None:
-        from opentelemetry.context import Context
-        from opentelemetry.trace import SpanKind, Status, StatusCode
-
-        error = error_type(i)
-        common: dict[str, Any] = {
-            "gen_ai.operation.name": operation,
-            "gen_ai.provider.name": PROVIDER,
-        }
-        if self._upstream.host is not None:
-            common["server.address"] = self._upstream.host
-        if self._upstream.port is not None:
-            common["server.port"] = self._upstream.port
-        if error is not None:
-            common["error.type"] = error
-        attributes = dict(common)
-        if i.model:
-            attributes["gen_ai.request.model"] = i.model
-        if i.response_model:
-            attributes["gen_ai.response.model"] = i.response_model
-        attributes.update(request_attributes(body, i.options))
-        if i.done_reason:
-            attributes["gen_ai.response.finish_reasons"] = [i.done_reason]
-        if i.prompt_eval_count is not None:
-            attributes["gen_ai.usage.input_tokens"] = i.prompt_eval_count
-        if i.eval_count is not None:
-            attributes["gen_ai.usage.output_tokens"] = i.eval_count
-        if i.embedding_dims is not None:
-            attributes["gen_ai.embeddings.dimension.count"] = i.embedding_dims
-        ttft = i.ttft
-        if ttft is not None:
-            attributes["ollama_metrics.time_to_first_token"] = ttft
-        attributes["ollama_metrics.outcome"] = i.outcome.value
-        attributes["ollama_metrics.endpoint"] = i.endpoint
-        parent = Context()  # a root span unless the client sent its trace context
-        if i.traceparent is not None:
-            carrier = {"traceparent": i.traceparent}
-            if i.tracestate is not None:
-                carrier["tracestate"] = i.tracestate
-            parent = self._propagator.extract(carrier, getter=self._getter)
-        start = int(i.started_at * 1e9)
-        end = int((i.ended_at if i.ended_at is not None else i.started_at + i.duration) * 1e9)
-        name = f"{operation} {i.model}" if i.model else operation
-        span = self._tracer.start_span(name, context=parent, kind=SpanKind.CLIENT,
-                                       attributes=attributes, start_time=start)
-        if span.is_recording():
-            if self._content is not None:
-                span.set_attributes(self._content(i, body))
-            if ttft is not None:
-                span.add_event("gen_ai.first_token", timestamp=start + int(ttft * 1e9))
-            if error is not None:
-                span.set_status(Status(StatusCode.ERROR, error))
-            with self._lock:
-                full = self._waiting >= self._queue_size
-                if not full:
-                    self._waiting += 1
-            if full:
-                self.dropped.labels("queue_full").inc()
-            else:
-                span.end(end_time=end)
-        self._measure(i, common)
-
-    def _measure(self, i: Interaction, common: dict[str, Any]) -> None:
-        # Model names on metrics are bounded like the Prometheus labels.
-        attributes = dict(common)
-        if i.model:
-            attributes["gen_ai.request.model"] = self._labels(i.model)
-        if i.response_model:
-            attributes["gen_ai.response.model"] = self._labels(i.response_model)
-        self._operation_duration.record(i.duration, attributes)
-        if i.prompt_eval_count is not None:
-            self._token_usage.record(i.prompt_eval_count,
-                                     {**attributes, "gen_ai.token.type": "input"})
-        if i.eval_count is not None:
-            self._token_usage.record(i.eval_count, {**attributes, "gen_ai.token.type": "output"})
-        if i.outcome is not Outcome.SUCCESS:
+                self._queued -= 1
             return
-        self._request_duration.record(i.duration, attributes)
-        if i.ttft is not None:
-            self._ttft.record(i.ttft, attributes)
-        tpot = i.time_per_output_token
-        if tpot is not None:
-            self._tpot.record(tpot, attributes)
+        self._waiting.append(record)
 
-    def _exported(self, count: int, ok: bool) -> None:
-        with self._lock:
-            self._waiting = max(0, self._waiting - count)
-        if not ok:
-            self.dropped.labels("export_failed").inc(count)
+    def _send(self, pipe: IO[bytes]) -> None:
+        """Every SEND_EVERY seconds, pickle what waits onto the child's stdin, in one frame;
+        close() ends it. Polling, not waking per call: a wake-up per request would be a GIL
+        hand-off per request. Nothing is written before the child says it is ready, so a child
+        that cannot start loses no call uncounted."""
+        ended = False
+        while not ended:
+            ended = self._closing.wait(SEND_EVERY)
+            if ended:  # give a child still starting the time to say whether it can export
+                _either(self._ready, self._gone, self._close_timeout)
+            elif not (self._ready.is_set() or self._gone.is_set()):
+                continue
+            records = []
+            while self._waiting:
+                records.append(self._waiting.popleft())
+            with self._lock:
+                self._queued -= len(records)
+            if ended:  # the last word: how long the child may take to send what it holds
+                records.append({"close": self._close_timeout})
+            calls = sum(1 for r in records if "close" not in r)
+            if self._gone.is_set():
+                self.dropped.labels("export_failed").inc(calls)
+                continue
+            if not records:
+                continue
+            data = pickle.dumps(records, pickle.HIGHEST_PROTOCOL)
+            try:
+                _write(pipe.fileno(), FRAME.pack(len(data)) + data)
+            except (OSError, ValueError):
+                self.dropped.labels("export_failed").inc(calls)
+        with contextlib.suppress(OSError):
+            pipe.close()  # end of input: the child sends what it holds and exits
+
+    def _reports(self, pipe: IO[bytes]) -> None:
+        """`ready` once the child can export, then its drop counts, one `reason count` line
+        each. End of output before close(): the child is gone, said once."""
+        for line in pipe:
+            reason, _, count = line.decode(errors="replace").strip().partition(" ")
+            if reason == "ready":
+                self._ready.set()
+            elif reason in ("queue_full", "export_failed") and count.isdigit():
+                self.dropped.labels(reason).inc(int(count))
+        self._gone.set()
+        if not self._closing.is_set():  # its own error is above, on stderr
+            child = self._child
+            log.error("otel: the exporting process exited (code %s); spans are dropped, "
+                      "counted as export_failed", child.wait() if child is not None else None)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Send what is waiting (up to `timeout` seconds each for spans and metrics), then stop.
-        Blocking: call it off the event loop."""
+        """Send what is waiting (the child allows up to `timeout` seconds each for spans and
+        metrics), then stop. Blocking: call it off the event loop."""
         if self._thread is not None:
             self._thread.shutdown(wait=True)
-        millis = int(timeout * 1000)
-        self._traces.force_flush(millis)
-        self._traces.shutdown()
-        self._meters.force_flush(millis)
-        self._meters.shutdown(millis)
-
-
-def _counting(inner: SpanExporter, owner: Export) -> SpanExporter:
-    """`inner`, counting the spans it could not send."""
-    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
-
-    class Counting(SpanExporter):
-        def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-            try:
-                result = inner.export(spans)
-            except Exception:
-                owner._exported(len(spans), False)
-                raise
-            owner._exported(len(spans), result is SpanExportResult.SUCCESS)
-            return result
-
-        def shutdown(self) -> None:
-            inner.shutdown()
-
-        def force_flush(self, timeout_millis: int = 30000) -> bool:
-            return inner.force_flush(timeout_millis)
-
-    return Counting()
+        self._close_timeout = timeout
+        self._closing.set()
+        child = self._child
+        if child is None:
+            return
+        try:
+            child.wait(2 * timeout + 5)
+        except subprocess.TimeoutExpired:
+            log.warning("otel: the exporting process did not stop in time; killed")
+            child.kill()
+            child.wait()
+        for thread in self._threads:
+            thread.join(timeout)

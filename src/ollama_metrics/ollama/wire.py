@@ -156,6 +156,7 @@ class ReplyReader:
             return
         if "model" in obj:
             i.response_model = _model(obj.get("model"), i)
+        _response_id(obj, i)
         choices = obj.get("choices")
         if isinstance(choices, list):
             for choice in choices:
@@ -298,6 +299,8 @@ class SseReader(_LineReader):
             delta = obj.get("delta")
             if isinstance(delta, dict):
                 self._token(delta.get("text"), delta.get("thinking"), now)
+        elif event in ("response.created", "message_start"):
+            _response_id(obj.get("response") or obj.get("message"), i)
         elif event in ("response.completed", "message_stop"):
             i.done = True
             response = obj.get("response")
@@ -344,12 +347,24 @@ class JsonReader(ReplyReader):
             self.i.done = True
         elif obj.get("type") == "message":  # Anthropic, not streamed
             self.i.done = True
+            _response_id(obj, self.i)
             usage = obj.get("usage")
             if isinstance(usage, dict):
                 self.i.prompt_eval_count = _int(usage.get("input_tokens"), None)
                 self.i.eval_count = _int(usage.get("output_tokens"), None)
         else:
             self._native(obj, self._now)
+
+
+def _response_id(obj: Any, i: Interaction) -> None:
+    """The reply's id (`chatcmpl-…`, `resp_…`, `msg_…`), the first one seen."""
+    if i.response_id is None and isinstance(obj, dict):
+        value = obj.get("id")
+        if isinstance(value, str) and value:
+            i.response_id = value[:RESPONSE_ID_CAP]
+
+
+RESPONSE_ID_CAP = 256  # ids are short; a longer one is cut, not kept whole
 
 
 def reply_reader(content_type: str, interaction: Interaction, json_cap: int) -> ReplyReader:

@@ -198,9 +198,11 @@ def _others_live(shared: Shared) -> list[dict[str, Any]]:
 
 def _exporting(export: Export, grace: float) -> Callable[[web.Application],
                                                              AsyncIterator[None]]:
-    """Spans and metrics still waiting are sent on shutdown, off the event loop."""
+    """The exporting process starts with the app; what still waits is sent on shutdown, off the
+    event loop."""
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
+        await asyncio.to_thread(export.start)
         yield
         await asyncio.to_thread(export.close, grace)
 

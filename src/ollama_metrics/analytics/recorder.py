@@ -57,7 +57,8 @@ RECONNECT_EVERY = 0.5
 RESTART_AFTER = (0.5, 30.0)  # back-off between restarts of a writer that keeps dying
 STEADY = 10.0  # seconds a writer must live for the back-off to start again from its floor
 READY_AT_LEAST = 1.0  # seconds start() waits for the writer, even past OPEN_TIMEOUT
-STOP_MARGIN = 5.0  # beyond the drain grace, for the writer to answer and exit
+STOP_MARGIN = 5.0  # beyond the drain grace, for the writer to answer
+EXIT_MARGIN = 1.0  # beyond what is left of the grace, for the writer to exit
 
 
 class Recorder:
@@ -257,6 +258,11 @@ class Recorder:
     async def close(self) -> None:
         """Send what is left, wait (up to the drain grace) for the writer to settle it, stop
         the writer process if it is ours, close the store."""
+        # One grace for it all: the writer settles this proxy's records within drain_grace
+        # and answers; then it has only what is left (and a moment) to exit. What its answer
+        # did not count as written was counted as dropped, so nothing uncounted is lost.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.drain_grace
         self._flush()
         self._closing = True
         if self._connecting is not None:
@@ -267,14 +273,14 @@ class Recorder:
                 link.transport.write_eof()  # the writer answers with its final report
             try:
                 await asyncio.wait_for(link.done.wait(),
-                                       self.settings.drain_grace + STOP_MARGIN)
+                                       deadline - loop.time() + STOP_MARGIN)
             except asyncio.TimeoutError:
                 link.transport.abort()
                 await link.done.wait()
         self._drop(len(self._batch))  # never reached a writer
         self._batch.clear()
         if self.process is not None:
-            await self.process.stop(self.settings.drain_grace + STOP_MARGIN)
+            await self.process.stop(max(0.0, deadline - loop.time()) + EXIT_MARGIN)
         if self._opening is not None:
             self._opening.cancel()
         if self._reader is not None:

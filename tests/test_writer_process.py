@@ -1,17 +1,22 @@
 """The writer process: records are built and written there, never on the proxy's event loop;
-it is bounded, restarted when it dies, drained on shutdown, and shared by several proxies."""
+it is bounded, restarted when it dies, drained on shutdown, and shared by several proxies. The
+tests marked with `transport` run both over the Unix socket and over loopback TCP with a secret
+(the channel where Python has no Unix sockets, Windows)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import socket
 import sqlite3
 import sys
 import time
 from pathlib import Path
 
 import aiohttp
+import psutil
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -19,7 +24,8 @@ from analytics_helpers import record, records
 from conftest import StartProxy
 from fake_ollama import FakeOllama
 from helpers import fake_process, proxy_process, settle
-from ollama_metrics.analytics.recorder import Recorder
+from ollama_metrics.analytics import channel
+from ollama_metrics.analytics.recorder import TRANSPORT_VARIABLE, Recorder
 from ollama_metrics.analytics.settings import AnalyticsConfig
 from ollama_metrics.analytics.stores import open_stores
 from ollama_metrics.server.app import RECORDER
@@ -42,6 +48,41 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+@pytest.fixture(params=["unix", "tcp"])
+def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The writer's channel: a Unix socket, or loopback TCP with a secret as on Windows."""
+    if request.param == "tcp":
+        monkeypatch.setenv(TRANSPORT_VARIABLE, "tcp")
+    elif not hasattr(socket, "AF_UNIX"):
+        pytest.skip("this Python has no Unix sockets")
+    else:
+        monkeypatch.delenv(TRANSPORT_VARIABLE, raising=False)
+    return str(request.param)
+
+
+def _over(transport: str, address: str) -> None:
+    """The writer listens where `transport` says."""
+    where = channel.Address.parse(address)
+    if transport == "tcp":
+        assert address.startswith(f"tcp://{channel.LOOPBACK}:") and where.port
+        assert len(where.secret) == channel.SECRET_BYTES
+    else:
+        assert Path(where.path).is_socket() and not where.port
+
+
+def _written(registry: CollectorRegistry) -> float:
+    return registry.get_sample_value("ollama_analytics_writes_total",
+                                     {"backend": "sqlite", "status": "success"}) or 0
+
+
+def _ids(directory: Path) -> list[str]:
+    db = sqlite3.connect(directory / "interactions.db")
+    try:
+        return [row[0] for row in db.execute("SELECT id FROM interactions ORDER BY id")]
+    finally:
+        db.close()
+
+
 def _recorder(proxy_app: object) -> Recorder:
     recorder = proxy_app[RECORDER]  # type: ignore[index]
     assert isinstance(recorder, Recorder)
@@ -50,11 +91,13 @@ def _recorder(proxy_app: object) -> Recorder:
 
 async def test_a_writer_killed_is_restarted_counted_and_writes_again(
     fake: FakeOllama, start_proxy: StartProxy, http: aiohttp.ClientSession, tmp_path: Path,
+    transport: str,
 ) -> None:
     proxy = await start_proxy(fake.url, analytics=AnalyticsConfig.build(
         analytics_dir=str(tmp_path)))
     process = _recorder(proxy.app).process
     assert process is not None
+    _over(transport, process.address)
     first = process.pid
     assert first is not None and first != os.getpid()  # written elsewhere than this loop
     async with http.post(proxy.url + "/api/chat", data=CHAT) as resp:
@@ -62,9 +105,11 @@ async def test_a_writer_killed_is_restarted_counted_and_writes_again(
     await records(proxy, http, 1)
     await settle(lambda: proxy.sample("ollama_analytics_writes_total", backend="sqlite",
                                       status="success") == 1)  # reported: not lost with it
+    address = process.address
     os.kill(first, signal.SIGKILL)
     await settle(lambda: proxy.sample("ollama_analytics_writer_restarts_total") == 1, 10)
     assert process.pid != first
+    assert process.address == address  # where processes attached to the first one find it
     for _ in range(3):
         async with http.post(proxy.url + "/api/chat", data=CHAT) as resp:
             await resp.read()
@@ -107,7 +152,7 @@ async def test_a_stopped_writer_costs_counted_drops_never_waits(
     assert proxy.sample("ollama_analytics_writer_restarts_total") == 0
 
 
-async def test_several_proxies_feed_one_writer(tmp_path: Path) -> None:
+async def test_several_proxies_feed_one_writer(tmp_path: Path, transport: str) -> None:
     """A second Recorder (another worker's) attaches to the first one's writer: both are
     written, each proxy's figures are its own records'."""
     settings = AnalyticsConfig.build(analytics_dir=str(tmp_path), analytics_retention_days=0)
@@ -115,6 +160,7 @@ async def test_several_proxies_feed_one_writer(tmp_path: Path) -> None:
     first = Recorder(open_stores(settings), settings, first_registry)
     await first.start()
     assert first.process is not None
+    _over(transport, first.process.address)
     second = Recorder(open_stores(settings), settings, second_registry,
                       writer=first.process.address)
     await second.start()
@@ -124,12 +170,7 @@ async def test_several_proxies_feed_one_writer(tmp_path: Path) -> None:
             first.submit(record(n))
         for n in range(5, 8):
             second.submit(record(n))
-
-        def written(registry: CollectorRegistry) -> float:
-            return registry.get_sample_value("ollama_analytics_writes_total",
-                                             {"backend": "sqlite", "status": "success"}) or 0
-
-        await settle(lambda: written(first_registry) == 5 and written(second_registry) == 3)
+        await settle(lambda: _written(first_registry) == 5 and _written(second_registry) == 3)
     finally:
         await second.close()
         await first.close()
@@ -138,13 +179,42 @@ async def test_several_proxies_feed_one_writer(tmp_path: Path) -> None:
     db.close()
 
 
-async def test_closing_writes_out_what_was_sent(tmp_path: Path) -> None:
+async def test_an_attached_proxy_reaches_a_restarted_writer(tmp_path: Path,
+                                                            transport: str) -> None:
+    """A Recorder attached with the first one's address (another worker's) finds the writer
+    the first one's process started again."""
+    settings = AnalyticsConfig.build(analytics_dir=str(tmp_path), analytics_retention_days=0)
+    first_registry, second_registry = CollectorRegistry(), CollectorRegistry()
+    first = Recorder(open_stores(settings), settings, first_registry)
+    await first.start()
+    process = first.process
+    assert process is not None and process.pid is not None
+    _over(transport, process.address)
+    second = Recorder(open_stores(settings), settings, second_registry, writer=process.address)
+    await second.start()
+    try:
+        second.submit(record(0))
+        await settle(lambda: _written(second_registry) == 1)
+        os.kill(process.pid, signal.SIGKILL)
+        await settle(lambda: first_registry.get_sample_value(
+            "ollama_analytics_writer_restarts_total") == 1, 10)
+        for n in range(1, 4):
+            second.submit(record(n))
+        await settle(lambda: _written(second_registry) == 4, 5)
+    finally:
+        await second.close()
+        await first.close()
+    assert _ids(tmp_path) == ["rec00000", "rec00001", "rec00002", "rec00003"]
+
+
+async def test_closing_writes_out_what_was_sent(tmp_path: Path, transport: str) -> None:
     """Records sent in the last loop turn before close() are written, and the writer exits."""
     settings = AnalyticsConfig.build(analytics_dir=str(tmp_path), analytics_retention_days=0)
     registry = CollectorRegistry()
     recorder = Recorder(open_stores(settings), settings, registry)
     await recorder.start()
     assert recorder.process is not None
+    _over(transport, recorder.process.address)
     pid = recorder.process.pid
     for n in range(300):
         recorder.submit(record(n))
@@ -228,3 +298,125 @@ def test_what_the_proxy_leaves_out_changes_no_record(capture: str) -> None:
     assert kind == channel.INTERACTION
     assert building.build(channel.interaction(data, left_out), privacy) == whole
     assert whole["truncated"] and whole["messages"][3] == {"elided": 14}
+
+
+async def _answer(reader: asyncio.StreamReader) -> bytes:
+    """What the writer sends on a connection until it closes it."""
+    with contextlib.suppress(ConnectionResetError):  # closed with our frames unread
+        return await asyncio.wait_for(reader.read(), 5)
+    return b""
+
+
+async def test_over_tcp_a_connection_without_the_secret_is_never_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Any local process can reach a loopback port: the writer stores nothing from a connection
+    whose first frame is not the secret, answers it nothing, and goes on serving the proxy."""
+    monkeypatch.setenv(TRANSPORT_VARIABLE, "tcp")
+    settings = AnalyticsConfig.build(analytics_dir=str(tmp_path), analytics_retention_days=0)
+    registry = CollectorRegistry()
+    recorder = Recorder(open_stores(settings), settings, registry)
+    await recorder.start()
+    try:
+        assert recorder.process is not None
+        where = channel.Address.parse(recorder.process.address)
+        assert where.port
+
+        def frame(payload: bytes) -> bytes:
+            return channel.frame(payload) + payload
+
+        def records_frame(n: int) -> bytes:
+            return frame(channel.encode([(channel.RECORD, record(n))])[0])
+
+        for first in (frame(bytes(channel.SECRET_BYTES)),  # the right length, wrong bytes
+                      frame(where.secret[:-1]),  # all but its last byte
+                      frame(where.secret + b"x"),
+                      b""):  # records straight away
+            reader, writer = await asyncio.open_connection(channel.LOOPBACK, where.port)
+            writer.write(first + records_frame(900))
+            writer.write_eof()
+            assert await _answer(reader) == b""  # closed: no report, no figures
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        # The same frames after the secret are taken: only the secret made the difference.
+        reader, writer = await asyncio.open_connection(channel.LOOPBACK, where.port)
+        writer.write(frame(where.secret) + records_frame(901))
+        writer.write_eof()
+        assert b'"received":1' in await _answer(reader)
+        writer.close()
+        await writer.wait_closed()
+        for n in range(3):
+            recorder.submit(record(n))
+        await settle(lambda: _written(registry) == 3)
+    finally:
+        await recorder.close()
+    assert _ids(tmp_path) == ["rec00000", "rec00001", "rec00002", "rec00901"]
+
+
+@linux_only
+async def test_over_tcp_the_writer_listens_on_loopback_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(TRANSPORT_VARIABLE, "tcp")
+    settings = AnalyticsConfig.build(analytics_dir=str(tmp_path), analytics_retention_days=0)
+    recorder = Recorder(open_stores(settings), settings, CollectorRegistry())
+    await recorder.start()
+    try:
+        assert recorder.process is not None and recorder.process.pid is not None
+        where = channel.Address.parse(recorder.process.address)
+        listening = [(c.laddr.ip, c.laddr.port) for c in psutil.Process(
+            recorder.process.pid).net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+        assert listening == [(channel.LOOPBACK, where.port)]
+        with pytest.raises(ConnectionRefusedError):  # another loopback address: nobody there
+            await asyncio.open_connection("127.0.0.2", where.port)
+    finally:
+        await recorder.close()
+
+
+def test_an_address_that_is_no_writers_is_refused() -> None:
+    settings = AnalyticsConfig.build(analytics_backend="none")
+    for address in ("tcp://0.0.0.0:1234#" + "00" * channel.SECRET_BYTES,
+                    "tcp://127.0.0.1:1234#00", "tcp://127.0.0.1:1234"):
+        with pytest.raises(ValueError, match="not a writer's address"):
+            Recorder([], settings, CollectorRegistry(), writer=address)
+    secret = bytes(range(channel.SECRET_BYTES))
+    address = str(channel.Address(port=1234, secret=secret))
+    assert channel.Address.parse(address) == channel.Address(port=1234, secret=secret)
+
+
+async def test_over_tcp_a_writer_restarted_on_another_port_is_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A restarted writer listens on the last one's port if it can; when that is taken, on
+    another, and the proxy's reconnect goes there, never to whoever took the old one."""
+    monkeypatch.setenv(TRANSPORT_VARIABLE, "tcp")
+    settings = AnalyticsConfig.build(analytics_dir=str(tmp_path), analytics_retention_days=0)
+    registry = CollectorRegistry()
+    recorder = Recorder(open_stores(settings), settings, registry)
+    await recorder.start()
+    squatter = socket.socket()
+    try:
+        process = recorder.process
+        assert process is not None and process.pid is not None
+        old = channel.Address.parse(process.address).port
+        recorder.submit(record(0))
+        await settle(lambda: _written(registry) == 1)
+        os.kill(process.pid, signal.SIGKILL)
+        await settle(lambda: process.address == "")  # the dead writer's port is forgotten
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind((channel.LOOPBACK, old))
+        squatter.listen()
+        squatter.setblocking(False)
+        await settle(lambda: process.address != "", 10)
+        new = channel.Address.parse(process.address).port
+        assert new != old
+        for n in range(1, 4):
+            recorder.submit(record(n))
+        await settle(lambda: _written(registry) == 4, 5)
+        with pytest.raises(BlockingIOError):
+            squatter.accept()  # nobody came: the secret went to the writer only
+    finally:
+        squatter.close()
+        await recorder.close()
+    assert _ids(tmp_path) == ["rec00000", "rec00001", "rec00002", "rec00003"]

@@ -7,11 +7,20 @@ to build its record, after `trim`; `elided` messages were left out of its middle
 this connection's cumulative figures, `{"received": n, "backends": {name: [success, error,
 dropped, waiting]}, "final": bool}`. Cumulative, so a lost or late report costs nothing; the
 proxy turns them into deltas of its own counters.
+
+The stream is a Unix socket in a private directory where Python has them. Where it has none
+(Windows) it is TCP on the loopback interface, which any local process can reach: there each
+proxy's first frame is the writer's secret (`SECRET_BYTES` random bytes its owner made), and the
+writer reads nothing else from a connection whose first frame is not (`authentic`). An `Address`
+names either, as one string a process hands another (it carries the secret: pass it over a
+private channel, never on a command line).
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -23,6 +32,40 @@ log = logging.getLogger(__name__)
 HEADER = 4  # bytes of the big-endian length before each frame
 MAX_FRAME = 1 << 30
 INTERACTION, RECORD = 0, 1
+LOOPBACK = "127.0.0.1"
+SECRET_BYTES = 32
+_TCP = "tcp://"
+
+
+@dataclass(frozen=True)
+class Address:
+    """Where the writer listens: a Unix socket's `path`, or `port` on LOOPBACK with the
+    `secret` its first frame must be."""
+
+    path: str = ""
+    port: int = 0
+    secret: bytes = b""
+
+    def __str__(self) -> str:
+        return f"{_TCP}{LOOPBACK}:{self.port}#{self.secret.hex()}" if self.port else self.path
+
+    @classmethod
+    def parse(cls, text: str) -> Address:
+        if not text.startswith(_TCP):
+            return cls(path=text)
+        where, _, secret = text[len(_TCP):].partition("#")
+        host, _, port = where.rpartition(":")
+        try:
+            key = bytes.fromhex(secret)
+        except ValueError:
+            key = b""
+        if host != LOOPBACK or not port.isdigit() or len(key) != SECRET_BYTES:
+            raise ValueError(f"not a writer's address: {host}:{port}")
+        return cls(port=int(port), secret=key)
+
+
+def authentic(first: bytes, secret: bytes) -> bool:
+    return hmac.compare_digest(first, secret)
 
 
 def _default(value: Any) -> Any:

@@ -4,9 +4,10 @@ Building records (caps, capture level, redaction), encoding them and writing the
 run in the writer process (writer.py), so none of it takes the event loop's core or its GIL.
 Here, `finished` (the observer protocol) and `submit` (a record already built) only append to a
 list; FLUSH_EVERY seconds after the first of them, the list is encoded as one orjson frame and
-written to a Unix socket connected to the writer (no thread: the loop's own non-blocking
-transport). Not once per loop turn: under load a turn finishes one or two requests, and a write
-that wakes the writer costs the loop more than the encoding (bench/README.md, hand-off line).
+written to a Unix socket connected to the writer (loopback TCP with a secret where Python has no
+Unix sockets: channel.py; no thread: the loop's own non-blocking transport). Not once per loop
+turn: under load a turn finishes one or two requests, and a write that wakes the writer costs
+the loop more than the encoding (bench/README.md, hand-off line).
 Bounded: when more than `queue_size` records wait for a connection, or the transport's write buffer
 holds more than `queue_size` times RECORD_BYTES, records are dropped and counted
 (`ollama_analytics_dropped_total`); a full queue never waits.
@@ -18,8 +19,9 @@ took and never reported settled when its connection is lost (it died) are counte
 
 One writer serves any number of proxy processes. A Recorder made without `writer` starts one
 (WriterProcess: restarted when it dies, counted in `ollama_analytics_writer_restarts_total`) and
-connects to it; a Recorder made with `writer=<socket path>` connects to a writer another process
-started (WriterProcess.address), and reconnects when the connection drops.
+connects to it; a Recorder made with `writer=<address>` connects to a writer another process
+started (WriterProcess.address: a socket path, or a loopback port with the secret), and
+reconnects when the connection drops.
 
 Searches never go through the writer: the queryable store (SQLite in WAL mode, PostgreSQL) is
 opened here too, for reading, while the writer process writes.
@@ -30,7 +32,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import pickle
+import secrets
 import shutil
 import socket
 import sys
@@ -59,6 +63,15 @@ STEADY = 10.0  # seconds a writer must live for the back-off to start again from
 READY_AT_LEAST = 1.0  # seconds start() waits for the writer, even past OPEN_TIMEOUT
 STOP_MARGIN = 5.0  # beyond the drain grace, for the writer to answer
 EXIT_MARGIN = 1.0  # beyond what is left of the grace, for the writer to exit
+# Internal, not a setting: "tcp" runs the writer's channel as on Windows (loopback TCP with a
+# secret) where Python has Unix sockets too, so tests cover that path on Linux.
+TRANSPORT_VARIABLE = "OLLAMA_METRICS_WRITER_TRANSPORT"
+
+
+def _tcp() -> bool:
+    """Whether the writer's channel is loopback TCP: where Python has no Unix sockets (Windows),
+    or TRANSPORT_VARIABLE says so. The one place it is read."""
+    return not hasattr(socket, "AF_UNIX") or os.environ.get(TRANSPORT_VARIABLE) == "tcp"
 
 
 class Recorder:
@@ -70,6 +83,8 @@ class Recorder:
         self.stores = stores  # here only the queryable one is opened, for reading
         self._names = [s.name for s in stores]
         self._reader = queryable(stores)
+        if writer is not None:
+            channel.Address.parse(writer)  # a ValueError now, not at each reconnect
         self._address = writer
         self._batch: list[tuple[Any, ...]] = []
         self._chars = Privacy.from_settings(settings).decisive_chars
@@ -197,13 +212,23 @@ class Recorder:
         """Connect to the writer, and try again every RECONNECT_EVERY seconds until it
         answers."""
         assert self._loop is not None
-        path = self._address or (self.process.address if self.process else "")
         while not self._closing:
+            # Each time: a writer restarted over TCP may listen on another port.
+            address = self._address or (self.process.address if self.process else "")
+            where = channel.Address.parse(address) if address else None
             try:
-                _, link = await self._loop.create_unix_connection(
-                    lambda: _Link(self, self._names), path)
+                if where is None:  # our writer is being restarted
+                    raise ConnectionRefusedError("not listening yet")
+                if where.port:
+                    _, link = await self._loop.create_connection(
+                        partial(_Link, self, self._names, where.secret), channel.LOOPBACK,
+                        where.port)
+                else:
+                    _, link = await self._loop.create_unix_connection(
+                        lambda: _Link(self, self._names), where.path)
             except OSError as exc:
-                log.debug("analytics: cannot reach the writer at %s yet: %s", path, exc)
+                log.debug("analytics: cannot reach the writer at %s yet: %s",
+                          where.path or f"port {where.port}" if where else "-", exc)
                 await asyncio.sleep(RECONNECT_EVERY)
                 continue
             self._link = link
@@ -230,7 +255,9 @@ class Recorder:
                 self._reader_opened(self._opening)
         if self.process is not None:
             await self.process.start()
-        await self._connect()
+        self._connecting = asyncio.ensure_future(self._connect())
+        await asyncio.wait([self._connecting], timeout=max(deadline - loop.time(),
+                                                           READY_AT_LEAST))
         if self._link is not None:  # the writer's first report says its stores are open
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._link.ready.wait(),
@@ -291,8 +318,9 @@ class Recorder:
 class _Link(asyncio.Protocol):
     """One connection to the writer: what was sent on it, and the writer's last report."""
 
-    def __init__(self, recorder: Recorder, names: list[str]) -> None:
+    def __init__(self, recorder: Recorder, names: list[str], secret: bytes = b"") -> None:
         self.recorder = recorder
+        self.secret = secret  # the first frame, over TCP
         self.transport: asyncio.WriteTransport = None  # type: ignore[assignment]
         self.sent = 0
         self.received = 0
@@ -304,6 +332,8 @@ class _Link(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.WriteTransport, transport)  # uvloop's is not a subclass
+        if self.secret:
+            self.transport.write(channel.frame(self.secret) + self.secret)
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
@@ -330,12 +360,20 @@ class WriterProcess:
     The listening socket is this process's and is handed to each writer it starts, so the
     address stays the same across restarts and connections made while no writer runs wait in
     the socket's backlog. Other processes attach with `Recorder(..., writer=address)`.
+
+    Where Python has no Unix sockets and cannot pass fds (Windows), or `_tcp()` says so, each
+    writer binds a loopback TCP port itself (the last one's if it is free) and says which on its
+    stdout; `address` is empty while none listens. This process makes the secret every
+    connection must send first and hands it to each writer with its settings.
     """
 
     def __init__(self, settings: AnalyticsConfig, restarts: Counter | None = None) -> None:
         self.settings = settings
         self.restarts = restarts
         self.address = ""
+        self._tcp = _tcp()
+        self._secret = secrets.token_bytes(channel.SECRET_BYTES) if self._tcp else b""
+        self._port = 0  # the last writer's, over TCP
         self._dir: str | None = None
         self._listening: socket.socket | None = None
         self._process: asyncio.subprocess.Process | None = None
@@ -347,23 +385,48 @@ class WriterProcess:
         return None if self._process is None else self._process.pid
 
     async def start(self) -> None:
-        self._dir = tempfile.mkdtemp(prefix="ollama-metrics-")  # 0700: only this user
-        self.address = str(Path(self._dir) / "writer.sock")
-        self._listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listening.bind(self.address)
-        self._listening.listen(128)
+        if not self._tcp:
+            self._dir = tempfile.mkdtemp(prefix="ollama-metrics-")  # 0700: only this user
+            self.address = str(Path(self._dir) / "writer.sock")
+            self._listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._listening.bind(self.address)
+            self._listening.listen(128)
         await self._spawn()
         self._watch = asyncio.create_task(self._watch_loop(), name="analytics-writer-watch")
 
     async def _spawn(self) -> None:
-        assert self._listening is not None
-        fd = self._listening.fileno()
-        self._process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "ollama_metrics.analytics.writer", str(fd),
-            stdin=asyncio.subprocess.PIPE, pass_fds=(fd,))
-        settings = pickle.dumps((self.settings, logging.getLogger().getEffectiveLevel()))
+        settings = pickle.dumps((self.settings, logging.getLogger().getEffectiveLevel(),
+                                 self._secret, self._port))
+        if self._tcp:
+            self._process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "ollama_metrics.analytics.writer", "tcp",
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        else:
+            assert self._listening is not None
+            fd = self._listening.fileno()
+            self._process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "ollama_metrics.analytics.writer", str(fd),
+                stdin=asyncio.subprocess.PIPE, pass_fds=(fd,))
         assert self._process.stdin is not None
         self._process.stdin.write(channel.frame(settings) + settings)
+        if self._tcp:
+            await self._listening_on()
+
+    async def _listening_on(self) -> None:
+        """Read the port the new writer listens on; one that does not say is killed (and so
+        restarted)."""
+        assert self._process is not None and self._process.stdout is not None
+        try:
+            line = await asyncio.wait_for(self._process.stdout.readline(), OPEN_TIMEOUT)
+        except asyncio.TimeoutError:
+            line = b""
+        if not line.strip().isdigit():
+            log.warning("analytics: the writer process did not say where it listens")
+            if self._process.returncode is None:
+                self._process.kill()
+            return
+        self._port = int(line)
+        self.address = str(channel.Address(port=self._port, secret=self._secret))
 
     async def _watch_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -374,6 +437,8 @@ class WriterProcess:
             code = await self._process.wait()
             if self._stopping:
                 return
+            if self._tcp:
+                self.address = ""  # until the next writer says where it listens
             log.warning("analytics: the writer process exited (code %s); starting another in "
                         "%.1fs", code, delay)
             if loop.time() - born > STEADY:

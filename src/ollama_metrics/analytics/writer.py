@@ -1,10 +1,14 @@
 """The writer process: builds records and writes them, off every proxy's core.
 
 `python -m ollama_metrics.analytics.writer FD` is started by recorder.WriterProcess with a
-listening Unix socket as FD and its settings (pickled, length-prefixed) on stdin. Any number of
-proxies connect to that socket and send frames of finished exchanges (channel.py). For each, the
-writer builds the record (categories are the proxy's; caps, capture level and redaction here)
-and queues it for every store.
+listening Unix socket as FD and its settings (pickled, length-prefixed) on stdin. Where Python
+has no Unix sockets (Windows) and no fds to pass, `python -m ollama_metrics.analytics.writer tcp`
+gets a secret and a port to prefer with its settings, binds a TCP listener on the loopback
+interface itself (that port if it is free, so processes attached to the last writer find this
+one, else any) and writes its port on stdout, one line; a connection there is read only once its
+first frame is the secret (channel.authentic). Any number of proxies connect and send frames of
+finished exchanges (channel.py). For each, the writer builds the record (categories are the
+proxy's; caps, capture level and redaction here) and queues it for every store.
 
 Each store has its own bounded queue and writer task, so a slow or broken store (Loki down,
 PostgreSQL unreachable, a full disk) only costs its own counted drops: a full queue drops the
@@ -30,6 +34,7 @@ import pickle
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -48,6 +53,7 @@ BACKOFF_START = 0.5
 BACKOFF_MAX = 30.0
 OPEN_TIMEOUT = 10.0
 REPORT_EVERY = 0.05  # seconds from a change of a proxy's figures to its report
+SECRET_WITHIN = 10.0  # seconds a TCP connection has to send the secret
 SUCCESS, ERROR, DROPPED, WAITING = range(4)  # a backend's figures in a report
 
 
@@ -106,8 +112,9 @@ class _Lane:
 class Writer:
     """The stores, their queues and writer tasks, and the proxies that feed them."""
 
-    def __init__(self, settings: AnalyticsConfig) -> None:
+    def __init__(self, settings: AnalyticsConfig, secret: bytes = b"") -> None:
         self.settings = settings
+        self.secret = secret  # each connection's first frame, over TCP
         self.privacy = Privacy.from_settings(settings)
         self.stores = open_stores(settings)
         self._lanes = [_Lane(s, asyncio.Queue(settings.queue_size)) for s in self.stores]
@@ -122,6 +129,13 @@ class Writer:
                            stream: asyncio.StreamWriter) -> None:
         """One proxy's connection: its frames until it closes its side, then its final
         report once its records are settled or the drain grace ran out."""
+        if self.secret and not await self._authentic(reader):
+            log.warning("analytics: a connection to the writer did not send its secret; "
+                        "closing it")
+            with contextlib.suppress(Exception):
+                stream.close()
+                await stream.wait_closed()
+            return
         origin = Origin(stream, {lane.store.name: [0, 0, 0, 0] for lane in self._lanes})
         self._origins.add(origin)
         await self.ready.wait()
@@ -143,6 +157,18 @@ class Writer:
         with contextlib.suppress(Exception):
             stream.close()
             await stream.wait_closed()
+
+    async def _authentic(self, reader: asyncio.StreamReader) -> bool:
+        """Whether the connection's first frame, within SECRET_WITHIN, is the secret."""
+        async def first() -> bytes:
+            size = int.from_bytes(await reader.readexactly(channel.HEADER), "big")
+            return await reader.readexactly(size) if size == len(self.secret) else b""
+
+        try:
+            return channel.authentic(await asyncio.wait_for(first(), SECRET_WITHIN),
+                                     self.secret)
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
+            return False
 
     def finish(self, origin: Origin) -> None:
         """Count what is still unsettled of `origin` as dropped and send its final report."""
@@ -330,20 +356,38 @@ class _UntilEnd(asyncio.Protocol):
         self._ended.set()
 
 
-async def _run(listening: socket.socket, settings: AnalyticsConfig) -> None:
-    writer = Writer(settings)
+def _watch_stdin_in_a_thread(ended: asyncio.Event) -> None:
+    """Where stdin is a pipe the event loop cannot read (Windows: the child's end of asyncio's
+    pipe is not overlapped), a thread waits for its end."""
+    loop = asyncio.get_running_loop()
+
+    def wait() -> None:
+        with contextlib.suppress(OSError):
+            while os.read(0, 4096):
+                pass
+        loop.call_soon_threadsafe(ended.set)
+
+    threading.Thread(target=wait, name="analytics-writer-stdin", daemon=True).start()
+
+
+async def _run(listening: socket.socket, settings: AnalyticsConfig, secret: bytes) -> None:
+    writer = Writer(settings, secret)
     loop = asyncio.get_running_loop()
     ended = asyncio.Event()
-    await loop.connect_read_pipe(lambda: _UntilEnd(ended), sys.stdin)
     # Accepting first: proxies' records queue (bounded, counted) while a store opens.
-    server = await asyncio.start_unix_server(writer.serve_origin, sock=listening)
+    if listening.family == socket.AF_INET:  # the Windows shape, also where a test forces it
+        _watch_stdin_in_a_thread(ended)
+        server = await asyncio.start_server(writer.serve_origin, sock=listening)
+    else:
+        await loop.connect_read_pipe(lambda: _UntilEnd(ended), sys.stdin)
+        server = await asyncio.start_unix_server(writer.serve_origin, sock=listening)
     await writer.start()
     await ended.wait()
     server.close()  # no new proxies; the connected ones are answered by close()
     await writer.close()
 
 
-def _read_settings() -> tuple[AnalyticsConfig, int]:
+def _read_settings() -> tuple[AnalyticsConfig, int, bytes, int]:
     def exactly(n: int) -> bytes:
         data = b""
         while len(data) < n:
@@ -354,24 +398,55 @@ def _read_settings() -> tuple[AnalyticsConfig, int]:
         return data
 
     size = int.from_bytes(exactly(channel.HEADER), "big")
-    settings, level = pickle.loads(exactly(size))  # from our own parent, over a private pipe
+    # From our own parent, over a private pipe: settings, log level, and for TCP the secret and
+    # the port to prefer.
+    settings, level, secret, port = pickle.loads(exactly(size))
     assert isinstance(settings, AnalyticsConfig) and isinstance(level, int)
-    return settings, level
+    assert isinstance(secret, bytes) and isinstance(port, int)
+    return settings, level, secret, port
+
+
+def _listen_tcp(port: int) -> socket.socket:
+    """A listener on the loopback interface only: on `port` if it is free, else on any."""
+    listening = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    exclusive = getattr(socket, "SO_EXCLUSIVEADDRUSE", None)  # Windows: no one binds it too
+    if exclusive is not None:
+        listening.setsockopt(socket.SOL_SOCKET, exclusive, 1)
+    else:  # the last writer's connections linger in TIME_WAIT on that port
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listening.bind((channel.LOOPBACK, port))
+    except OSError:
+        if not port:
+            raise
+        log.warning("analytics: the writer's port %d is taken; listening on another (processes "
+                    "attached to the last writer cannot follow)", port)
+        listening.bind((channel.LOOPBACK, 0))
+    listening.listen(128)
+    return listening
 
 
 def main(argv: list[str]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    listening = socket.socket(fileno=int(argv[1]))
-    settings, level = _read_settings()
+    settings, level, secret, port = _read_settings()
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if argv[1] == "tcp":
+        listening = _listen_tcp(port)
+        sys.stdout.write(f"{listening.getsockname()[1]}\n")
+        sys.stdout.flush()
+        devnull = os.open(os.devnull, os.O_WRONLY)  # the owner reads one line, no more
+        os.dup2(devnull, 1)
+        os.close(devnull)
+    else:
+        listening = socket.socket(fileno=int(argv[1]))
     try:
         import uvloop
     except ImportError:
-        asyncio.run(_run(listening, settings))
+        asyncio.run(_run(listening, settings, secret))
     else:
-        uvloop.run(_run(listening, settings))
+        uvloop.run(_run(listening, settings, secret))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ Optional backends import their libraries lazily, so a plain install needs none o
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import AsyncIterator
 from typing import Any, Protocol, runtime_checkable
 
@@ -162,10 +161,6 @@ def check_usable(settings: AnalyticsConfig) -> None:
     that cannot be created or written, an optional backend whose library is not installed.
     (An unreachable database or Loki may come up later: their writers retry.) StoreError says
     which and what to do."""
-    if settings.backends and not hasattr(socket, "AF_UNIX"):
-        # The writer process (analytics.writer) is reached over a Unix socket.
-        raise StoreError("analytics needs Unix sockets for its writer process, and this Python "
-                         "has none (Windows): record nothing with --analytics-backend none")
     if {"sqlite", "jsonl"} & set(settings.backends):
         where = settings.dir
         try:

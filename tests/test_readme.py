@@ -90,6 +90,9 @@ NOT_RUN = {
     "apt-get update": "changes the machine's packages, as root",
     "apt-get install -y nginx wrk prometheus postgresql systemd tmux chromium chromium-driver":
         "changes the machine's packages, as root",
+    "python -m venv /opt/phoenix-venv": "makes a virtualenv for Arize Phoenix, as root",
+    "/opt/phoenix-venv/bin/pip install 'arize-phoenix==20.26.1'":
+        "installs Arize Phoenix from PyPI (network); its tests use it",
     "python -m pytest": "the suite itself, which runs this test",
     'python -m pytest -m "not slow"': "the suite itself, which runs this test",
     ".ci/run": "the suite plus ruff and mypy: it runs this test",
@@ -119,8 +122,6 @@ NOT_RUN = {
     "python bench/analytics_bench.py": _BENCH,
     "python bench/proxy_bench.py": _BENCH + "; test_bench.py runs its quick mode",
     "python bench/soak.py --minutes 10": _BENCH,
-    "python bench/proxy_bench.py --quick --targets direct,ollama-metrics --proxy-args "
-    "'--analytics-backend none --otel'": _BENCH + "; test_bench.py runs its quick mode",
 }
 
 # Commands with placeholders (a synopsis): the usage line of their --help must match.

@@ -137,7 +137,10 @@ class Recorder:
         self._append((channel.RECORD, rec))
 
     def _append(self, item: tuple[Any, ...]) -> None:
-        if self._closing or len(self._batch) >= self.settings.queue_size:
+        # The bound is on every record not yet written, wherever it waits: this batch, the
+        # socket, the writer's queue (as of its latest report) - as `queue_size` shows them.
+        if self._closing or max(map(self._waiting, self._names), default=len(self._batch)
+                                ) >= self.settings.queue_size:
             self._drop(1)
             return
         self._batch.append(item)

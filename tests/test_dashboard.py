@@ -254,9 +254,19 @@ async def test_without_a_token_the_query_is_dropped(fake: FakeOllama, start_prox
 # --- Chromium --------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[WebDriver]:
+def _chromium() -> Iterator[WebDriver]:
     with chromium() as driver:
         yield driver
+
+
+@pytest.fixture
+def browser(_chromium: WebDriver) -> Iterator[WebDriver]:
+    """The module's Chromium, on a blank page with an empty console: a page left by the test
+    before keeps polling a proxy that has stopped, and its errors are not this test's."""
+    _chromium.get("about:blank")
+    console_errors(_chromium)  # reading clears them
+    yield _chromium
+    _chromium.get("about:blank")
 
 
 async def test_dashboard_in_chromium(fake: FakeOllama, start_proxy: StartProxy,

@@ -7,13 +7,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable
+import socket
+from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from prometheus_client import CollectorRegistry
 
 from ..analytics.settings import AnalyticsConfig
 from ..config import Config
+from ..ollama.supervisor import Supervisor
 from ..printable import printable
 from .connection import Runner
 
@@ -66,6 +69,32 @@ async def unless_stopped(work: Awaitable[None], stop: asyncio.Event) -> bool:
         return False
     task.result()
     return True
+
+
+async def with_ollama(config: Config, registry: CollectorRegistry,
+                      environ: Mapping[str, str] | None, sock: socket.socket,
+                      stop: asyncio.Event, now: asyncio.Event,
+                      serving: Callable[[], Awaitable[None]]) -> None:
+    """Run `serving`; with `config.supervise`, between starting `ollama serve` (given up if
+    `stop` comes first: then `sock` is closed and nothing serves) and stopping it."""
+    supervisor = None
+    if config.supervise:
+        assert environ is not None, "the child's environment is needed to start Ollama"
+        supervisor = Supervisor(config, registry, environ)
+        try:
+            started = await unless_stopped(supervisor.start(), stop)
+        except BaseException:
+            sock.close()
+            raise
+        if not started:
+            sock.close()
+            await supervisor.stop()
+            return
+    try:
+        await serving()
+    finally:
+        if supervisor is not None:
+            await supervisor.stop(now)
 
 
 async def shut_down(runner: web.AppRunner, now: asyncio.Event) -> None:

@@ -27,12 +27,11 @@ from ..analytics.stores import check_usable
 from ..config import Config, connect_url
 from ..observe.metrics import new_registry
 from ..ollama import control, probe
-from ..ollama.supervisor import Supervisor
 from . import relay
 from .app import SESSION, create_app
 from .connection import verify
 from .descriptors import Watch, lift_open_file_limit
-from .lifecycle import announce_analytics, make_runner, shut_down, unless_stopped
+from .lifecycle import announce_analytics, make_runner, shut_down, with_ollama
 from .shared import Shared
 
 log = logging.getLogger("ollama_metrics")
@@ -156,24 +155,8 @@ def _stop_signals(loop: asyncio.AbstractEventLoop, handler: Callable[[], None]
 async def _serve(config: Config, sock: socket.socket, stop: asyncio.Event, now: asyncio.Event,
                  environ: Mapping[str, str] | None, analytics: AnalyticsConfig | None) -> None:
     registry = new_registry()
-    supervisor = None
-    if config.supervise:
-        assert environ is not None, "the child's environment is needed to start Ollama"
-        supervisor = Supervisor(config, registry, environ)
-        try:
-            started = await unless_stopped(supervisor.start(), stop)
-        except BaseException:
-            sock.close()
-            raise
-        if not started:
-            sock.close()
-            await supervisor.stop()
-            return
-    try:
-        await _serve_app(config, sock, stop, now, registry, analytics)
-    finally:
-        if supervisor is not None:
-            await supervisor.stop(now)
+    await with_ollama(config, registry, environ, sock, stop, now,
+                      lambda: _serve_app(config, sock, stop, now, registry, analytics))
 
 
 async def _serve_app(config: Config, sock: socket.socket, stop: asyncio.Event,

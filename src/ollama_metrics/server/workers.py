@@ -31,8 +31,7 @@ from ..analytics.settings import AnalyticsConfig
 from ..analytics.stores import open_stores
 from ..config import Config
 from ..ollama import control, ps, upstream
-from ..ollama.supervisor import Supervisor
-from .lifecycle import announce_analytics, unless_stopped
+from .lifecycle import announce_analytics, with_ollama
 from .shared import Shared
 from .worker import HEADER, Start
 
@@ -140,24 +139,13 @@ async def serve(config: Config, sock: socket.socket, shared: Shared,
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
     registry = CollectorRegistry()  # its values go to the shared files: the workers show them
-    supervisor = None
-    if config.supervise:
-        supervisor = Supervisor(config, registry, environ)
+
+    async def serving() -> None:
         try:
-            started = await unless_stopped(supervisor.start(), stop)
-        except BaseException:
+            await _serve(config, sock, shared, environ, analytics, stop, now)
+        finally:
             sock.close()
-            raise
-        if not started:
-            sock.close()
-            await supervisor.stop()
-            return
-    try:
-        await _serve(config, sock, shared, environ, analytics, stop, now)
-    finally:
-        sock.close()
-        if supervisor is not None:
-            await supervisor.stop(now)
+    await with_ollama(config, registry, environ, sock, stop, now, serving)
 
 
 async def _serve(config: Config, sock: socket.socket, shared: Shared,

@@ -43,12 +43,15 @@ from report import (
 )
 from targets import (
     ALL_TARGETS,
+    BARE_AIOHTTP,
+    BARE_ASYNCIO,
     DIRECT,
     NGINX,
     NGINX_CANDIDATES,
     OTEL,
     PROXY,
     Target,
+    start_bare,
     start_nginx,
     start_proxy,
     start_sink,
@@ -184,6 +187,9 @@ def header(settings: Settings, machine: dict[str, Any]) -> str:
         "targets: direct = the fake Ollama (aiohttp+uvloop, 1 process);",
         "         nginx = worker_processes 1: the Python proxy is a single process too, so one",
         "         nginx worker is the fair comparison;",
+        "         bare-asyncio, bare-aiohttp = the floors under ollama-metrics' own code "
+        "(bench/bare.py):",
+        "         a framework-free uvloop proxy, and the aiohttp server and client calls alone;",
         "         ollama-metrics = python -m ollama_metrics serve "
         + (" ".join(s.proxy_args) if s.proxy_args else "(default options: metrics, and "
            "analytics recorded to SQLite)"),
@@ -337,6 +343,9 @@ def run(settings: Settings, tools: Tools) -> int:
             targets = [upstream]
             if NGINX in settings.targets:
                 targets.append(start_nginx(children, tools.nginx, work_dir, upstream.port))
+            for bare in (BARE_ASYNCIO, BARE_AIOHTTP):
+                if bare in settings.targets:
+                    targets.append(start_bare(children, bare, upstream.port))
             if PROXY in settings.targets:
                 targets.append(start_proxy(children, work_dir, upstream.port,
                                            settings.proxy_args))

@@ -1,6 +1,7 @@
-"""The three things the benchmark talks to, and how each is started.
+"""The things the benchmark talks to, and how each is started.
 
-Contract: ``start_upstream``, ``start_nginx`` and ``start_proxy`` each spawn one process group via
+Contract: ``start_upstream``, ``start_nginx``, ``start_bare`` and ``start_proxy`` each spawn one
+process group via
 ``Children`` and return only once it accepts connections (or raise ``StartupError`` with its log
 tail). ``Target.port`` is where the benchmark clients connect; every target ends at the same fake
 upstream, so "direct" is the no-proxy baseline.
@@ -23,7 +24,11 @@ DIRECT = "direct"
 NGINX = "nginx"
 PROXY = "ollama-metrics"
 OTEL = "ollama-metrics+otel"  # the same, with --otel exporting to a local collector (otlp_sink.py)
-ALL_TARGETS = (DIRECT, NGINX, PROXY, OTEL)
+# The floors under ollama-metrics' own code (bare.py): a framework-free uvloop proxy, and the
+# aiohttp server and client calls ollama-metrics makes, with nothing else.
+BARE_ASYNCIO = "bare-asyncio"
+BARE_AIOHTTP = "bare-aiohttp"
+ALL_TARGETS = (DIRECT, NGINX, BARE_ASYNCIO, BARE_AIOHTTP, PROXY, OTEL)
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,15 @@ def start_nginx(children: Children, nginx: str, work_dir: Path, upstream_port: i
     child = children.spawn(name, argv)
     wait_for_port(child, port, timeout_s=10)
     return Target(name, port, child)
+
+
+def start_bare(children: Children, name: str, upstream_port: int) -> Target:
+    """One of bare.py's proxies: BARE_ASYNCIO or BARE_AIOHTTP."""
+    kind = "asyncio" if name == BARE_ASYNCIO else "aiohttp"
+    argv = [sys.executable, str(BENCH_DIR / "bare.py"), "--kind", kind,
+            "--upstream-port", str(upstream_port)]
+    child = children.spawn(name, argv)
+    return Target(name, wait_for_listening_line(child, timeout_s=15), child)
 
 
 def start_sink(children: Children) -> int:

@@ -27,7 +27,7 @@ from ollama_metrics.config import Config
 from ollama_metrics.observe.metrics import new_registry
 from ollama_metrics.server.app import create_app
 from ollama_metrics.server.lifecycle import make_runner
-from services import loki, phoenix, postgres_dsn  # noqa: F401  (fixtures)
+from services import loki, phoenix, postgres_dsn, victoria_metrics  # noqa: F401  (fixtures)
 
 StartProxy = Callable[..., Awaitable[RunningProxy]]
 

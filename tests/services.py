@@ -16,6 +16,13 @@ loopback ports with its working directory and SQLite database in a temporary dir
 telemetry off. It takes OTLP/HTTP traces on /v1/traces and answers what it stored on its REST API
 (GET /v1/projects/{project}/spans). It takes about 20 s to start.
 
+`victoria_metrics`: VictoriaMetrics (Debian 13's `victoria-metrics`, a real third-party OTLP metrics
+receiver; Debian 12's Prometheus and VictoriaMetrics have none), installed by .ci/victoria-metrics
+as VICTORIA_METRICS, started once per session on a free loopback port with its data in a temporary
+directory. It takes OTLP/HTTP metrics on /opentelemetry/v1/metrics, names them as Prometheus does
+(-opentelemetry.usePrometheusNaming: unit suffixes, `_` for `.`) and answers Prometheus's query
+API (/api/v1/query). Queries see a sample as soon as it is stored (no latency offset, no cache).
+
 `loki`: a LokiReceiver (tests/loki_receiver.py) on a loopback port, one per test, that checks
 pushes against Loki's documented push format and keeps what it stored.
 """
@@ -38,6 +45,7 @@ from typing import NoReturn
 
 import pytest
 
+from helpers import Process
 from loki_receiver import LokiReceiver
 
 
@@ -164,6 +172,41 @@ def phoenix() -> Iterator[Phoenix]:
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+VICTORIA_METRICS = Path("/opt/victoria-metrics/victoria-metrics")
+
+
+@dataclass(frozen=True)
+class VictoriaMetrics:
+    url: str  # its HTTP port: OTLP/HTTP metrics in, Prometheus's query API out
+
+    @property
+    def otlp_metrics(self) -> str:
+        return self.url + "/opentelemetry/v1/metrics"
+
+
+@pytest.fixture(scope="session")
+def victoria_metrics() -> Iterator[VictoriaMetrics]:
+    if not VICTORIA_METRICS.exists():
+        missing("VictoriaMetrics with an OTLP receiver", "(Debian 13's victoria-metrics, as root)",
+                ".ci/victoria-metrics")
+    root = Path(tempfile.mkdtemp(prefix="ollama-metrics-vm-"))
+    port = _free_port()
+    server = Process([str(VICTORIA_METRICS), f"-storageDataPath={root}",
+                      f"-httpListenAddr=127.0.0.1:{port}", "-opentelemetry.usePrometheusNaming",
+                      "-search.latencyOffset=0s", "-search.disableCache"])
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while not _answers(url + "/health"):
+            if server.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"VictoriaMetrics did not start:\n{server.output[-3000:]}")
+            time.sleep(0.1)
+        yield VictoriaMetrics(url)
+    finally:
+        server.stop()
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -35,7 +35,7 @@ from ollama_metrics.ollama.wire import reply_reader
 from ollama_metrics.server.app import create_app
 from ollama_metrics.server.lifecycle import make_runner
 from otlp_receiver import Receiver, attributes, grpc_server
-from services import Phoenix
+from services import Phoenix, VictoriaMetrics
 
 MESSAGES = [{"role": "system", "content": "Be brief."},
             {"role": "user", "content": "Why is the sky blue? Mail me at bob@example.com"}]
@@ -418,3 +418,97 @@ def test_the_reply_id_of_each_route_shape(content_type: str, body: bytes,
     reader.feed(body, 1.0)
     reader.close()
     assert i.response_id == expected
+
+
+# The GenAI conventions' explicit bucket boundaries, as `le` labels.
+SPEC_BUCKETS: dict[str, list[float]] = {
+    "gen_ai_client_operation_duration_seconds": [
+        0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92],
+    "gen_ai_client_token_usage": [
+        1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216,
+        67108864],
+    "gen_ai_server_time_to_first_token_seconds": [
+        0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10],
+    "gen_ai_server_time_per_output_token_seconds": [
+        0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 2.5],
+}
+
+
+@pytest.mark.slow(reason="starts VictoriaMetrics, a real OTLP metrics receiver, and waits for "
+                         "its queries to show the exports")
+async def test_victoria_metrics_stores_the_genai_metrics(
+        receiver: Receiver, victoria_metrics: VictoriaMetrics, fake: FakeOllama,
+        start_proxy: StartProxy, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A third-party receiver takes our metrics over OTLP/HTTP (traces still go to our receiver)
+    and, asked with PromQL, holds each call's count, the tokens Ollama reported, the spec's
+    buckets and the service's name."""
+    service = f"ollama-metrics-{uuid.uuid4().hex[:8]}"  # the receiver lives for the session
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", victoria_metrics.otlp_metrics)
+    monkeypatch.setenv("OTEL_SERVICE_NAME", service)
+    fake.scenarios["alpha:latest"] = Scenario(tokens=["a", "b", "c"], prompt_eval_count=11)
+    fake.scenarios["beta:latest"] = Scenario(tokens=["x"] * 5, prompt_eval_count=7,
+                                             token_delay=0.01)
+    proxy = await _otel_proxy(fake, start_proxy)
+    async with ollama.AsyncClient(host=proxy.url) as client:
+        for _ in range(2):
+            await client.chat(model="alpha", messages=MESSAGES, stream=False)
+        async for _ in await client.generate(model="beta", prompt="hi", stream=True):
+            pass
+        with pytest.raises(ollama.ResponseError):
+            await client.chat(model="missing", messages=MESSAGES)
+    ours = f'service_name="{service}"'
+    async with aiohttp.ClientSession() as http:
+
+        async def query(promql: str, *by: str) -> dict[tuple[str, ...], float]:
+            # Stored rows become searchable when VictoriaMetrics flushes them, seconds later
+            # (sometimes over 10 s here); its flush handler, meant for tests, does it now.
+            async with http.get(victoria_metrics.url + "/internal/force_flush") as flushed:
+                assert flushed.status == 200
+            async with http.get(victoria_metrics.url + "/api/v1/query",
+                                params={"query": promql}) as reply:
+                body = await reply.json()
+            assert reply.status == 200, body
+            return {tuple(r["metric"].get(label, "") for label in by): float(r["value"][1])
+                    for r in body["data"]["result"]}
+
+        async def holds(promql: str, by: tuple[str, ...],
+                        expected: dict[tuple[str, ...], float]) -> None:
+            got: dict[tuple[str, ...], float] = {}
+            for _ in range(100):  # exported every 100 ms; searchable a moment after
+                got = await query(promql, *by)
+                if got == expected:
+                    return
+                await asyncio.sleep(0.1)
+            assert got == expected, promql
+
+        model = ("gen_ai_operation_name", "gen_ai_request_model", "error_type")
+        await holds(f"sum by ({', '.join(model)}) "
+                    f"(gen_ai_client_operation_duration_seconds_count{{{ours}}})", model,
+                    {("chat", "alpha:latest", ""): 2, ("text_completion", "beta:latest", ""): 1,
+                     ("chat", "missing:latest", "404"): 1})
+        tokens = ("gen_ai_request_model", "gen_ai_token_type")
+        await holds(f"sum by (gen_ai_request_model, gen_ai_token_type) "
+                    f"(gen_ai_client_token_usage_sum{{{ours}}})", tokens,
+                    {("alpha:latest", "input"): 22, ("alpha:latest", "output"): 6,
+                     ("beta:latest", "input"): 7, ("beta:latest", "output"): 5})
+        # Server duration and time per output token: the successes (the non-streamed chats'
+        # time per token from Ollama's own eval duration).
+        successes: dict[tuple[str, ...], float] = {("alpha:latest",): 2, ("beta:latest",): 1}
+        for name in ("gen_ai_server_request_duration_seconds",
+                     "gen_ai_server_time_per_output_token_seconds"):
+            await holds(f"sum by (gen_ai_request_model) ({name}_count{{{ours}}})",
+                        ("gen_ai_request_model",), successes)
+        # Time to first token: the streamed call only.
+        await holds(f"sum by (gen_ai_request_model) "
+                    f"(gen_ai_server_time_to_first_token_seconds_count{{{ours}}})",
+                    ("gen_ai_request_model",), {("beta:latest",): 1})
+        for name, bounds in SPEC_BUCKETS.items():
+            buckets = await query(f'{name}_bucket{{{ours}, gen_ai_request_model="beta:latest"}}',
+                                  "le", "gen_ai_token_type")
+            les = sorted({float(le) for le, _ in buckets})
+            assert les == [*bounds, float("inf")], name
+            assert buckets[("+Inf", "output" if "token_usage" in name else "")] == 1, name
+        labels = await query(f"gen_ai_client_operation_duration_seconds_count{{{ours}}}",
+                             "gen_ai_provider_name", "server_port", "service_name")
+        assert set(labels) == {("ollama", str(fake.port), service)}
+    assert not receiver.metrics  # OTEL_EXPORTER_OTLP_METRICS_ENDPOINT sent them elsewhere

@@ -93,6 +93,8 @@ NOT_RUN = {
     "python -m venv /opt/phoenix-venv": "makes a virtualenv for Arize Phoenix, as root",
     "/opt/phoenix-venv/bin/pip install 'arize-phoenix==20.26.1'":
         "installs Arize Phoenix from PyPI (network); its tests use it",
+    ".ci/victoria-metrics": "downloads Debian 13's victoria-metrics package and installs its "
+                            "binary in /opt, as root; its test uses it",
     "python -m pytest": "the suite itself, which runs this test",
     'python -m pytest -m "not slow"': "the suite itself, which runs this test",
     ".ci/run": "the suite plus ruff and mypy: it runs this test",

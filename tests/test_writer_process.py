@@ -25,7 +25,7 @@ from conftest import StartProxy
 from fake_ollama import FakeOllama
 from helpers import fake_process, proxy_process, settle
 from ollama_metrics.analytics import channel
-from ollama_metrics.analytics.recorder import TRANSPORT_VARIABLE, Recorder
+from ollama_metrics.analytics.recorder import RECONNECT_EVERY, TRANSPORT_VARIABLE, Recorder
 from ollama_metrics.analytics.settings import AnalyticsConfig
 from ollama_metrics.analytics.stores import open_stores
 from ollama_metrics.server.app import RECORDER
@@ -307,11 +307,21 @@ async def _answer(reader: asyncio.StreamReader) -> bytes:
     return b""
 
 
-async def test_over_tcp_a_connection_without_the_secret_is_never_read(
+def _frame(payload: bytes) -> bytes:
+    return channel.frame(payload) + payload
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> bytes:
+    size = int.from_bytes(await reader.readexactly(channel.HEADER), "big")
+    return await reader.readexactly(size)
+
+
+async def test_over_tcp_a_connection_that_does_not_prove_the_secret_is_never_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Any local process can reach a loopback port: the writer stores nothing from a connection
-    whose first frame is not the secret, answers it nothing, and goes on serving the proxy."""
+    that does not answer its challenge with the proof of the secret, answers it nothing but the
+    challenge, and goes on serving the proxy."""
     monkeypatch.setenv(TRANSPORT_VARIABLE, "tcp")
     settings = AnalyticsConfig.build(analytics_dir=str(tmp_path), analytics_retention_days=0)
     registry = CollectorRegistry()
@@ -321,27 +331,39 @@ async def test_over_tcp_a_connection_without_the_secret_is_never_read(
         assert recorder.process is not None
         where = channel.Address.parse(recorder.process.address)
         assert where.port
+        secret = where.secret
+        records_frame = _frame(channel.encode([(channel.RECORD, record(900))])[0])
+        ours = bytes(range(channel.CHALLENGE_BYTES))
 
-        def frame(payload: bytes) -> bytes:
-            return channel.frame(payload) + payload
+        def answers(challenge: bytes) -> list[bytes]:
+            other = bytes(channel.CHALLENGE_BYTES)
+            return [
+                _frame(secret),  # the secret itself, as the channel once sent it first
+                _frame(ours + channel.proof(secret, channel.PROXY_ROLE, other, ours)),  # stale
+                _frame(ours + channel.proof(secret, channel.WRITER_ROLE, challenge, ours)),
+                _frame(ours + channel.proof(bytes(channel.SECRET_BYTES), channel.PROXY_ROLE,
+                                            challenge, ours)),  # another key
+                _frame(ours + channel.proof(secret, channel.PROXY_ROLE, challenge, ours)[:-1]),
+                b"",  # records straight away
+            ]
 
-        def records_frame(n: int) -> bytes:
-            return frame(channel.encode([(channel.RECORD, record(n))])[0])
-
-        for first in (frame(bytes(channel.SECRET_BYTES)),  # the right length, wrong bytes
-                      frame(where.secret[:-1]),  # all but its last byte
-                      frame(where.secret + b"x"),
-                      b""):  # records straight away
+        for index in range(6):
             reader, writer = await asyncio.open_connection(channel.LOOPBACK, where.port)
-            writer.write(first + records_frame(900))
+            challenge = await _read_frame(reader)
+            assert len(challenge) == channel.CHALLENGE_BYTES
+            writer.write(answers(challenge)[index] + records_frame)
             writer.write_eof()
-            assert await _answer(reader) == b""  # closed: no report, no figures
+            assert await _answer(reader) == b"", index  # closed: no proof, no report
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
-        # The same frames after the secret are taken: only the secret made the difference.
+        # The same records after a right proof are taken, and the writer proves itself.
         reader, writer = await asyncio.open_connection(channel.LOOPBACK, where.port)
-        writer.write(frame(where.secret) + records_frame(901))
+        challenge = await _read_frame(reader)
+        writer.write(_frame(ours + channel.proof(secret, channel.PROXY_ROLE, challenge, ours)))
+        assert channel.proven(secret, channel.WRITER_ROLE, challenge, ours,
+                              await _read_frame(reader))
+        writer.write(records_frame.replace(b"rec00900", b"rec00901"))
         writer.write_eof()
         assert b'"received":1' in await _answer(reader)
         writer.close()
@@ -352,6 +374,60 @@ async def test_over_tcp_a_connection_without_the_secret_is_never_read(
     finally:
         await recorder.close()
     assert _ids(tmp_path) == ["rec00000", "rec00001", "rec00002", "rec00901"]
+
+
+@pytest.mark.parametrize("impostor", ["challenges", "silent"])
+async def test_over_tcp_a_process_on_the_writers_port_gets_neither_secret_nor_records(
+    tmp_path: Path, impostor: str,
+) -> None:
+    """A writer that died leaves its loopback port; another local process may listen there
+    before it is restarted. A proxy attached to that address sends it no secret and no record:
+    it answers a challenge with a proof that reveals nothing, sends nothing to a process that
+    does not challenge it, and counts its records as dropped, never sent."""
+    secret = os.urandom(channel.SECRET_BYTES)
+    received: list[bytes] = []
+    connections = 0
+
+    async def squatter(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        if impostor == "challenges":
+            challenge = os.urandom(channel.CHALLENGE_BYTES)
+            writer.write(_frame(challenge))
+            with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+                received.append(await _read_frame(reader))
+                writer.write(_frame(os.urandom(32)))  # a proof it cannot make
+        with contextlib.suppress(ConnectionError):
+            received.append(await reader.read())  # all else, until the proxy closes
+        writer.close()
+
+    server = await asyncio.start_server(squatter, channel.LOOPBACK, 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = AnalyticsConfig.build(analytics_dir=str(tmp_path), analytics_retention_days=0)
+    registry = CollectorRegistry()
+    recorder = Recorder(open_stores(settings), settings, registry,
+                        writer=str(channel.Address(port=port, secret=secret)))
+    starting = asyncio.ensure_future(recorder.start())
+    try:
+        await settle(lambda: connections >= 1)
+        for n in range(3):
+            recorder.submit(record(n))
+        await asyncio.sleep(2 * RECONNECT_EVERY + 0.5)
+    finally:
+        await recorder.close()
+        await starting
+        server.close()
+        await server.wait_closed()
+    sent = b"".join(received)
+    assert secret not in sent and b"rec0000" not in sent
+    if impostor == "challenges":
+        assert connections >= 2  # refused, and tried again
+        assert len(received[0]) == channel.CHALLENGE_BYTES + 32  # our challenge and proof
+        assert received[1] == b""  # then nothing: the link was closed unproven
+    else:
+        assert sent == b""  # a silent listener is sent nothing at all
+    assert registry.get_sample_value("ollama_analytics_dropped_total",
+                                     {"backend": "sqlite"}) == 3
 
 
 @linux_only

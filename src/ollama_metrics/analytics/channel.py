@@ -9,15 +9,22 @@ dropped, waiting]}, "final": bool}`. Cumulative, so a lost or late report costs 
 proxy turns them into deltas of its own counters.
 
 The stream is a Unix socket in a private directory where Python has them. Where it has none
-(Windows) it is TCP on the loopback interface, which any local process can reach: there each
-proxy's first frame is the writer's secret (`SECRET_BYTES` random bytes its owner made), and the
-writer reads nothing else from a connection whose first frame is not (`authentic`). An `Address`
-names either, as one string a process hands another (it carries the secret: pass it over a
-private channel, never on a command line).
+(Windows) it is TCP on the loopback interface, which any local process can reach, or listen on
+once the writer has left its port: there both ends prove they hold the writer's secret
+(`SECRET_BYTES` random bytes its owner made) before anything else is sent, and the secret itself
+never crosses the socket. The writer sends a challenge (`CHALLENGE_BYTES` random bytes); the
+proxy answers with a challenge of its own and its `proof` of both; the writer checks it (else it
+closes the connection, having read nothing else) and answers with its own `proof`; the proxy
+checks that (else it closes the connection, having sent no record: a process squatting on a
+restarted writer's port learns neither the secret nor any prompt). Each proof is an HMAC-SHA256
+keyed with the secret over its role and both challenges, so neither side's proof can be replayed
+or reflected as the other's. An `Address` names either, as one string a process hands another
+(it carries the secret: pass it over a private channel, never on a command line).
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 from dataclasses import dataclass
@@ -64,8 +71,18 @@ class Address:
         return cls(port=int(port), secret=key)
 
 
-def authentic(first: bytes, secret: bytes) -> bool:
-    return hmac.compare_digest(first, secret)
+CHALLENGE_BYTES = 32
+PROXY_ROLE, WRITER_ROLE = b"proxy", b"writer"
+
+
+def proof(secret: bytes, role: bytes, challenge: bytes, answer: bytes) -> bytes:
+    """What the side with `role` sends to show it holds `secret`: the writer's `challenge` and the
+    proxy's `answer` challenge, in that order for both roles."""
+    return hmac.new(secret, role + challenge + answer, hashlib.sha256).digest()
+
+
+def proven(secret: bytes, role: bytes, challenge: bytes, answer: bytes, given: bytes) -> bool:
+    return hmac.compare_digest(proof(secret, role, challenge, answer), given)
 
 
 def _default(value: Any) -> Any:

@@ -4,10 +4,11 @@ Building records (caps, capture level, redaction), encoding them and writing the
 run in the writer process (writer.py), so none of it takes the event loop's core or its GIL.
 Here, `finished` (the observer protocol) and `submit` (a record already built) only append to a
 list; FLUSH_EVERY seconds after the first of them, the list is encoded as one orjson frame and
-written to a Unix socket connected to the writer (loopback TCP with a secret where Python has no
-Unix sockets: channel.py; no thread: the loop's own non-blocking transport). Not once per loop
-turn: under load a turn finishes one or two requests, and a write that wakes the writer costs
-the loop more than the encoding (bench/README.md, hand-off line).
+written to a Unix socket connected to the writer (loopback TCP where Python has no Unix sockets,
+sending nothing until both ends have proven they hold the writer's secret: channel.py; no
+thread: the loop's own non-blocking transport). Not once per loop turn: under load a turn
+finishes one or two requests, and a write that wakes the writer costs the loop more than the
+encoding (bench/README.md, hand-off line).
 Bounded: when more than `queue_size` records wait for a connection, or the transport's write buffer
 holds more than `queue_size` times RECORD_BYTES, records are dropped and counted
 (`ollama_analytics_dropped_total`); a full queue never waits.
@@ -58,6 +59,7 @@ OPEN_TIMEOUT = 10.0
 RECORD_BYTES = 8 * 1024  # the transport's buffer holds at most queue_size records of this size
 FLUSH_EVERY = 0.005  # seconds from the first record of a frame to its write
 RECONNECT_EVERY = 0.5
+PROOF_WITHIN = 10.0  # seconds the process at a writer's TCP port has to prove it is the writer
 RESTART_AFTER = (0.5, 30.0)  # back-off between restarts of a writer that keeps dying
 STEADY = 10.0  # seconds a writer must live for the back-off to start again from its floor
 READY_AT_LEAST = 1.0  # seconds start() waits for the writer, even past OPEN_TIMEOUT
@@ -195,6 +197,10 @@ class Recorder:
             link.final = True
 
     def _lost(self, link: _Link) -> None:
+        link.handshake_over(False)
+        if link is not self._link and not link.sent:  # never in use (its handshake failed):
+            link.done.set()  # _connect goes on trying
+            return
         if self._link is link:
             self._link = None
         if not link.final:  # the writer died: what it had not settled is lost
@@ -232,6 +238,11 @@ class Recorder:
             except OSError as exc:
                 log.debug("analytics: cannot reach the writer at %s yet: %s",
                           where.path or f"port {where.port}" if where else "-", exc)
+                await asyncio.sleep(RECONNECT_EVERY)
+                continue
+            if not await link.proven():
+                log.warning("analytics: the process at loopback port %d did not prove it is "
+                            "the writer; no record was sent to it", where.port)
                 await asyncio.sleep(RECONNECT_EVERY)
                 continue
             self._link = link
@@ -323,7 +334,7 @@ class _Link(asyncio.Protocol):
 
     def __init__(self, recorder: Recorder, names: list[str], secret: bytes = b"") -> None:
         self.recorder = recorder
-        self.secret = secret  # the first frame, over TCP
+        self.secret = secret  # over TCP: what both ends prove they hold before anything else
         self.transport: asyncio.WriteTransport = None  # type: ignore[assignment]
         self.sent = 0
         self.received = 0
@@ -332,11 +343,31 @@ class _Link(asyncio.Protocol):
         self.ready = asyncio.Event()  # the writer's first report came
         self.done = asyncio.Event()
         self._buffer = bytearray()
+        self._proven: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._challenge = b""  # the writer's, once it came
+        self._answer = b""  # ours
+        if not secret:  # a Unix socket in a private directory: only our writer is there
+            self._proven.set_result(True)
+
+    async def proven(self) -> bool:
+        """Whether the other end proved it is the writer (at once over a Unix socket); a link
+        that did not is closed, having sent nothing."""
+        ok = False
+        try:
+            ok = await asyncio.wait_for(asyncio.shield(self._proven), PROOF_WITHIN)
+        except asyncio.TimeoutError:
+            pass
+        finally:  # cancelled too (the Recorder closing): never left open unproven
+            if not ok and not self.transport.is_closing():
+                self.transport.close()
+        return ok
+
+    def handshake_over(self, ok: bool) -> None:
+        if not self._proven.done():
+            self._proven.set_result(ok)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.WriteTransport, transport)  # uvloop's is not a subclass
-        if self.secret:
-            self.transport.write(channel.frame(self.secret) + self.secret)
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
@@ -345,9 +376,28 @@ class _Link(asyncio.Protocol):
             end = channel.HEADER + size
             if len(self._buffer) < end:
                 return
-            report = channel.decode(bytes(self._buffer[channel.HEADER:end]))
+            payload = bytes(self._buffer[channel.HEADER:end])
             del self._buffer[:end]
-            self.recorder._reported(self, report)
+            if not self._proven.done():
+                self._handshake(payload)
+            elif self._proven.result():
+                self.recorder._reported(self, channel.decode(payload))
+
+    def _handshake(self, payload: bytes) -> None:
+        """channel.py's handshake, the proxy's side: answer the writer's challenge with ours
+        and our proof, then check the writer's proof. Nothing else is read before it holds."""
+        if not self._challenge:
+            if len(payload) != channel.CHALLENGE_BYTES:
+                self.handshake_over(False)
+                return
+            self._challenge = payload
+            self._answer = secrets.token_bytes(channel.CHALLENGE_BYTES)
+            message = self._answer + channel.proof(self.secret, channel.PROXY_ROLE,
+                                                   self._challenge, self._answer)
+            self.transport.write(channel.frame(message) + message)
+            return
+        self.handshake_over(channel.proven(self.secret, channel.WRITER_ROLE, self._challenge,
+                                           self._answer, payload))
 
     def eof_received(self) -> bool:
         return False  # the writer is done with this connection: close it

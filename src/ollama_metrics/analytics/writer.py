@@ -2,14 +2,14 @@
 
 `python -m ollama_metrics.analytics.writer FD` is started by recorder.WriterProcess with a
 listening Unix socket as FD and its settings (pickled, length-prefixed) on stdin. Where Python
-has no Unix sockets (Windows) and no fds to pass, `python -m ollama_metrics.analytics.writer tcp`
-gets a secret and a port to prefer with its settings, binds a TCP listener on the loopback
+has no Unix sockets (Windows) and no fds to pass, `python -m ollama_metrics.analytics.writer
+tcp` gets a secret and a port to prefer with its settings, binds a TCP listener on the loopback
 interface itself (that port if it is free, so processes attached to the last writer find this
-one, else any) and writes its port on stdout, one line; a connection there is read only once its
-first frame is the secret (channel.authentic). Any number of proxies connect and send frames of
-finished exchanges (channel.py). For each, the writer builds the record (categories are the
-proxy's; caps, capture level and redaction here) and queues it for every store.
-
+one, else any) and writes its port on stdout, one line; a connection there is read only once it
+has proven it holds the secret, and proven in turn that this writer does (channel.proof). Any
+number of proxies connect and send frames of finished exchanges (channel.py). For each, the
+writer builds the record (categories are the proxy's; caps, capture level and redaction here)
+and queues it for every store.
 Each store has its own bounded queue and writer task, so a slow or broken store (Loki down,
 PostgreSQL unreachable, a full disk) only costs its own counted drops: a full queue drops the
 record and counts it. A writer task takes whatever is queued (up to a batch), writes it, and on
@@ -31,6 +31,7 @@ import contextlib
 import logging
 import os
 import pickle
+import secrets
 import signal
 import socket
 import sys
@@ -53,7 +54,7 @@ BACKOFF_START = 0.5
 BACKOFF_MAX = 30.0
 OPEN_TIMEOUT = 10.0
 REPORT_EVERY = 0.05  # seconds from a change of a proxy's figures to its report
-SECRET_WITHIN = 10.0  # seconds a TCP connection has to send the secret
+SECRET_WITHIN = 10.0  # seconds a TCP connection has to prove it holds the secret
 SUCCESS, ERROR, DROPPED, WAITING = range(4)  # a backend's figures in a report
 
 
@@ -114,7 +115,7 @@ class Writer:
 
     def __init__(self, settings: AnalyticsConfig, secret: bytes = b"") -> None:
         self.settings = settings
-        self.secret = secret  # each connection's first frame, over TCP
+        self.secret = secret  # what each connection proves it holds, over TCP
         self.privacy = Privacy.from_settings(settings)
         self.stores = open_stores(settings)
         self._lanes = [_Lane(s, asyncio.Queue(settings.queue_size)) for s in self.stores]
@@ -129,9 +130,9 @@ class Writer:
                            stream: asyncio.StreamWriter) -> None:
         """One proxy's connection: its frames until it closes its side, then its final
         report once its records are settled or the drain grace ran out."""
-        if self.secret and not await self._authentic(reader):
-            log.warning("analytics: a connection to the writer did not send its secret; "
-                        "closing it")
+        if self.secret and not await self._authentic(reader, stream):
+            log.warning("analytics: a connection to the writer did not prove it holds the "
+                        "secret; closing it")
             with contextlib.suppress(Exception):
                 stream.close()
                 await stream.wait_closed()
@@ -158,17 +159,29 @@ class Writer:
             stream.close()
             await stream.wait_closed()
 
-    async def _authentic(self, reader: asyncio.StreamReader) -> bool:
-        """Whether the connection's first frame, within SECRET_WITHIN, is the secret."""
-        async def first() -> bytes:
+    async def _authentic(self, reader: asyncio.StreamReader, stream: asyncio.StreamWriter
+                         ) -> bool:
+        """The handshake of channel.py, the writer's side: whether the connection proved,
+        within SECRET_WITHIN, that it holds the secret (then this writer's proof is sent)."""
+        challenge = secrets.token_bytes(channel.CHALLENGE_BYTES)
+        stream.write(channel.frame(challenge) + challenge)
+
+        async def answer() -> bytes:
             size = int.from_bytes(await reader.readexactly(channel.HEADER), "big")
-            return await reader.readexactly(size) if size == len(self.secret) else b""
+            expected = channel.CHALLENGE_BYTES + len(self.secret)
+            return await reader.readexactly(size) if size == expected else b""
 
         try:
-            return channel.authentic(await asyncio.wait_for(first(), SECRET_WITHIN),
-                                     self.secret)
+            given = await asyncio.wait_for(answer(), SECRET_WITHIN)
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
             return False
+        theirs, mac = given[:channel.CHALLENGE_BYTES], given[channel.CHALLENGE_BYTES:]
+        if not (given and channel.proven(self.secret, channel.PROXY_ROLE, challenge, theirs,
+                                         mac)):
+            return False
+        mine = channel.proof(self.secret, channel.WRITER_ROLE, challenge, theirs)
+        stream.write(channel.frame(mine) + mine)
+        return True
 
     def finish(self, origin: Origin) -> None:
         """Count what is still unsettled of `origin` as dropped and send its final report."""

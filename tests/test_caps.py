@@ -7,6 +7,7 @@ import asyncio
 import gc
 import hashlib
 import io
+import pickle
 import sys
 import threading
 import types
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import psutil
 import pytest
 
@@ -24,7 +26,8 @@ from fake_ollama import FakeOllama, Scenario
 from helpers import fake_process, proxy_process, settle
 from ollama_metrics.analytics.settings import AnalyticsConfig
 from ollama_metrics.observe.interaction import CAPS
-from ollama_metrics.ollama.request import read_request
+from ollama_metrics.ollama.request import read_request, read_request_apart
+from ollama_metrics.server.proxy import PARSE_APART
 
 HUGE = 20 * 1024 * 1024
 
@@ -192,3 +195,82 @@ async def test_forty_huge_model_names_leave_memory_and_database_near_rest(
         assert len(snapshot) < 64 * 1024
         assert rise < 100, f"RSS {rise:.1f} MiB above its resting size"
         assert growth < 5, f"database grew {growth:.1f} MiB"
+
+
+def _chat_body(n: int) -> bytes:
+    """A chat of `n` short messages (a system message among them, and one with an image),
+    ending with a question: the many-small-objects shape that is slow to parse."""
+    messages: list[dict[str, Any]] = [{"role": "system", "content": "be brief"}]
+    messages += [{"role": "user" if k % 2 else "assistant", "content": f"turn {k}"}
+                 for k in range(n)]
+    messages[n // 2] = {"role": "system", "content": "a rule from the middle"}
+    messages[3] = {"role": "user", "content": "look", "images": ["aGVsbG8="]}
+    messages.append({"role": "user", "content": "Why is the sky blue?"})
+    return orjson.dumps({"model": "llama3.2", "stream": False, "messages": messages,
+                         "options": {"temperature": 0.2}, "seed": 7})
+
+
+@pytest.mark.parametrize(("n", "keep"), [(10, 100), (500, 100), (500, 7), (4, 2)])
+def test_a_body_parsed_apart_makes_the_record_of_a_body_parsed_here(n: int, keep: int) -> None:
+    """read_request_apart sends back only what a record keeps of the messages (the first and
+    last halves of `keep`, and how many it left out): the record built from that is the record
+    built from the whole read, prompt and system text included."""
+    from ollama_metrics.analytics import channel
+    from ollama_metrics.analytics import record as building
+    from ollama_metrics.analytics.privacy import Privacy
+    from ollama_metrics.observe.interaction import Interaction
+
+    body = _chat_body(n)
+    privacy = Privacy.from_settings(AnalyticsConfig.build(analytics_max_messages=keep))
+
+    def exchange() -> Interaction:
+        return Interaction(method="POST", path="/api/chat", endpoint="/api/chat",
+                           started_at=1.0, started=2.0, ended=3.0, ended_at=2.0, id="x")
+
+    here = exchange()
+    read_request(body, here)
+    apart = exchange()
+    fields = pickle.loads(pickle.dumps(read_request_apart(body, keep)))  # as it crosses back
+    apart.capped |= fields.pop("capped")
+    for name, value in fields.items():
+        setattr(apart, name, value)
+    assert apart.prompt == here.prompt == "Why is the sky blue?"
+    assert apart.system == here.system
+    assert len(apart.messages or []) == min(len(here.messages or []), keep)
+    elided = apart.messages_elided + channel.trim(apart, keep, privacy.decisive_chars)
+    assert elided == max(0, n + 2 - keep)
+    payload, _ = channel.encode([(channel.INTERACTION, apart, elided)])
+    ((_, data, left_out),) = channel.decode(payload)
+    assert building.build(channel.interaction(data, left_out), privacy) == \
+        building.build(here, privacy)
+
+
+async def test_huge_bodies_are_parsed_in_a_process_of_their_own(
+        fake: FakeOllama, start_proxy: StartProxy, http: aiohttp.ClientSession,
+        tmp_path: Path, parse_threads: list[str]) -> None:
+    """A body over PARSE_APART is parsed in another process (orjson holds the GIL for its whole
+    parse: on a thread, a 30 MB chat held the loop 0.4 s); the metrics and the record get
+    from it what a body parsed here gives them."""
+    proxy = await start_proxy(fake.url, analytics=AnalyticsConfig.build(
+        analytics_dir=str(tmp_path), analytics_max_messages=10))
+    body = _chat_body(60_000)
+    assert len(body) > PARSE_APART
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    async with http.post(proxy.url + "/api/chat", data=io.BytesIO(body),
+                         headers={"Content-Type": "application/json"}) as resp:
+        assert resp.status == 200
+        await resp.read()
+    assert parse_threads == []  # not here: not on the loop, not on a thread
+    spawned = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    assert any("multiprocessing" in " ".join(p.cmdline()) for p in spawned), spawned
+    assert fake.requests[-1].body_sha256 == hashlib.sha256(body).hexdigest()  # sent whole
+    await settle(lambda: proxy.sample("ollama_requests_total", model="llama3.2:latest",
+                                      endpoint="/api/chat", status="success",
+                                      prompt_category="question") == 1)
+    (found,) = await records(proxy, http, 1)
+    async with http.get(proxy.url + f"/analytics/messages/{found['id']}") as resp:
+        whole = await resp.json()
+    assert whole["model"] == "llama3.2:latest"
+    assert whole["messages"][5] == {"elided": 60_002 - 10}
+    assert whole["messages"][-1]["content"] == "Why is the sky blue?"
+    assert whole["system"] == "be brief\na rule from the middle"

@@ -131,7 +131,8 @@ class Recorder:
     def finished(self, interaction: Interaction, token: object) -> None:
         """Queue the exchange for the writer to build its record; never waits. (The last
         observer: it leaves out of `interaction` what the record cannot keep.)"""
-        elided = channel.trim(interaction, self.settings.max_messages, self._chars)
+        elided = interaction.messages_elided + channel.trim(
+            interaction, self.settings.max_messages, self._chars)
         self._append((channel.INTERACTION, interaction, elided))
 
     def submit(self, rec: Record) -> None:

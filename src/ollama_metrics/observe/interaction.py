@@ -96,6 +96,9 @@ class Interaction:
     # images by reference).
     messages: list[Message] | None = None
     images: list[Any] | None = None
+    # Middle messages left out before the observers saw `messages` (a body parsed in another
+    # process sends back only what a record can keep: ollama.request.read_request_apart).
+    messages_elided: int = 0
 
     # What came back.
     http_status: int | None = None

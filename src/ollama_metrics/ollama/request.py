@@ -39,6 +39,28 @@ def _small(value: Any) -> bool:
             and all(isinstance(v, str) and len(v) <= 256 for v in value))
 
 
+# What read_request may set on an Interaction.
+REQUEST_FIELDS = ("model", "stream", "options", "params", "images", "messages", "prompt",
+                  "system", "capped")
+
+
+def read_request_apart(body: bytes | bytearray, keep_messages: int) -> dict[str, Any]:
+    """read_request in another process, for a body whose parse would hold the event loop's GIL
+    too long: the fields it set, with the messages cut to the first and last halves of
+    `keep_messages` (all a record keeps) and `messages_elided` saying how many were left out,
+    so what crosses back is small. Prompt and system text are read before the cut."""
+    i = Interaction(method="", path="", endpoint="", started_at=0.0, started=0.0)
+    read_request(body, i)
+    fields = {name: getattr(i, name) for name in REQUEST_FIELDS}
+    messages = i.messages
+    if messages is not None and len(messages) > keep_messages:
+        head = keep_messages // 2
+        elided = len(messages) - keep_messages
+        fields["messages"] = [*messages[:head], *messages[head + elided:]]
+        fields["messages_elided"] = elided
+    return fields
+
+
 def read_request(body: bytes | bytearray, interaction: Interaction) -> None:
     """Fill `interaction` from a JSON request body."""
     if not body or body[:1] not in (b"{", b" ", b"\n", b"\r", b"\t"):

@@ -110,7 +110,7 @@ def create_app(config: Config, registry: CollectorRegistry | None = None,
         observers.append(recorder)
         app.cleanup_ctx.append(_recording(recorder, mirrored=shared is not None))
     app.on_response_prepare.append(strip_own_server_header)
-    proxy = Proxy(config, lambda: app[SESSION], observers)
+    proxy = Proxy(config, lambda: app[SESSION], observers, keep_messages=analytics.max_messages)
     app.on_shutdown.append(proxy.on_shutdown)  # cuts what is still in flight after the grace
     scrape = make_aiohttp_handler(scraped)
     app.router.add_get(config.metrics_path, require_token(analytics.token, scrape)

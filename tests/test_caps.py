@@ -204,7 +204,8 @@ def _chat_body(n: int) -> bytes:
     messages += [{"role": "user" if k % 2 else "assistant", "content": f"turn {k}"}
                  for k in range(n)]
     messages[n // 2] = {"role": "system", "content": "a rule from the middle"}
-    messages[3] = {"role": "user", "content": "look", "images": ["aGVsbG8="]}
+    messages[3] = {"role": "user", "content": "look", "images": [
+        "aGVsbG8=", "data:image/png;base64,d29ybGQ=", "https://example.com/a.png", {"x": 1}]}
     messages.append({"role": "user", "content": "Why is the sky blue?"})
     return orjson.dumps({"model": "llama3.2", "stream": False, "messages": messages,
                          "options": {"temperature": 0.2}, "seed": 7})
@@ -237,6 +238,7 @@ def test_a_body_parsed_apart_makes_the_record_of_a_body_parsed_here(n: int, keep
     assert apart.prompt == here.prompt == "Why is the sky blue?"
     assert apart.system == here.system
     assert len(apart.messages or []) == min(len(here.messages or []), keep)
+    assert "aGVsbG8=" not in repr(apart.messages)  # images came back as digests
     elided = apart.messages_elided + channel.trim(apart, keep, privacy.decisive_chars)
     assert elided == max(0, n + 2 - keep)
     payload, _ = channel.encode([(channel.INTERACTION, apart, elided)])
@@ -262,7 +264,7 @@ async def test_huge_bodies_are_parsed_in_a_process_of_their_own(
         await resp.read()
     assert parse_threads == []  # not here: not on the loop, not on a thread
     spawned = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
-    assert any("multiprocessing" in " ".join(p.cmdline()) for p in spawned), spawned
+    assert any("ollama_metrics.ollama.parse_apart" in p.cmdline() for p in spawned), spawned
     assert fake.requests[-1].body_sha256 == hashlib.sha256(body).hexdigest()  # sent whole
     await settle(lambda: proxy.sample("ollama_requests_total", model="llama3.2:latest",
                                       endpoint="/api/chat", status="success",
@@ -274,3 +276,32 @@ async def test_huge_bodies_are_parsed_in_a_process_of_their_own(
     assert whole["messages"][5] == {"elided": 60_002 - 10}
     assert whole["messages"][-1]["content"] == "Why is the sky blue?"
     assert whole["system"] == "be brief\na rule from the middle"
+
+
+async def test_a_parse_process_that_dies_costs_no_request(
+        fake: FakeOllama, start_proxy: StartProxy, http: aiohttp.ClientSession,
+        tmp_path: Path) -> None:
+    """Killed between two bodies, the parse process costs neither of them anything: the body
+    that finds it dead is parsed on the thread, and the next starts another."""
+    proxy = await start_proxy(fake.url, analytics=AnalyticsConfig.build(
+        analytics_dir=str(tmp_path)))
+    body = _chat_body(60_000)
+
+    def parsers() -> list[psutil.Process]:
+        return [p for p in psutil.Process().children(recursive=True)
+                if "ollama_metrics.ollama.parse_apart" in p.cmdline()]
+
+    for round_ in range(3):
+        async with http.post(proxy.url + "/api/chat", data=io.BytesIO(body),
+                             headers={"Content-Type": "application/json"}) as resp:
+            assert resp.status == 200
+            await resp.read()
+        if round_ == 0:
+            (first,) = parsers()
+            first.kill()
+            first.wait(5)
+    (last,) = parsers()
+    assert last.pid != first.pid
+    await settle(lambda: proxy.sample("ollama_requests_total", model="llama3.2:latest",
+                                      endpoint="/api/chat", status="success",
+                                      prompt_category="question") == 3)

@@ -12,20 +12,16 @@ named in `truncated_fields`. Every text, name and option passes through Privacy;
 
 from __future__ import annotations
 
-import binascii
-import hashlib
 import json
-import re
 from typing import Any
 
 import orjson
 
 from ..observe.interaction import Interaction, Message
+from ..ollama.request import image_digest, is_image_url
 from .privacy import TRUNCATED, Privacy
 from .stores import Record
 
-_B64_SLICE = 1 << 20  # base64 characters decoded at a time (a multiple of 4)
-_NOT_B64 = re.compile(r"[^A-Za-z0-9+/=]")
 NAME_CHARS = 256  # roles, tool and function names, call ids, `options` strings
 URL_CHARS = 512  # a remote image's URL
 ERROR_CHARS = 4096
@@ -61,8 +57,9 @@ class _Slot:
 
 
 class _Builder:
-    def __init__(self, privacy: Privacy) -> None:
+    def __init__(self, privacy: Privacy, digested: bool = False) -> None:
         self.p = privacy
+        self.digested = digested  # Interaction.images_digested
         self.marks: set[str] = set()  # fields shortened while the record is shaped
         self.slots: list[_Slot] = []
         self.images: list[dict[str, Any]] = []
@@ -88,10 +85,12 @@ class _Builder:
         if len(self.images) >= MAX_IMAGES:
             self.marks.add("images")
             return None
-        if isinstance(data, str) and data.startswith(("http://", "https://")):
+        if is_image_url(data):
             ref: dict[str, Any] = {"url": self.name(data, "images", URL_CHARS)}
+        elif self.digested and isinstance(data, dict):  # made where the body was parsed
+            ref = {"bytes": data.get("bytes"), "sha256": data.get("sha256")}
         else:
-            ref = _image_ref(data)
+            ref = image_digest(data)
         self.images.append(ref)
         return ref
 
@@ -241,30 +240,11 @@ def _fair_share(sizes: list[int], room: int) -> int:
     return 1 << 62
 
 
-def _image_ref(data: Any) -> dict[str, Any]:
-    """{"bytes", "sha256"} of a base64 image (bare or a data: URL)."""
-    if not isinstance(data, str):
-        return {"bytes": None, "sha256": None}
-    start = data.find(",") + 1 if data.startswith("data:") else 0
-    # Decoded a slice at a time, so a 20 MB image never exists decoded in memory at once. Only
-    # clean base64 splits into whole four-character groups; anything else is decoded whole.
-    step = len(data) if _NOT_B64.search(data, start) else _B64_SLICE
-    digest, size = hashlib.sha256(), 0
-    try:
-        for at in range(start, len(data), step):
-            raw = binascii.a2b_base64(data[at:at + step])
-            digest.update(raw)
-            size += len(raw)
-    except (binascii.Error, ValueError):
-        return {"bytes": len(data) - start, "sha256": None}
-    return {"bytes": size, "sha256": digest.hexdigest()}
-
-
 def build(i: Interaction, privacy: Privacy) -> Record:
     """The record of `i`. Fields the proxy already shortened on the Interaction (`i.capped`: the
     model name, the error text, a body left unread) are named in `truncated_fields` with the
     record's own."""
-    b = _Builder(privacy)
+    b = _Builder(privacy, i.images_digested)
     messages = b.messages(i.messages)
     for data in i.images or ():  # /api/generate
         b.image(data)

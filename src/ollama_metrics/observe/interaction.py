@@ -99,6 +99,9 @@ class Interaction:
     # Middle messages left out before the observers saw `messages` (a body parsed in another
     # process sends back only what a record can keep: ollama.request.read_request_apart).
     messages_elided: int = 0
+    # Its images that are not URLs are already {"bytes", "sha256"} (ollama.request.image_digest),
+    # made where the body was parsed apart: the base64 never came back.
+    images_digested: bool = False
 
     # What came back.
     http_status: int | None = None

@@ -13,6 +13,9 @@ reference is shared/reference/ollama-api.md.
 
 from __future__ import annotations
 
+import binascii
+import hashlib
+import re
 from typing import Any
 
 import orjson
@@ -21,6 +24,8 @@ from ..observe.interaction import Interaction, Message
 from .names import normalize_model
 
 _NO_IMAGE = object()
+_B64_SLICE = 1 << 20  # base64 characters decoded at a time (a multiple of 4)
+_NOT_B64 = re.compile(r"[^A-Za-z0-9+/=]")
 
 
 # OpenAI-style generation parameters, given at the top of the body (Ollama's own are `options`).
@@ -39,6 +44,29 @@ def _small(value: Any) -> bool:
             and all(isinstance(v, str) and len(v) <= 256 for v in value))
 
 
+def is_image_url(data: Any) -> bool:
+    return isinstance(data, str) and data.startswith(("http://", "https://"))
+
+
+def image_digest(data: Any) -> dict[str, Any]:
+    """{"bytes", "sha256"} of a base64 image (bare or a data: URL)."""
+    if not isinstance(data, str):
+        return {"bytes": None, "sha256": None}
+    start = data.find(",") + 1 if data.startswith("data:") else 0
+    # Decoded a slice at a time, so a 20 MB image never exists decoded in memory at once. Only
+    # clean base64 splits into whole four-character groups; anything else is decoded whole.
+    step = len(data) if _NOT_B64.search(data, start) else _B64_SLICE
+    digest, size = hashlib.sha256(), 0
+    try:
+        for at in range(start, len(data), step):
+            raw = binascii.a2b_base64(data[at:at + step])
+            digest.update(raw)
+            size += len(raw)
+    except (binascii.Error, ValueError):
+        return {"bytes": len(data) - start, "sha256": None}
+    return {"bytes": size, "sha256": digest.hexdigest()}
+
+
 # What read_request may set on an Interaction.
 REQUEST_FIELDS = ("model", "stream", "options", "params", "images", "messages", "prompt",
                   "system", "capped")
@@ -48,7 +76,8 @@ def read_request_apart(body: bytes | bytearray, keep_messages: int) -> dict[str,
     """read_request in another process, for a body whose parse would hold the event loop's GIL
     too long: the fields it set, with the messages cut to the first and last halves of
     `keep_messages` (all a record keeps) and `messages_elided` saying how many were left out,
-    so what crosses back is small. Prompt and system text are read before the cut."""
+    and each image that is not a URL replaced by its `image_digest` (`images_digested`), so
+    what crosses back is small. Prompt and system text are read before the cut."""
     i = Interaction(method="", path="", endpoint="", started_at=0.0, started=0.0)
     read_request(body, i)
     fields = {name: getattr(i, name) for name in REQUEST_FIELDS}
@@ -56,9 +85,19 @@ def read_request_apart(body: bytes | bytearray, keep_messages: int) -> dict[str,
     if messages is not None and len(messages) > keep_messages:
         head = keep_messages // 2
         elided = len(messages) - keep_messages
-        fields["messages"] = [*messages[:head], *messages[head + elided:]]
+        messages = fields["messages"] = [*messages[:head], *messages[head + elided:]]
         fields["messages_elided"] = elided
+    fields["images_digested"] = True
+    if i.images is not None:
+        fields["images"] = _digests(i.images)
+    for m in messages or ():
+        if m.images:
+            m.images = _digests(m.images)
     return fields
+
+
+def _digests(images: list[Any]) -> list[Any]:
+    return [data if is_image_url(data) else image_digest(data) for data in images]
 
 
 def read_request(body: bytes | bytearray, interaction: Interaction) -> None:

@@ -7,9 +7,9 @@ Contract:
   held for parsing share a budget (twice `max_parse_bytes`, held until their exchange ends): one
   that does not fit goes on unread, like a larger one, and is marked. Bodies above
   `PARSE_INLINE` are parsed on a thread of their own, one at a time, so the loop serves other
-  requests between parses; bodies above `PARSE_APART` in a process of their own (orjson holds
-  the GIL while it parses, about 12 ms a MB of small messages: on a thread a 30 MB chat held the
-  loop for 0.4 s), which sends back only what a record keeps of the messages.
+  requests between parses; bodies above `PARSE_APART` in a process of their own (parsing.py:
+  orjson holds the GIL while it parses, about 12 ms a MB of small messages, so on a thread a
+  30 MB chat held the loop for 0.4 s), which sends back only what a record keeps of them.
 - Replies stream back chunk by chunk with their status, reason, headers and bytes unchanged, less
   hop-by-hop headers. A reply keeps its Content-Length when it had one and is chunked otherwise.
 - Host is rewritten to the upstream's authority (Ollama's loopback Host check would 403 a LAN
@@ -26,11 +26,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import multiprocessing
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 import aiohttp
@@ -42,12 +40,13 @@ from ..config import Config
 from ..observe.categorize import categorize
 from ..observe.interaction import ErrorType, Interaction, Outcome
 from ..ollama.errors import describe
-from ..ollama.request import read_request, read_request_apart
+from ..ollama.request import read_request
 from ..ollama.wire import Kind, expects_done, reply_reader, route
 from ..printable import printable
 from ..settings import masked_in
 from .connection import BAD_BODY, bad_body
 from .errors import error_reply
+from .parsing import ParseProcess
 from .relay import relay_body
 
 log = logging.getLogger(__name__)
@@ -131,7 +130,7 @@ class Proxy:
         self._parse_budget = 2 * config.max_parse_bytes  # bytes of bodies held for parsing at once
         self._parse_held = 0
         self._parser: ThreadPoolExecutor | None = None  # started with the first large body
-        self._parser_apart: ProcessPoolExecutor | None = None  # and with the first huge one
+        self._parser_apart = ParseProcess()  # started with the first huge one
         self._inflight: set[asyncio.Task[Any]] = set()  # handlers of exchanges in flight
         self._cutting = False
 
@@ -156,9 +155,7 @@ class Proxy:
         if self._parser is not None:
             self._parser.shutdown(wait=False)
             self._parser = None
-        if self._parser_apart is not None:
-            self._parser_apart.shutdown(wait=False, cancel_futures=True)
-            self._parser_apart = None
+        await self._parser_apart.close()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         task = asyncio.current_task()
@@ -273,18 +270,10 @@ class Proxy:
         await asyncio.get_running_loop().run_in_executor(self._parser, read_request, body, i)
 
     async def _parse_apart(self, body: bytearray, i: Interaction) -> bool:
-        """Parse `body` in the parse process; False if that process could not (then the caller
+        """Parse `body` in the parse process; False if that could not be done (then the caller
         parses it on the thread)."""
-        if self._parser_apart is None:
-            self._parser_apart = ProcessPoolExecutor(
-                1, mp_context=multiprocessing.get_context("spawn"))
-        loop = asyncio.get_running_loop()
-        try:
-            fields = await loop.run_in_executor(self._parser_apart, read_request_apart, body,
-                                                self._keep_messages)
-        except BrokenProcessPool:
-            log.warning("the request parse process died; starting another for the next body")
-            self._parser_apart = None
+        fields = await self._parser_apart.parse(body, self._keep_messages)
+        if fields is None:
             return False
         i.capped |= fields.pop("capped")
         for name, value in fields.items():

@@ -112,10 +112,12 @@ def test_child_killed_mid_stream_is_restarted(
         rest = list(request)  # the stream ends without its final `done: true` line
         assert not any(json.loads(line).get("done") for line in rest if line.strip())
 
-        # Meanwhile the proxy answers, with a clear 502.
+        # Meanwhile the proxy answers, with a clear 502: Ollama cannot be reached, or (a pooled
+        # connection the dead child reset before the proxy saw it close) its connection failed.
         status, body = get(proxy.url + "/api/tags")
         assert status == 502
-        assert "cannot reach Ollama" in json.loads(body)["error"]
+        error = json.loads(body)["error"]
+        assert "cannot reach Ollama" in error or "connection to Ollama at" in error, error
 
         second = child_pid(proxy, after=first)
         proxy.wait_for(r"ollama serve is back \(restart 1\)")

@@ -16,9 +16,15 @@ import aiohttp
 import pytest
 
 from conftest import StartProxy
-from fake_ollama import FakeOllama, Scenario
+from fake_ollama import FakeOllama, RequestRecord, Scenario
 from helpers import RunningProxy, raw_request
 from ollama_metrics.ollama.wire import route
+
+
+def _last(fake: FakeOllama, path: str) -> RequestRecord:
+    """The last request the fake got on `path`: with several workers, the main process polls
+    /api/ps (and /api/tags) meanwhile, so the very last one may be the poller's."""
+    return next(r for r in reversed(fake.requests) if r.path_qs.split("?")[0] == path)
 
 
 @pytest.fixture
@@ -102,7 +108,7 @@ async def test_delete_with_body(fake: FakeOllama, proxy: RunningProxy,
     async with http.delete(proxy.url + "/api/delete", data=b'{"model":"mine"}') as resp:
         assert resp.status == 200
         assert await resp.read() == b""
-    record = fake.requests[-1]
+    record = _last(fake, "/api/delete")
     assert (record.method, record.path_qs, record.body) == ("DELETE", "/api/delete",
                                                             b'{"model":"mine"}')
 
@@ -135,14 +141,14 @@ async def test_host_rewritten_origin_kept(fake: FakeOllama, proxy: RunningProxy,
     wide = await start_proxy(fake.url, listen="0.0.0.0:0")
     async with http.get(wide.url + "/api/tags", headers=lan) as resp:
         assert resp.status == 200
-    assert fake.requests[-1].headers["Host"] == fake.url.removeprefix("http://")
+    assert _last(fake, "/api/tags").headers["Host"] == fake.url.removeprefix("http://")
     # ...while on loopback the proxy refuses it itself, as Ollama would (test_hosts.py).
     async with http.get(proxy.url + "/api/tags", headers=lan) as resp:
         assert (resp.status, await resp.read()) == (403, b"")
     # ...while Origin reaches Ollama unchanged, so its CORS verdict (an empty 403) is relayed.
     async with http.get(proxy.url + "/api/tags", headers={"Origin": "http://evil.example"}) as r:
         assert (r.status, await r.read()) == (403, b"")
-    assert fake.requests[-1].headers["Origin"] == "http://evil.example"
+    assert _last(fake, "/api/tags").headers["Origin"] == "http://evil.example"
 
 
 async def test_hop_by_hop_dropped_end_to_end_kept(fake: FakeOllama, proxy: RunningProxy) -> None:
@@ -160,7 +166,7 @@ async def test_hop_by_hop_dropped_end_to_end_kept(fake: FakeOllama, proxy: Runni
     assert head.startswith(b"HTTP/1.1 200 OK")
     lower = head.lower()
     assert not (b"\r\ncontent-length:" in lower and b"\r\ntransfer-encoding:" in lower)
-    seen = fake.requests[-1]
+    seen = _last(fake, "/api/generate")
     names = {k.lower() for k in seen.headers}
     assert not names & {"connection", "x-foo", "keep-alive", "te", "proxy-authorization"}
     assert seen.headers["Authorization"] == "Bearer tok"
@@ -198,7 +204,7 @@ async def test_blob_upload_streams_and_head_passes(fake: FakeOllama, proxy: Runn
     async with http.post(proxy.url + path, data=body(),
                          headers={"Content-Length": str(len(chunk) * count)}) as resp:
         assert resp.status == 201
-    seen = fake.requests[-1]
+    seen = _last(fake, path)
     assert seen.path_qs == path
     assert seen.headers.get("Content-Length") == str(len(chunk) * count)  # not re-chunked
     async with http.head(proxy.url + path) as resp:

@@ -305,3 +305,39 @@ async def test_a_parse_process_that_dies_costs_no_request(
     await settle(lambda: proxy.sample("ollama_requests_total", model="llama3.2:latest",
                                       endpoint="/api/chat", status="success",
                                       prompt_category="question") == 3)
+
+
+@pytest.mark.slow(reason="two 10 MB chats, one of them abandoned mid-parse")
+async def test_a_client_that_leaves_mid_parse_leaves_no_stale_answer(
+        fake: FakeOllama, start_proxy: StartProxy, http: aiohttp.ClientSession,
+        tmp_path: Path) -> None:
+    """The client goes away while its body is in the parse process: the exchange is cancelled,
+    and the process, whose answer nobody will read, is ended, so the next body gets its own
+    answer, not the one left behind."""
+    proxy = await start_proxy(fake.url, analytics=AnalyticsConfig.build(
+        analytics_dir=str(tmp_path)))
+    left = _chat_body(250_000).replace(b"Why is the sky blue?", b"Summarize the above")
+    _, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
+                 b"\r\nContent-Length: %d\r\n\r\n%b" % (len(left), left))
+    await writer.drain()
+
+    def parsers() -> list[psutil.Process]:
+        return [p for p in psutil.Process().children(recursive=True)
+                if "ollama_metrics.ollama.parse_apart" in p.cmdline()]
+
+    await settle(lambda: bool(parsers()))
+    (abandoned,) = parsers()
+    writer.close()  # mid-parse: a 10 MB chat takes the parse process about 0.1 s
+    await settle(lambda: not abandoned.is_running() or abandoned.status() == "zombie")
+    body = _chat_body(250_000)
+    async with http.post(proxy.url + "/api/chat", data=io.BytesIO(body),
+                         headers={"Content-Type": "application/json"}) as resp:
+        assert resp.status == 200
+        await resp.read()
+    await settle(lambda: proxy.sample("ollama_requests_total", model="llama3.2:latest",
+                                      endpoint="/api/chat", status="success",
+                                      prompt_category="question") == 1)
+    assert not proxy.sample("ollama_requests_total", model="llama3.2:latest",
+                            endpoint="/api/chat", status="success",
+                            prompt_category="summarize")

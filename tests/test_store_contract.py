@@ -497,7 +497,7 @@ async def test_sqlite_migration_indexes_every_text_of_older_records(tmp_path: Pa
 
 
 async def test_sqlite_index_follows_batches_retries_and_purges(tmp_path: Path) -> None:
-    """Since m010 the writer indexes each batch in one statement, not a trigger per row: a
+    """Since m010 the writer indexes each batch it inserts, not a trigger per row: a
     retried batch adds no second index entry, the rows of a batch mixing old and new ids are
     each indexed once, purged rows leave the index, and FTS5's own check finds the index in
     step with the rows (a row indexed twice or not at all makes it raise)."""

@@ -136,10 +136,12 @@ def m009_every_text_indexed(db: sqlite3.Connection) -> None:
                f"SELECT seq, {every} FROM interactions")
 
 
-# What the writer runs after inserting a batch (since m010): one statement indexes every row the
-# batch added. The rows' `seq` values grow in write order, so the batch is those above the
-# highest `seq` before it. (An AFTER INSERT trigger did this a row at a time, and each row's
-# statement savepoint made FTS5 flush its pending terms into a segment of their own: 4x slower.)
+# Indexes every row above a `seq` in one statement; m010 indexes the whole table with it. Since
+# m010 the writer indexes each batch it inserts (the rows above the highest `seq` before it; an
+# AFTER INSERT trigger did this a row at a time, and each row's statement savepoint made FTS5
+# flush its pending terms into a segment of their own: 4x slower). It ran this statement at first;
+# SqliteStore.write_batch now builds the same texts in Python and inserts them (FTS5 then runs
+# without the GIL).
 INDEX_NEW_ROWS = (
     "INSERT INTO interactions_fts (rowid, asked, answered) SELECT seq, "
     + (_ASKED + ", " + _ANSWERED).replace("new.", "") + " FROM interactions WHERE seq > ?")

@@ -497,7 +497,7 @@ async def test_sqlite_migration_indexes_every_text_of_older_records(tmp_path: Pa
 
 
 async def test_sqlite_index_follows_batches_retries_and_purges(tmp_path: Path) -> None:
-    """Since m010 the writer indexes each batch in one statement, not a trigger per row: a
+    """Since m010 the writer indexes each batch it inserts, not a trigger per row: a
     retried batch adds no second index entry, the rows of a batch mixing old and new ids are
     each indexed once, purged rows leave the index, and FTS5's own check finds the index in
     step with the rows (a row indexed twice or not at all makes it raise)."""
@@ -525,6 +525,52 @@ async def test_sqlite_index_follows_batches_retries_and_purges(tmp_path: Path) -
                           ).fetchone() is None
     finally:
         db.close()
+
+
+async def test_sqlite_migration_gives_the_index_room_for_a_whole_batch(tmp_path: Path) -> None:
+    """m011 raises FTS5's in-memory limit for the terms of a transaction (1 MiB by default, which
+    a batch of 500 records passed, making it two segments) on a store made before it; its
+    records stay found, and a batch written afterwards, whose texts alone pass 1 MiB, is one
+    segment of the index."""
+    from ollama_metrics.analytics.stores import sqlite_migrations
+    from ollama_metrics.analytics.stores.sqlite import _connect, _params
+
+    path = tmp_path / "interactions.db"
+    db = _connect(path)
+    try:
+        sqlite_migrations.migrate(db, until=sqlite_migrations.m011_one_segment_per_batch)
+        db.execute(f"INSERT INTO interactions ({', '.join(FIELD_NAMES)}) "
+                   f"VALUES ({', '.join('?' for _ in FIELD_NAMES)})", _params(full_record(1)))
+        db.execute(sqlite_migrations.INDEX_NEW_ROWS, (0,))
+        segments_before = _segments(db)
+    finally:
+        db.close()
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        assert ids((await store.search(Query(text="Berlin"))).records) == ["rec-00001"]
+        # Distinct words, so the pending terms take several times the texts' 1.2 MB.
+        words = [f"w{n:06d}x" for n in range(120_000)]
+        await store.write_batch([full_record(2 + n, prompt=" ".join(words[n::40]))
+                                 for n in range(40)])
+        assert ids((await store.search(Query(text=words[7]))).records) == ["rec-00009"]
+    finally:
+        await store.close()
+    db = _connect(path)
+    try:
+        assert db.execute("SELECT v FROM interactions_fts_config WHERE k = 'hashsize'"
+                          ).fetchone() == (sqlite_migrations.FTS_HASHSIZE,)
+        assert _segments(db) == segments_before + 1
+        db.execute("INSERT INTO interactions_fts (interactions_fts) VALUES ('integrity-check')")
+    finally:
+        db.close()
+
+
+def _segments(db: Any) -> int:
+    """How many segments the full-text index has: each has its own range of rowids in the
+    index's data table (segment id << 37), after the structure records (below 2**37)."""
+    return int(db.execute("SELECT COUNT(DISTINCT id >> 37) FROM interactions_fts_data "
+                          "WHERE id >= 1 << 37").fetchone()[0])
 
 
 @pytest.mark.slow(reason="starts PostgreSQL")

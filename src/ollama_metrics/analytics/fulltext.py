@@ -47,7 +47,8 @@ _QUOTED_OR_WORD = re.compile(r'(-?)"([^"]*)"?|(\S+)')
 def spaced(text: str) -> str:
     """`text` with every run of unspaced-script letters written as its overlapping pairs,
     set apart by spaces (a single letter stands alone)."""
-    if not _UNSPACED.search(text):
+    # isascii() reads a flag of the string: most texts skip the scan.
+    if text.isascii() or not _UNSPACED.search(text):
         return text
     return _UNSPACED.sub(_pairs, text)
 

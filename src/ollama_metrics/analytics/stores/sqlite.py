@@ -52,13 +52,17 @@ from . import (
     StoreError,
     column_filters,
 )
-from .sqlite_migrations import INDEX_NEW_ROWS, migrate, pending, register_functions
+from .sqlite_migrations import migrate, pending, register_functions
 
 T = TypeVar("T")
 
 _INSERT = (f"INSERT OR IGNORE INTO interactions ({', '.join(FIELD_NAMES)}) "
            f"VALUES ({', '.join('?' for _ in FIELD_NAMES)})")
 _COLUMNS = ", ".join(f"i.{name}" for name in FIELD_NAMES)
+_ID = FIELD_NAMES.index("id")
+_ASKED = [FIELD_NAMES.index(name) for name in ("prompt", "messages", "system")]
+_ANSWERED = [FIELD_NAMES.index(name) for name in ("response", "thinking", "tool_calls")]
+_INDEX = "INSERT INTO interactions_fts (rowid, asked, answered) VALUES (?, ?, ?)"
 _EXPORT_PAGE = 1000
 RANK_WINDOW = 2_000  # ranked searches score the newest this many matches
 PAGE_BYTES = 16 * 2**20  # text in one page of results, at most (about; the last row may pass it)
@@ -111,6 +115,13 @@ def _params(record: Record) -> tuple[Any, ...]:
         else record.get(name)
         for name in FIELD_NAMES
     )
+
+
+def _indexed(seq: int, row: tuple[Any, ...]) -> tuple[int, str, str]:
+    """A stored row's full-text index entry: its seq and the texts of what was asked and what
+    was answered, as the om_asked and om_answered functions build them from the columns."""
+    return (seq, fulltext.asked_text_sql(*(row[n] for n in _ASKED)),
+            fulltext.answered_text_sql(*(row[n] for n in _ANSWERED)))
 
 
 def _where(q: Query, params: list[Any], covering: bool = False) -> str:
@@ -341,6 +352,9 @@ class SqliteStore:
 
     async def write_batch(self, records: list[Record]) -> int:
         rows = [_params(r) for r in records]
+        first: dict[str, tuple[Any, ...]] = {}
+        for row in rows:
+            first.setdefault(row[_ID], row)
 
         def write() -> None:
             db = self._db()
@@ -348,7 +362,15 @@ class SqliteStore:
             try:
                 last = db.execute("SELECT COALESCE(MAX(seq), 0) FROM interactions").fetchone()[0]
                 db.executemany(_INSERT, rows)
-                db.execute(INDEX_NEW_ROWS, (last,))
+                # The rows this batch added (a retried batch adds none) are those above `last`;
+                # each is indexed with the texts of the first row of its id (INSERT OR IGNORE
+                # kept that one), built from the stored columns as the delete trigger builds
+                # them. Built here rather than by the om_ functions in SQL, FTS5 runs without
+                # the GIL, beside the event loop decoding the next frames.
+                new = db.execute("SELECT seq, id FROM interactions WHERE seq > ?",
+                                 (last,)).fetchall()
+                db.executemany(_INDEX, [_indexed(seq, first[record_id])
+                                        for seq, record_id in new])
                 db.execute("COMMIT")
             except BaseException:
                 # On a full disk SQLite has already rolled the transaction back, and a second

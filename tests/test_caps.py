@@ -4,6 +4,7 @@ and request bodies too large to parse on the event loop or too many to parse at 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import hashlib
 import io
@@ -231,7 +232,7 @@ def test_a_body_parsed_apart_makes_the_record_of_a_body_parsed_here(n: int, keep
     here = exchange()
     read_request(body, here)
     apart = exchange()
-    fields = pickle.loads(pickle.dumps(read_request_apart(body, keep)))  # as it crosses back
+    fields = pickle.loads(pickle.dumps(read_request_apart(body, keep, False)))  # as it crosses back
     apart.capped |= fields.pop("capped")
     for name, value in fields.items():
         setattr(apart, name, value)
@@ -341,3 +342,34 @@ async def test_a_client_that_leaves_mid_parse_leaves_no_stale_answer(
     assert not proxy.sample("ollama_requests_total", model="llama3.2:latest",
                             endpoint="/api/chat", status="success",
                             prompt_category="summarize")
+
+
+def test_a_body_parsed_apart_keeps_the_routes_stream_default() -> None:
+    """/api/chat streams when the body does not say: the parse process is told the default."""
+    body = orjson.dumps({"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]})
+    assert read_request_apart(body, 100, True)["stream"] is True
+    assert read_request_apart(body, 100, False)["stream"] is False
+    said = orjson.dumps({"model": "llama3.2", "stream": False, "prompt": "hi"})
+    assert read_request_apart(said, 100, True)["stream"] is False
+
+
+@pytest.mark.slow(reason="parses of 3 MB bodies cancelled at six moments")
+async def test_a_parse_cancelled_at_any_moment_frees_the_parse_process() -> None:
+    """Cancelled while the body goes out, while it is parsed, or while its answer (well over a
+    pipe's buffer: a 3 MB prompt comes back whole) is read: the next parse is answered and
+    close() ends, each in bounded time."""
+    from ollama_metrics.server.parsing import ParseProcess
+
+    parser = ParseProcess()
+    body = bytearray(orjson.dumps({"model": "m", "prompt": "word " * 600_000}))
+    try:
+        for delay in (0.0, 0.005, 0.02, 0.05, 0.1, 0.2):
+            task = asyncio.ensure_future(parser.parse(body, 100, True))
+            await asyncio.sleep(delay)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(task, 20)  # a TimeoutError fails the test
+            fields = await asyncio.wait_for(parser.parse(body, 100, True), 20)
+            assert fields is not None and fields["prompt"] == "word " * 600_000
+    finally:
+        await asyncio.wait_for(parser.close(), 20)

@@ -72,13 +72,15 @@ REQUEST_FIELDS = ("model", "stream", "options", "params", "images", "messages", 
                   "system", "capped")
 
 
-def read_request_apart(body: bytes | bytearray, keep_messages: int) -> dict[str, Any]:
+def read_request_apart(body: bytes | bytearray, keep_messages: int, stream: bool
+                       ) -> dict[str, Any]:
     """read_request in another process, for a body whose parse would hold the event loop's GIL
     too long: the fields it set, with the messages cut to the first and last halves of
     `keep_messages` (all a record keeps) and `messages_elided` saying how many were left out,
     and each image that is not a URL replaced by its `image_digest` (`images_digested`), so
-    what crosses back is small. Prompt and system text are read before the cut."""
-    i = Interaction(method="", path="", endpoint="", started_at=0.0, started=0.0)
+    what crosses back is a record's worth. Prompt and system text are read before the cut.
+    `stream` is the route's default, kept when the body does not say."""
+    i = Interaction(method="", path="", endpoint="", started_at=0.0, started=0.0, stream=stream)
     read_request(body, i)
     fields = {name: getattr(i, name) for name in REQUEST_FIELDS}
     messages = i.messages

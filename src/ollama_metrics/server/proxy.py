@@ -272,7 +272,7 @@ class Proxy:
     async def _parse_apart(self, body: bytearray, i: Interaction) -> bool:
         """Parse `body` in the parse process; False if that could not be done (then the caller
         parses it on the thread)."""
-        fields = await self._parser_apart.parse(body, self._keep_messages)
+        fields = await self._parser_apart.parse(body, self._keep_messages, i.stream)
         if fields is None:
             return False
         i.capped |= fields.pop("capped")

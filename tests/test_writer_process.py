@@ -496,3 +496,38 @@ async def test_over_tcp_a_writer_restarted_on_another_port_is_found(
         squatter.close()
         await recorder.close()
     assert _ids(tmp_path) == ["rec00000", "rec00001", "rec00002", "rec00003"]
+
+
+async def test_over_tcp_a_writer_that_proves_itself_and_leaves_is_reconnected(
+    tmp_path: Path,
+) -> None:
+    """A writer that proves itself and closes at once (it died right after) is gone before the
+    link is in use: the proxy connects again rather than keep a dead link."""
+    secret = os.urandom(channel.SECRET_BYTES)
+    connections = 0
+
+    async def proves_and_leaves(reader: asyncio.StreamReader,
+                                writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        challenge = os.urandom(channel.CHALLENGE_BYTES)
+        writer.write(_frame(challenge))
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            answer = await _read_frame(reader)
+            theirs = answer[:channel.CHALLENGE_BYTES]
+            writer.write(_frame(channel.proof(secret, channel.WRITER_ROLE, challenge, theirs)))
+        writer.close()  # the proof and the end in the same read
+
+    server = await asyncio.start_server(proves_and_leaves, channel.LOOPBACK, 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = AnalyticsConfig.build(analytics_dir=str(tmp_path), analytics_retention_days=0)
+    recorder = Recorder(open_stores(settings), settings, CollectorRegistry(),
+                        writer=str(channel.Address(port=port, secret=secret)))
+    starting = asyncio.ensure_future(recorder.start())
+    try:
+        await settle(lambda: connections >= 3, timeout=10)
+    finally:
+        await recorder.close()
+        await starting
+        server.close()
+        await server.wait_closed()

@@ -241,7 +241,8 @@ class Recorder:
                           where.path or f"port {where.port}" if where else "-", exc)
                 await asyncio.sleep(RECONNECT_EVERY)
                 continue
-            if not await link.proven():
+            if not await link.proven() or link.done.is_set() or link.transport.is_closing():
+                # (proven, then lost before it was in use: _lost left it to us)
                 log.warning("analytics: the process at loopback port %d did not prove it is "
                             "the writer; no record was sent to it", where.port)
                 await asyncio.sleep(RECONNECT_EVERY)

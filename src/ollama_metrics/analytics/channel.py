@@ -16,13 +16,14 @@ never crosses the socket. The writer sends a challenge (`CHALLENGE_BYTES` random
 proxy answers with a challenge of its own and its `proof` of both; the writer checks it (else it
 closes the connection, having read nothing else) and answers with its own `proof`; the proxy
 checks that (else it closes the connection, having sent no record: a process that listens on a
-restarted writer's old port gets neither the secret nor any record). Each proof is an HMAC-SHA256
-keyed with the secret over its role and both challenges, so neither side's proof can be replayed
-or reflected as the other's. The frames after it are neither authenticated nor encrypted: a
-local process that listens on the old port and relays each connection to the real writer could
-read and add records, as on any loopback TCP between local processes (on Windows a named pipe
-with an ACL would close that; not done). An `Address` names either, as one string a process hands another
-(it carries the secret: pass it over a private channel, never on a command line).
+restarted writer's old port gets neither the secret nor any record). Each proof is an HMAC-
+SHA256 keyed with the secret over its role and both challenges, so neither side's proof can be
+replayed or reflected as the other's. The frames after it are neither authenticated nor
+encrypted: a local process that listens on the old port and relays each connection to the real
+writer could read and add records, as on any loopback TCP between local processes (on Windows a
+named pipe with an ACL would close that; not done). An `Address` names either, as one string a
+process hands another (it carries the secret: pass it over a private channel, never on a command
+line).
 """
 
 from __future__ import annotations

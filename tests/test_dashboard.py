@@ -9,6 +9,7 @@ detail view opens, a hostile prompt stays text, and screenshots land in test-art
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import Iterator, Mapping
 from html.parser import HTMLParser
@@ -512,6 +513,10 @@ def _browse_ticks_and_forever(driver: WebDriver, proxy: RunningProxy) -> None:
     driver.get(f"{proxy.url}/analytics?token={TOKEN}")
     wait.until(lambda d: d.execute_script("return document.body.dataset.ready") == "true")
     wait.until(lambda d: len(_loaded_rows(d)) == 2)
+    # The table shows the proxy's latest /api/ps poll, and a poll may have come just before the
+    # generate reached Ollama: the next refresh shows the model kept.
+    with contextlib.suppress(TimeoutException):
+        wait.until(lambda d: _loaded_rows(d).get("llama3.2:latest", [""])[-1] == "forever")
     loaded = _loaded_rows(driver)
     assert loaded["llama3.2:latest"][-1] == "forever", loaded
     assert loaded["all-minilm:latest"][-1] in ("4 minutes", "5 minutes"), loaded

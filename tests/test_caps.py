@@ -198,6 +198,12 @@ async def test_forty_huge_model_names_leave_memory_and_database_near_rest(
         assert growth < 5, f"database grew {growth:.1f} MiB"
 
 
+def _parse_processes() -> list[psutil.Process]:
+    """The proxy's parse processes (server/parsing.py): children of this test's process."""
+    return [p for p in psutil.Process().children(recursive=True)
+            if "ollama_metrics.ollama.parse_apart" in p.cmdline()]
+
+
 def _chat_body(n: int) -> bytes:
     """A chat of `n` short messages (a system message among them, and one with an image),
     ending with a question: the many-small-objects shape that is slow to parse."""
@@ -258,14 +264,12 @@ async def test_huge_bodies_are_parsed_in_a_process_of_their_own(
         analytics_dir=str(tmp_path), analytics_max_messages=10))
     body = _chat_body(60_000)
     assert len(body) > PARSE_APART
-    before = {p.pid for p in psutil.Process().children(recursive=True)}
     async with http.post(proxy.url + "/api/chat", data=io.BytesIO(body),
                          headers={"Content-Type": "application/json"}) as resp:
         assert resp.status == 200
         await resp.read()
     assert parse_threads == []  # not here: not on the loop, not on a thread
-    spawned = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
-    assert any("ollama_metrics.ollama.parse_apart" in p.cmdline() for p in spawned), spawned
+    assert len(_parse_processes()) == 1
     assert fake.requests[-1].body_sha256 == hashlib.sha256(body).hexdigest()  # sent whole
     await settle(lambda: proxy.sample("ollama_requests_total", model="llama3.2:latest",
                                       endpoint="/api/chat", status="success",
@@ -288,20 +292,16 @@ async def test_a_parse_process_that_dies_costs_no_request(
         analytics_dir=str(tmp_path)))
     body = _chat_body(60_000)
 
-    def parsers() -> list[psutil.Process]:
-        return [p for p in psutil.Process().children(recursive=True)
-                if "ollama_metrics.ollama.parse_apart" in p.cmdline()]
-
     for round_ in range(3):
         async with http.post(proxy.url + "/api/chat", data=io.BytesIO(body),
                              headers={"Content-Type": "application/json"}) as resp:
             assert resp.status == 200
             await resp.read()
         if round_ == 0:
-            (first,) = parsers()
+            (first,) = _parse_processes()
             first.kill()
             first.wait(5)
-    (last,) = parsers()
+    (last,) = _parse_processes()
     assert last.pid != first.pid
     await settle(lambda: proxy.sample("ollama_requests_total", model="llama3.2:latest",
                                       endpoint="/api/chat", status="success",
@@ -323,12 +323,8 @@ async def test_a_client_that_leaves_mid_parse_leaves_no_stale_answer(
                  b"\r\nContent-Length: %d\r\n\r\n%b" % (len(left), left))
     await writer.drain()
 
-    def parsers() -> list[psutil.Process]:
-        return [p for p in psutil.Process().children(recursive=True)
-                if "ollama_metrics.ollama.parse_apart" in p.cmdline()]
-
-    await settle(lambda: bool(parsers()))
-    (abandoned,) = parsers()
+    await settle(lambda: bool(_parse_processes()))
+    (abandoned,) = _parse_processes()
     writer.close()  # mid-parse: a 10 MB chat takes the parse process about 0.1 s
     await settle(lambda: not abandoned.is_running() or abandoned.status() == "zombie")
     body = _chat_body(250_000)

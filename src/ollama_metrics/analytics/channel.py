@@ -36,7 +36,7 @@ from typing import Any
 
 import orjson
 
-from ..observe.interaction import ErrorType, Interaction, Message, Outcome
+from ..observe.interaction import ErrorType, Interaction, Message, Outcome, ends
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +122,8 @@ def trim(i: Interaction, max_messages: int, chars: int) -> int:
     elided = 0
     messages = i.messages
     if messages is not None:
-        if len(messages) > max_messages:
-            head = max_messages // 2
-            elided = len(messages) - max_messages
-            messages = i.messages = [*messages[:head], *messages[head + elided:]]
+        messages, elided = ends(messages, max_messages)
+        i.messages = messages
         for m in messages:
             if len(m.text) > chars:
                 m.text = m.text[:chars]

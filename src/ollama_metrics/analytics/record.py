@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from ..observe.interaction import Interaction, Message
+from ..observe.interaction import Interaction, Message, ends
 from ..ollama.request import image_digest, is_image_url
 from .privacy import TRUNCATED, Privacy
 from .stores import Record
@@ -129,14 +129,11 @@ class _Builder:
     def messages(self, raw: list[Message] | None) -> list[dict[str, Any]] | None:
         if raw is None:
             return None
-        elided = len(raw) - self.p.max_messages
-        if elided > 0:  # the start (system prompt, task) and the end (the question) matter most
+        cut, elided = ends(raw, self.p.max_messages)
+        kept: list[Message | None] = [*cut]
+        if elided:
             self.marks.add("messages")
-            head = self.p.max_messages // 2
-            kept: list[Message | None] = [
-                *raw[:head], None, *raw[len(raw) - (self.p.max_messages - head):]]
-        else:
-            kept = [*raw]
+            kept.insert(self.p.max_messages // 2, None)  # where `ends` left them out
         messages = []
         for m in kept:
             if m is None:

@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 
 
 class Outcome(str, Enum):
@@ -42,6 +42,8 @@ class ErrorType(str, Enum):
 # so a 20 MB name would otherwise be kept twice: in the live list, the label path and the store.
 CAPS = {"model": 256, "error": 1024}
 
+T = TypeVar("T")
+
 _counter = itertools.count()
 _PID = os.getpid() & 0xFFFF
 
@@ -49,6 +51,16 @@ _PID = os.getpid() & 0xFFFF
 def new_id() -> str:
     """A time-ordered, unique-enough id: 12 hex digits of ms since epoch + pid + counter."""
     return f"{int(time.time() * 1000):012x}{_PID:04x}{next(_counter) & 0xFFFFFF:06x}"
+
+
+def ends(items: list[T], keep: int) -> tuple[list[T], int]:
+    """The first and last halves of `keep` of `items` (the start, a system prompt and the task,
+    and the end, the question, matter most), and how many were left out between them."""
+    left_out = len(items) - keep
+    if left_out <= 0:
+        return items, 0
+    head = keep // 2
+    return [*items[:head], *items[head + left_out:]], left_out
 
 
 @dataclass(slots=True)

@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from ..observe.interaction import Interaction, Message
+from ..observe.interaction import Interaction, Message, ends
 from .names import normalize_model
 
 _NO_IMAGE = object()
@@ -84,11 +84,9 @@ def read_request_apart(body: bytes | bytearray, keep_messages: int, stream: bool
     read_request(body, i)
     fields = {name: getattr(i, name) for name in REQUEST_FIELDS}
     messages = i.messages
-    if messages is not None and len(messages) > keep_messages:
-        head = keep_messages // 2
-        elided = len(messages) - keep_messages
-        messages = fields["messages"] = [*messages[:head], *messages[head + elided:]]
-        fields["messages_elided"] = elided
+    if messages is not None:
+        messages, fields["messages_elided"] = ends(messages, keep_messages)
+        fields["messages"] = messages
     fields["images_digested"] = True
     if i.images is not None:
         fields["images"] = _digests(i.images)

@@ -83,7 +83,9 @@ async def test_fm07_upstream_refused_or_blackholed(start_proxy: StartProxy,
             to_refused = await start_proxy(f"http://127.0.0.1:{refused.getsockname()[1]}",
                                            connect_timeout=0.5)
             to_hole = await start_proxy(f"http://127.0.0.1:{hole}", connect_timeout=0.5)
-            for proxy, status, limits in ((to_refused, 502, (0.0, 0.25)),
+            # Refused answers before the connect timeout could have run out; a black hole
+            # answers when it does.
+            for proxy, status, limits in ((to_refused, 502, (0.0, 0.45)),
                                           (to_hole, 504, (0.45, 1.5))):
                 started = time.perf_counter()
                 async with http.post(proxy.url + "/api/generate", data=body) as resp:

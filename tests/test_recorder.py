@@ -96,7 +96,7 @@ async def test_full_queue_drops_and_counts_never_delays(
                 assert resp.status == 200
                 await resp.read()
             durations.append(time.perf_counter() - started)
-        assert max(durations) < 0.5, durations  # requests never waited for the store
+        assert max(durations) < 2.0, durations  # never waited for the store (held 10 s)
         # At most the queue and a batch in the writer's hands get through while the store is
         # stuck.
         await settle(lambda: proxy.sample("ollama_analytics_dropped_total",

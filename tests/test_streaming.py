@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 
 import aiohttp
@@ -26,13 +25,12 @@ GENERATE = b'{"model":"slow","prompt":"Tell me a story"}'
 
 async def _arrivals(http: aiohttp.ClientSession, url: str, body: bytes
                     ) -> list[tuple[float, bytes]]:
-    """Each line of a streamed reply with the time it arrived, from sending the request."""
-    start = time.perf_counter()
+    """Each line of a streamed reply with the time.monotonic() it arrived at."""
     out: list[tuple[float, bytes]] = []
     async with http.post(url, data=body) as resp:
         assert resp.status == 200
         async for line in resp.content:
-            out.append((time.perf_counter() - start, line))
+            out.append((time.monotonic(), line))
     return out
 
 
@@ -48,14 +46,16 @@ async def test_first_token_arrives_before_last_is_produced(
 ) -> None:
     fake.scenarios["slow:latest"] = Scenario(tokens=["a", "b", "c", "d", "e"], token_delay=0.2)
     lines = await _arrivals(http, proxy.url + path, body)
-    first = next(t for t, line in lines if line.strip())
-    last = lines[-1][0]
-    # Five tokens 0.2 s apart: buffering would deliver everything at ~0.8 s or later.
-    assert first < 0.15, lines
-    assert last > 0.75
+    [upstream] = [r for r in fake.requests if r.path_qs == path]
+    # When the fake handed each chunk to its socket (tokens 0.2 s apart, then the end).
+    written = upstream.written
+    assert len(written) >= 6, written
     frames = [t for t, line in lines if line.strip()]
-    gaps = [b - a for a, b in itertools.pairwise(frames)]
-    assert max(gaps) > 0.15  # frames kept their pacing
+    # Behaviour, not a time bound: a buffering proxy delivers nothing before Ollama's
+    # last chunk; a relaying one delivers the first token while the rest is produced,
+    # and more than one frame before the end (the frames kept their pacing).
+    assert frames[0] < written[-1], (frames, written)
+    assert sum(t < written[-1] for t in frames) >= 2, (frames, written)
 
 
 async def test_split_lines_relayed_intact_and_counted_once(

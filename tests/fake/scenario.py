@@ -88,6 +88,8 @@ class RequestRecord:
     disconnected_at: float | None = None
     status: int | None = None
     aborted: bool = False  # the fake itself cut the connection (drop_after)
+    # time.monotonic() when each streamed chunk had been handed to the socket
+    written: list[float] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -313,6 +313,7 @@ class FakeServer:
                 await resp.prepare(ctx.request)
             for frame in frames:
                 await self._write(resp, frame, sc, comp)
+            ctx.rec.written.append(time.monotonic())
         assert resp is not None
         if comp is not None:
             await resp.write(comp.flush())

@@ -156,7 +156,9 @@ async def test_fm19_five_hundred_concurrent_streams(tmp_path: Path) -> None:
     for lines in proxied:  # nothing lost, nothing out of order
         frames = [orjson.loads(line) for _, line in lines]
         assert [f["response"] for f in frames[:-1]] == tokens and frames[-1]["done"] is True
-    assert 1 <= len(pooled) <= 500  # kept alive in the one pool...
+    # Kept alive in the data plane's pool (the proxy's own /api/tags and /api/ps polls keep up
+    # to two more in the aiohttp session's)...
+    assert 1 <= len(pooled) <= 500 + 2
     assert reused <= pooled  # ...and reused, not opened anew
 
 

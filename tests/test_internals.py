@@ -28,7 +28,9 @@ from aiohttp.web_protocol import RequestHandler
 from conftest import StartProxy
 from fake_ollama import FakeOllama, Scenario
 from ollama_metrics.server import connection, internals, relay
+from ollama_metrics.server.fast import PLANE
 from ollama_metrics.server.internals import Unsupported
+from ollama_metrics.server.proxy import PARSE_INLINE
 
 
 def test_pyproject_pins_the_aiohttp_verified() -> None:
@@ -164,16 +166,18 @@ def test_the_parser_callbacks_the_fast_path_overrides_are_aiohttp_s() -> None:
 @pytest.mark.uvloop
 async def test_a_streamed_reply_takes_the_fast_path(fake: FakeOllama, start_proxy: StartProxy,
                                                    http: aiohttp.ClientSession) -> None:
-    """While a reply streams, it is relayed from the parser callback, not the plain loop."""
+    """While a reply streams, it is relayed from the parser callback, not the plain loop. (A
+    request the data plane hands to aiohttp: a body above what the plane reads whole.)"""
     if not relay.AVAILABLE:
         pytest.skip(f"no fast path here: {relay.UNAVAILABLE}")
     fake.scenarios["slow:latest"] = Scenario(tokens=["a "] * 6, token_delay=0.1)
     proxy = await start_proxy(fake.url)
     seen: list[int] = []
     async with http.post(proxy.url + "/api/generate",
-                         json={"model": "slow", "prompt": "x"}) as resp:
+                         json={"model": "slow", "prompt": "x" * (PARSE_INLINE + 1)}) as resp:
         async for _ in resp.content:
             seen.append(len(relay._relays))
     assert max(seen) == 1, seen
     await asyncio.sleep(0)
     assert not relay._relays
+    assert proxy.app[PLANE].handed == 1

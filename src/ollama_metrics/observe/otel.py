@@ -351,3 +351,7 @@ class Export:
             child.wait()
         for thread in self._threads:
             thread.join(timeout)
+        for pipe in (child.stdin, child.stdout):  # left open, each warns when collected
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()

@@ -41,6 +41,7 @@ from ..observe.metrics import Metrics, multiprocess_registry, new_registry
 from ..observe.otel import Export
 from ..ollama import control, ps, upstream
 from . import hosts
+from .fast import PLANE, Plane
 from .proxy import Observer, Proxy, strip_own_server_header
 from .shared import Shared
 
@@ -68,8 +69,9 @@ def create_app(config: Config, registry: CollectorRegistry | None = None,
     app[CONFIG] = config
     app[METRICS] = metrics
     app[ANALYTICS] = analytics
-    if config.listens_on_loopback:  # Ollama's rule: beyond loopback, Host is not checked
-        app.middlewares.append(hosts.check_host())
+    host_rule = hosts.HostRule() if config.listens_on_loopback else None
+    if host_rule is not None:  # Ollama's rule: beyond loopback, Host is not checked
+        app.middlewares.append(hosts.check_host(host_rule))
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         session = upstream.open_session(config)
@@ -121,7 +123,11 @@ def create_app(config: Config, registry: CollectorRegistry | None = None,
     app.router.add_get("/analytics/live", require_token(analytics.token, _live))
     app.router.add_get("/analytics/loaded", require_token(analytics.token, _loaded))
     app.router.add_routes(dashboard.routes(analytics.token))
-    app.router.add_route("*", "/{tail:.*}", proxy.handle)
+    catch_all = app.router.add_route("*", "/{tail:.*}", proxy.handle).resource
+    plane = Plane(config, proxy, host_rule)
+    if plane.usable:  # it serves what it can; the rest goes to aiohttp and the routes above
+        plane.own_routes([r.canonical for r in app.router.resources() if r is not catch_all])
+        app[PLANE] = proxy.plane = plane
     return app
 
 

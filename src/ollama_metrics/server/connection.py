@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from collections.abc import Callable, Collection
+from typing import Any, Protocol
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -42,6 +43,19 @@ _unguarded_logged = False
 # What reading a request body raises when the body broke its framing: aiohttp's C parser's
 # error as this module delivers it, or the pure-Python parser's own.
 BAD_BODY = (RequestPayloadError, HttpProcessingError)
+
+
+class Plane(Protocol):
+    """The data plane (fast.py): it takes each new connection and hands aiohttp the ones it
+    does not serve, through `make_handler`."""
+
+    @property
+    def clients(self) -> Collection[Any]: ...
+
+    def connection(self, make_handler: Callable[[], RequestHandler], clock: _HeadClock | None
+                   ) -> asyncio.Protocol: ...
+
+    def pre_shutdown(self) -> None: ...
 
 
 class _HeadClock:
@@ -76,7 +90,7 @@ class _HeadClock:
         for handler in overdue:
             if handler.transport is None:  # closed meanwhile
                 del self._heads[handler]
-            elif internals.awaiting_request(handler):
+            elif _awaiting(handler):
                 # Not while a reply is going out: a partial pipelined head, or a stray CRLF
                 # after a body, must not cut the reply in flight. Once it is done, this head
                 # has had its time.
@@ -85,6 +99,12 @@ class _HeadClock:
                           "arrive", self.timeout)
                 handler.force_close()
         self._timer = self._loop.call_later(self._period, self._sweep) if self._heads else None
+
+
+def _awaiting(handler: Any) -> bool:
+    """Whether closing the connection cuts no reply: a data plane connection says so itself."""
+    awaiting = getattr(handler, "awaiting_head", None)
+    return bool(awaiting()) if awaiting is not None else internals.awaiting_request(handler)
 
 
 class _Guard:
@@ -151,13 +171,29 @@ class _Server(web.Server):
     each connection it makes, and times its first head from accept."""
 
     header_timeout: float | None = None
+    plane: Plane | None = None  # the data plane, which hands aiohttp what it does not serve
     _clock: _HeadClock | None = None
 
-    def __call__(self) -> RequestHandler:
-        global _unguarded_logged
-        handler = super().__call__()
+    def __call__(self) -> Any:  # RequestHandler, or the data plane's connection
         if self._clock is None and self.header_timeout is not None:
             self._clock = _HeadClock(self.header_timeout)
+        if self.plane is not None:
+            return self.plane.connection(self._handler, self._clock)
+        return self._handler()
+
+    @property
+    def connections(self) -> list[Any]:
+        """aiohttp's connections and the data plane's."""
+        return [*super().connections, *(self.plane.clients if self.plane is not None else ())]
+
+    def pre_shutdown(self) -> None:
+        super().pre_shutdown()
+        if self.plane is not None:
+            self.plane.pre_shutdown()
+
+    def _handler(self) -> RequestHandler:
+        global _unguarded_logged
+        handler = super().__call__()
         if not _guard(handler, self._clock):
             # verify() passed at start, so this should not happen; if it does, the
             # connection closes unserved rather than served without the guard.
@@ -184,9 +220,10 @@ class Runner(web.AppRunner):
     when a request head takes longer than `header_timeout` seconds (None: no limit)."""
 
     def __init__(self, app: web.Application, *, header_timeout: float | None = None,
-                 **kwargs: Any) -> None:
+                 plane: Plane | None = None, **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
         self.header_timeout = header_timeout
+        self.plane = plane
 
     async def setup(self) -> None:
         await super().setup()
@@ -196,6 +233,7 @@ class Runner(web.AppRunner):
             raise Unsupported("a web.Server whose class can be switched to a subclass")
         assert isinstance(server, _Server)
         server.header_timeout = self.header_timeout
+        server.plane = self.plane
 
 
 async def _never(request: web.BaseRequest) -> web.StreamResponse:

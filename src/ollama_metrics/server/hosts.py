@@ -96,23 +96,31 @@ def _name_allowed(host: str, hostname: str) -> bool:
     return host in ("", "localhost", hostname) or host.endswith(_LOCAL_SUFFIXES)
 
 
-def check_host() -> Middleware:
+class HostRule:
+    """Ollama's answer for each Host value, remembered for up to _REMEMBERED values."""
+
+    def __init__(self) -> None:
+        self._hostname = socket.gethostname().lower()
+        self._remembered: dict[str, bool] = {}
+
+    def allows(self, host: str) -> bool:
+        allowed = self._remembered.get(host)
+        if allowed is None:
+            allowed, lasting = decide(host, self._hostname)
+            if lasting and len(self._remembered) < _REMEMBERED:
+                self._remembered[host] = allowed
+        return allowed
+
+
+def check_host(rule: HostRule) -> Middleware:
     """The middleware: 403, empty body, for a Host Ollama would refuse on loopback."""
-    hostname = socket.gethostname().lower()
-    remembered: dict[str, bool] = {}
 
     @web.middleware
     async def host_check(request: web.Request, handler: Handler) -> web.StreamResponse:
         # request.host is the Host header, or the authority of an absolute-form target (as Go's
         # Request.Host); with neither (HTTP/1.0) it is the listening address, which is loopback
         # here and so allowed, as Ollama allows the empty Host.
-        host = request.host
-        allowed = remembered.get(host)
-        if allowed is None:
-            allowed, lasting = decide(host, hostname)
-            if lasting and len(remembered) < _REMEMBERED:
-                remembered[host] = allowed
-        if allowed:
+        if rule.allows(request.host):
             return await handler(request)
         return web.Response(status=403)
 

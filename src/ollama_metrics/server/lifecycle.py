@@ -19,6 +19,7 @@ from ..config import Config
 from ..ollama.supervisor import Supervisor
 from ..printable import printable
 from .connection import Runner
+from .fast import PLANE
 
 log = logging.getLogger("ollama_metrics")
 
@@ -51,7 +52,8 @@ def make_runner(app: web.Application, config: Config) -> web.AppRunner:
     # auto_decompress off: a request body with Content-Encoding goes to Ollama as it came, as
     # every other byte does (decoded, it would reach Ollama still labelled gzip; undecodable, it
     # would be a 500 of the proxy's own).
-    return Runner(app, header_timeout=config.header_timeout, handler_cancellation=True,
+    return Runner(app, plane=app.get(PLANE), header_timeout=config.header_timeout,
+                  handler_cancellation=True,
                   access_log=None, shutdown_timeout=config.shutdown_grace,
                   auto_decompress=False, logger=_HTTP_LOG)
 

@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -76,6 +76,18 @@ class Observer(Protocol):
     def finished(self, interaction: Interaction, token: object) -> None: ...
 
 
+class InFlight(Protocol):
+    """Exchanges served beside the proxy's handler (the data plane, fast.py), which shutdown
+    waits for within the same grace and then cuts."""
+
+    @property
+    def active(self) -> Collection[object]: ...
+
+    def drained(self) -> asyncio.Future[None]: ...
+
+    def cut(self, why: str) -> None: ...
+
+
 class ProxyResponse(web.StreamResponse):
     """A relayed reply. `upstream_server` tells the prepare hook whether a Server header is ours.
 
@@ -107,6 +119,24 @@ def filter_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
     return out
 
 
+def new_interaction(method: str, path: str, remote: str | None,
+                    header: Callable[[str], str | None]) -> tuple[Interaction, Kind]:
+    """The Interaction of a request just read (`header` looks up its headers), and its kind."""
+    endpoint, kind = route(path)
+    return Interaction(
+        method=method,
+        path=path,
+        endpoint=endpoint,
+        started_at=time.time(),
+        started=time.perf_counter(),
+        client_ip=remote,
+        user_agent=header("User-Agent"),
+        traceparent=header("traceparent"),
+        tracestate=header("tracestate"),
+        stream=kind.streams_by_default,
+    ), kind
+
+
 class Proxy:
     def __init__(
         self,
@@ -133,6 +163,16 @@ class Proxy:
         self._parser_apart = ParseProcess()  # started with the first huge one
         self._inflight: set[asyncio.Task[Any]] = set()  # handlers of exchanges in flight
         self._cutting = False
+        self.plane: InFlight | None = None  # the data plane (fast.py), when it serves
+
+    @property
+    def auth(self) -> str | None:
+        """The Authorization header sent to Ollama in place of the client's, if any."""
+        return self._auth
+
+    @property
+    def parse_cap(self) -> int:
+        return self._parse_cap
 
     async def on_shutdown(self, app: web.Application) -> None:
         """Give exchanges in flight the shutdown grace to finish, then cut them.
@@ -145,13 +185,23 @@ class Proxy:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._config.shutdown_grace
-        while self._inflight and (left := deadline - loop.time()) > 0:
-            await asyncio.wait(set(self._inflight), timeout=left)
-        if self._inflight:
+        plane = self.plane
+        while (self._inflight or (plane is not None and plane.active)) and (
+                left := deadline - loop.time()) > 0:
+            waits: set[asyncio.Future[Any]] = set(self._inflight)
+            if plane is not None and plane.active:
+                waits.add(plane.drained())
+            await asyncio.wait(waits, timeout=left)
+        if self._inflight or (plane is not None and plane.active):
             self._cutting = True
             for task in self._inflight:
                 task.cancel()
-            await asyncio.wait(set(self._inflight), timeout=5.0)
+            if plane is not None:
+                plane.cut(self.cut_message)
+            if self._inflight:
+                await asyncio.wait(set(self._inflight), timeout=5.0)
+        elif plane is not None:
+            plane.cut(self.cut_message)  # nothing in flight: closes the idle upstream pool
         if self._parser is not None:
             self._parser.shutdown(wait=False)
             self._parser = None
@@ -166,7 +216,7 @@ class Proxy:
             return await self._handle(request, held)
         finally:
             self._inflight.discard(task)
-            self._parse_held -= held[0]
+            self.release(held)
 
     async def _handle(self, request: web.Request, held: list[int]) -> web.StreamResponse:
         coding = request.headers.get("Transfer-Encoding")
@@ -184,43 +234,44 @@ class Proxy:
             response = web.Response(status=400, text="Content-Length with Transfer-Encoding")
             response.force_close()
             return response
-        endpoint, kind = route(request.path)
-        i = Interaction(
-            method=request.method,
-            path=request.path,
-            endpoint=endpoint,
-            started_at=time.time(),
-            started=time.perf_counter(),
-            client_ip=request.remote,
-            user_agent=request.headers.get("User-Agent"),
-            traceparent=request.headers.get("traceparent"),
-            tracestate=request.headers.get("tracestate"),
-            stream=kind.streams_by_default,
-        )
+        i, kind = new_interaction(request.method, request.path, request.remote,
+                                  request.headers.get)
         try:
             body = await self._request_body(request, kind, i, held)
         except BAD_BODY as exc:
             return bad_body(exc)  # never reached Ollama: nothing to record
-        tokens = [o.started(i) for o in self._observers]
+        tokens = self.begin(i)
         try:
             return await self._exchange(request, kind, body, i)
         except asyncio.CancelledError:
             i.outcome = Outcome.CANCELLED
             if self._cutting:
-                i.error = f"cut short by the proxy's shutdown after {self._config.shutdown_grace}s"
+                i.error = self.cut_message
             raise
         finally:
-            i.ended = time.perf_counter()
-            i.ended_at = time.time()
-            if kind in _PROMPT_KINDS:
-                i.prompt_category = categorize(i.prompt or "")
-            i.apply_caps()
-            for observer, token in zip(self._observers, tokens, strict=True):
-                try:
-                    observer.finished(i, token)
-                except Exception:  # an observer's fault must not become the client's
-                    log.exception("observer %s failed on %s %s", type(observer).__name__,
-                                  i.method, i.endpoint)
+            self.end(i, kind, tokens)
+
+    @property
+    def cut_message(self) -> str:
+        return f"cut short by the proxy's shutdown after {self._config.shutdown_grace}s"
+
+    def begin(self, i: Interaction) -> list[object]:
+        """Show the observers an exchange whose request was read; their tokens for `end`."""
+        return [o.started(i) for o in self._observers]
+
+    def end(self, i: Interaction, kind: Kind, tokens: list[object]) -> None:
+        """Close `i` and hand it to the observers; an observer's fault is logged, never raised."""
+        i.ended = time.perf_counter()
+        i.ended_at = time.time()
+        if kind in _PROMPT_KINDS:
+            i.prompt_category = categorize(i.prompt or "")
+        i.apply_caps()
+        for observer, token in zip(self._observers, tokens, strict=True):
+            try:
+                observer.finished(i, token)
+            except Exception:  # an observer's fault must not become the client's
+                log.exception("observer %s failed on %s %s", type(observer).__name__,
+                              i.method, i.endpoint)
 
     async def _request_body(
         self, request: web.Request, kind: Kind, i: Interaction, held: list[int]
@@ -231,7 +282,7 @@ class Proxy:
         if not kind.reads_request:
             i.request_bytes = length or 0
             return request.content
-        if length is not None and not self._hold(length, held):
+        if length is not None and not self.hold(length, held):
             i.request_bytes = length
             i.capped.add("request_json")
             return request.content
@@ -245,13 +296,13 @@ class Proxy:
                 await self._parse(body, i)
                 return body
             body += chunk
-            if length is None and not self._hold(len(body) - held[0], held):
+            if length is None and not self.hold(len(body) - held[0], held):
                 break  # chunked, and past what the budget has left
         i.request_bytes = length or 0
         i.capped.add("request_json")
         return _chain(body, request.content)
 
-    def _hold(self, size: int, held: list[int]) -> bool:
+    def hold(self, size: int, held: list[int]) -> bool:
         """Take `size` bytes of the parse budget for this exchange, if it has them."""
         if size > self._parse_cap - held[0] or self._parse_held + size > self._parse_budget:
             return False
@@ -357,7 +408,7 @@ class Proxy:
             await relay_body(request, response, upstream, reader, i,
                              fast=not self._config.idle_timeout)
             reader.close()
-            self._settle(i, kind, content_type, status)
+            self.settle(i, kind, content_type, status)
             await response.write_eof()
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
                 aiohttp.ClientOSError, asyncio.TimeoutError) as exc:
@@ -379,7 +430,7 @@ class Proxy:
         return response
 
     @staticmethod
-    def _settle(i: Interaction, kind: Kind, content_type: str, status: int) -> None:
+    def settle(i: Interaction, kind: Kind, content_type: str, status: int) -> None:
         """Decide the outcome of a reply that was relayed to its end."""
         if status >= 400:
             i.outcome = Outcome.ERROR
@@ -394,11 +445,21 @@ class Proxy:
 
     def _fail(self, i: Interaction, error_type: ErrorType, status: int, message: str
               ) -> web.Response:
+        return error_reply(i.path, status, *self.failed(i, error_type, status, message))
+
+    def failed(self, i: Interaction, error_type: ErrorType, status: int, message: str
+               ) -> tuple[str, str]:
+        """Mark `i` as failed on Ollama's side and log it: the message and code to answer."""
         message = masked_in(message, self._config.upstream)
         i.outcome, i.error_type, i.error, i.http_status = (
             Outcome.UPSTREAM_ERROR, error_type, message, status)
         log.warning("%s %s: %s", i.method, printable(i.path), printable(message))
-        return error_reply(i.path, status, message, f"ollama_{error_type.value}")
+        return message, f"ollama_{error_type.value}"
+
+    def release(self, held: list[int]) -> None:
+        """Give back the parse budget an exchange held."""
+        self._parse_held -= held[0]
+        held[0] = 0
 
 
 async def _abort(request: web.Request, response: web.StreamResponse) -> None:

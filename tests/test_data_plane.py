@@ -1,0 +1,244 @@
+"""The data plane (server/fast.py) answers as the aiohttp path does, and hands it the rest.
+
+Each request goes raw to two proxies on one fake Ollama: one with the data plane, one without
+(every connection aiohttp's, as before the plane). The replies must be the same bytes (less the
+Date and the fake's clock) and Ollama must receive the same request, while the plane's counters
+show which of the two paths served it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from aiohttp import web
+
+from fake_ollama import FakeOllama, Scenario
+from helpers import RunningProxy, raw_request, settle
+from ollama_metrics.config import Config
+from ollama_metrics.observe.metrics import new_registry
+from ollama_metrics.server.app import create_app
+from ollama_metrics.server.fast import PLANE, Plane
+from ollama_metrics.server.lifecycle import make_runner
+from wire import Reply, mask_clock, parse_replies
+
+Start = Callable[..., Awaitable[RunningProxy]]
+
+
+@pytest.fixture
+async def start() -> AsyncIterator[Start]:
+    runners: list[web.AppRunner] = []
+
+    async def start(upstream: str, plane: bool = True, **settings: object) -> RunningProxy:
+        config = Config.build(upstream=upstream, listen="127.0.0.1:0", **settings)
+        registry = new_registry()
+        app = create_app(config, registry)
+        if not plane:
+            app[PLANE].proxy.plane = None
+            del app[PLANE]
+        runner = make_runner(app, config)
+        await runner.setup()
+        runners.append(runner)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        await web.SockSite(runner, sock).start()
+        port = sock.getsockname()[1]
+        return RunningProxy(f"http://127.0.0.1:{port}", port, registry, config, app)
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+def _plane(proxy: RunningProxy) -> Plane:
+    return proxy.app[PLANE]
+
+
+def _comparable(reply: Reply) -> tuple[int, str, list[tuple[str, str]], bytes]:
+    headers = [(k, "<len>" if k.lower() == "content-length" else v)
+               for k, v in reply.headers if k.lower() != "date"]
+    body = reply.body
+    if reply.header("Content-Encoding") == "gzip":  # the fake's clock is inside
+        body = zlib.decompress(body, wbits=31)
+    return reply.status, reply.reason, headers, mask_clock(body)
+
+
+async def _both(fake: FakeOllama, start: Start, request: bytes,
+                methods: list[str] | None = None) -> tuple[list[Reply], list[Reply], Plane]:
+    with_plane = await start(fake.url)
+    without = await start(fake.url, plane=False)
+    line_end = request.index(b"\r\n") + 2  # marked, to tell it from the proxies' own polls
+    request = request[:line_end] + b"X-Test: 1\r\n" + request[line_end:]
+
+    def seen() -> list[tuple[str, str, dict[str, str], str]]:
+        return [(r.method, r.path_qs, r.headers, r.body_sha256) for r in fake.requests
+                if "X-Test" in r.headers]
+
+    fake.requests.clear()
+    fast = parse_replies(await raw_request(with_plane.port, request, timeout=2.0), methods)
+    seen_fast = seen()
+    fake.requests.clear()
+    slow = parse_replies(await raw_request(without.port, request, timeout=2.0), methods)
+    seen_slow = seen()
+    assert seen_fast == seen_slow  # Ollama cannot tell the two paths apart
+    assert [_comparable(r) for r in fast] == [_comparable(r) for r in slow]
+    assert all(r.complete for r in fast), fast
+    return fast, slow, _plane(with_plane)
+
+
+SERVED = {
+    "generate": b'POST /api/generate HTTP/1.1\r\nHost: localhost:11434\r\nContent-Type: '
+                b'application/json\r\nContent-Length: 50\r\nConnection: close\r\n\r\n'
+                b'{"model":"llama3.2","prompt":"hi","stream":false} ',
+    "generate streamed": b'POST /api/generate HTTP/1.1\r\nHost: localhost\r\nUser-Agent: t/1\r\n'
+                         b'Content-Length: 34\r\nConnection: close\r\n\r\n'
+                         b'{"model":"llama3.2","prompt":"hi"}',
+    "openai streamed": b'POST /v1/chat/completions?x=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n'
+                       b'Authorization: Bearer k\r\nContent-Length: 78\r\nConnection: close\r\n\r\n'
+                       b'{"model":"llama3.2","stream":true,"messages":[{"role":"user","content":'
+                       b'"hi"}]}',
+    "tags": b"GET /api/tags HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n"
+            b"Connection: close\r\n\r\n",
+    "unknown path": b"GET /nope HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    "wrong method": b"GET /api/generate HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    "post without body": b"POST /api/pull HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    "delete with body": b'DELETE /api/delete HTTP/1.1\r\nHost: localhost\r\nContent-Length: 16\r\n'
+                        b'Connection: close\r\n\r\n{"model":"none"}',
+    "hop-by-hop named": b"GET /api/version HTTP/1.1\r\nHost: localhost\r\nX-Hop: 1\r\n"
+                        b"X-End: 2\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\n"
+                        b"Connection: close, X-Hop\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("name", SERVED)
+async def test_plane_answers_as_aiohttp_does(fake: FakeOllama, start: Start, name: str) -> None:
+    fast, _, plane = await _both(fake, start, SERVED[name])
+    assert (plane.served, plane.handed) == (1, 0)
+    assert len(fast) == 1
+
+
+async def test_gzip_and_mid_stream_error_relayed_alike(fake: FakeOllama, start: Start) -> None:
+    fake.scenarios["gz:latest"] = Scenario(gzip=True)
+    fake.scenarios["broken:latest"] = Scenario(error_after=2)
+    for model in (b"gz", b"broken"):
+        body = b'{"model":"%s","prompt":"hi"}' % model
+        request = (b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n"
+                   b"Connection: close\r\n\r\n%s" % (len(body), body))
+        _, _, plane = await _both(fake, start, request)
+        assert plane.served == 1
+
+
+HANDED = {
+    "chunked upload": b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: "
+                      b"chunked\r\nConnection: close\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+    "http/1.0": b"GET /api/tags HTTP/1.0\r\nHost: localhost\r\n\r\n",
+    "percent in path": b"GET /api/%74ags HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    "dot segment": b"GET /x/../api/tags HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    "foreign host": b"GET /api/tags HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n",
+    "no host": b"GET /api/tags HTTP/1.1\r\nConnection: close\r\n\r\n",
+    "two hosts": b"GET /api/tags HTTP/1.1\r\nHost: localhost\r\nHost: evil.example\r\n"
+                 b"Connection: close\r\n\r\n",
+    "own route": b"GET /test HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    "expect": b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nExpect: 100-continue\r\n"
+              b"Content-Length: 2\r\nConnection: close\r\n\r\n{}",
+    "two lengths": b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n"
+                   b"Content-Length: 2\r\nConnection: close\r\n\r\n{}",
+    "obs-fold": b"GET /api/tags HTTP/1.1\r\nHost: localhost\r\nX-A: 1\r\n 2\r\n"
+                b"Connection: close\r\n\r\n",
+    "absolute form": b"GET http://localhost/api/tags HTTP/1.1\r\nHost: localhost\r\n"
+                     b"Connection: close\r\n\r\n",
+    "head": b"HEAD /api/tags HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("name", HANDED)
+async def test_what_the_plane_does_not_serve_goes_to_aiohttp(fake: FakeOllama, start: Start,
+                                                            name: str) -> None:
+    methods = ["HEAD"] if name == "head" else None
+    fast, _, plane = await _both(fake, start, HANDED[name], methods)
+    assert (plane.served, plane.handed) == (0, 1)
+    if name == "foreign host":
+        assert (fast[0].status, fast[0].body) == (403, b"")
+
+
+async def test_large_body_goes_to_aiohttp_and_streams(fake: FakeOllama, start: Start) -> None:
+    body = b'{"model":"llama3.2","prompt":"' + b"x" * 70_000 + b'","stream":false}'
+    request = (b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n"
+               b"Connection: close\r\n\r\n%s" % (len(body), body))
+    fast, _, plane = await _both(fake, start, request)
+    assert fast[0].status == 200 and (plane.served, plane.handed) == (0, 1)
+
+
+async def test_one_connection_moves_to_aiohttp_midway(fake: FakeOllama, start: Start) -> None:
+    """Served, served, then one the plane does not serve: that one and every later request on
+    the connection are aiohttp's, all answered in order."""
+    proxy = await start(fake.url)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    heads = [b"GET /api/version HTTP/1.1\r\nHost: localhost\r\n\r\n",
+             b"GET /api/tags HTTP/1.1\r\nHost: localhost\r\n\r\n",
+             b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n",
+             b"GET /api/version HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"]
+    data = b""
+    for head in heads:
+        writer.write(head)
+        before = len(parse_replies(data))
+        while len(replies := parse_replies(data)) == before or not replies[-1].complete:
+            chunk = await asyncio.wait_for(reader.read(65536), 5)
+            assert chunk, data
+            data += chunk
+    writer.close()
+    replies = parse_replies(data)
+    assert [r.status for r in replies] == [200, 200, 200, 200]
+    assert b'"version"' in replies[0].body and b'"models"' in replies[1].body
+    assert b"ollama_requests_total" in replies[2].body
+    assert replies[3].header("Connection") == "close"
+    assert (_plane(proxy).served, _plane(proxy).handed) == (2, 1)
+
+
+async def test_pipelined_requests_answered_in_order(fake: FakeOllama, start: Start) -> None:
+    proxy = await start(fake.url)
+    request = (b"GET /api/version HTTP/1.1\r\nHost: localhost\r\n\r\n"
+               b"GET /api/tags HTTP/1.1\r\nHost: localhost\r\n\r\n"
+               b'POST /api/show HTTP/1.1\r\nHost: localhost\r\nContent-Length: 20\r\n'
+               b'Connection: close\r\n\r\n{"model":"llama3.2"}')
+    replies = parse_replies(await raw_request(proxy.port, request))
+    assert [r.status for r in replies] == [200, 200, 200] and all(r.complete for r in replies)
+    assert b'"version"' in replies[0].body and b'"models"' in replies[1].body
+    assert b'"modelfile"' in replies[2].body or b'"details"' in replies[2].body
+    assert _plane(proxy).served == 3
+
+
+async def test_upstream_connections_pooled(fake: FakeOllama, start: Start) -> None:
+    proxy = await start(fake.url)
+    for _ in range(5):
+        await raw_request(proxy.port, b"GET /api/version HTTP/1.1\r\nHost: localhost\r\n"
+                                      b"Connection: close\r\n\r\n")
+    assert len(_plane(proxy).pool) == 1  # one connection, reused for all five
+
+
+async def test_unreachable_ollama_answered_alike(start: Start) -> None:
+    refused = socket.socket()
+    refused.bind(("127.0.0.1", 0))
+    try:
+        upstream = f"http://127.0.0.1:{refused.getsockname()[1]}"
+        request = (b'POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2'
+                   b'\r\nConnection: close\r\n\r\n{}')
+        with_plane, without = await start(upstream), await start(upstream, plane=False)
+        fast = parse_replies(await raw_request(with_plane.port, request))
+        slow = parse_replies(await raw_request(without.port, request))
+        assert [_comparable(r) for r in fast] == [_comparable(r) for r in slow]
+        assert fast[0].status == 502 and b"cannot reach Ollama" in fast[0].body
+        assert _plane(with_plane).served == 1
+        await settle(lambda: with_plane.sample("ollama_errors_total", error_type="connect") == 1)
+    finally:
+        refused.close()
+
+
+def test_plane_off_where_it_cannot_serve() -> None:
+    for settings in ({"upstream": "https://ollama.example"},
+                     {"upstream": "http://127.0.0.1:11435", "idle_timeout": 30}):
+        config = Config.build(listen="127.0.0.1:0", **settings)
+        assert PLANE not in create_app(config, new_registry())

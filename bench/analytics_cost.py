@@ -23,6 +23,8 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
+import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
@@ -109,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                     for k in (0, 1):
                         cpu[target.name][k].append(
                             (after[k] - before[k]) / max(many.requests, 1) * 1e6)
+            time.sleep(SETTLE)  # the writers catch up with what is queued
+            fate = {t.name: records(t) for t in targets if t.name.endswith("analytics on")}
         except (StartupError, WrkError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
@@ -129,7 +133,25 @@ def main(argv: list[str] | None = None) -> int:
         own, kids = (statistics.median(v) for v in cpu[name])
         print(f"{name:28} {med_p50[name]:10.3f} {added:9.0f} {med_rps[name]:10,.0f} "
               f"{ratio:8.2f} {on_off:>9} {own:11.1f} {kids:9.1f}")
+    for name, (written, dropped) in fate.items():
+        print(f"{name}: {written:,.0f} records written, {dropped:,.0f} dropped (counted: "
+              f"queue full while the writer, below the proxy's priority, waited for a core)")
     return 0
+
+
+SETTLE = 5.0  # seconds given to the writers after the last round
+
+
+def records(target: Target) -> tuple[float, float]:
+    """Records written and dropped by the target, from its /metrics."""
+    with urllib.request.urlopen(target.url("/metrics"), timeout=10) as resp:
+        text = resp.read().decode()
+    sums = {"ollama_analytics_writes_total": 0.0, "ollama_analytics_dropped_total": 0.0}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in sums and (name != "ollama_analytics_writes_total" or 'status="success"' in line):
+            sums[name] += float(line.rsplit(" ", 1)[1])
+    return sums["ollama_analytics_writes_total"], sums["ollama_analytics_dropped_total"]
 
 
 if __name__ == "__main__":

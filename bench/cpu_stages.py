@@ -57,12 +57,16 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("store: encode, write, index", ("analytics/stores/", "analytics/writer.py")),
     ("metrics: counters, histograms, live", (
         "observe/metrics.py", "observe/live.py", "observe/labels.py", "prometheus_client/")),
-    (PARSE, ("read_request", "Proxy._parse", "Proxy._request_body")),
+    (PARSE, ("read_request", "Proxy._parse", "Proxy._request_body", "Client._next",
+             "new_interaction")),
     ("relay: reply read, parsed, written", (
         "server/relay.py", "Proxy._relay", "Proxy._settle", "ollama/wire.py",
-        "web_response.py", "strip_own_server_header", "finish_response", "ProxyResponse")),
+        "web_response.py", "strip_own_server_header", "finish_response", "ProxyResponse",
+        "Upstream.data_received", "Upstream.on_", "Exchange.head", "Exchange.body",
+        "Exchange.flush", "Exchange.complete", "Proxy.settle")),
     ("upstream request: connect, send, read head", (
-        "aiohttp/client", "aiohttp/connector.py", "aiohttp/payload.py", "Proxy._exchange")),
+        "aiohttp/client", "aiohttp/connector.py", "aiohttp/payload.py", "Proxy._exchange",
+        "Exchange.send", "Exchange._connect", "Upstream.take")),
     (PARSE, (
         "aiohttp/web_", "aiohttp/http_parser", "aiohttp/streams.py", "ollama_metrics/")),
     ("thread hand-offs (executor workers)", ("concurrent/futures/thread.py",)),

@@ -25,6 +25,7 @@ from conftest import StartProxy
 from fake_ollama import FakeOllama
 from helpers import fake_process, proxy_process, settle
 from ollama_metrics.analytics import channel
+from ollama_metrics.analytics import writer as writer_module
 from ollama_metrics.analytics.recorder import RECONNECT_EVERY, TRANSPORT_VARIABLE, Recorder
 from ollama_metrics.analytics.settings import AnalyticsConfig
 from ollama_metrics.analytics.stores import open_stores
@@ -239,6 +240,9 @@ def test_a_writer_process_only_with_analytics(tmp_path: Path) -> None:
             assert _children(proxy.proc.pid) == []
         with proxy_process(fake.url, "--analytics-dir", str(tmp_path)) as proxy:
             (writer,) = _children(proxy.proc.pid)
+            # Below the proxy's priority: on a busy machine the cores go to requests first.
+            assert (psutil.Process(writer).nice()
+                    == psutil.Process(proxy.proc.pid).nice() + writer_module.NICENESS)
             assert proxy.stop() == 0
         with pytest.raises(ProcessLookupError):
             os.kill(writer, 0)  # the writer stopped with the proxy

@@ -439,12 +439,31 @@ def _listen_tcp(port: int) -> socket.socket:
     return listening
 
 
+NICENESS = 10  # added to the writer's niceness: its work waits, a request does not
+
+
+def _yield_the_cpu() -> None:
+    """Run below the proxy's priority: on a busy machine the cores go to requests first and
+    the writer catches up when they are idle (the bounded queue absorbs the wait; what
+    overflows it is dropped and counted, never a request slowed)."""
+    import psutil  # a dependency already (the Host check)
+
+    try:
+        if sys.platform == "win32":
+            psutil.Process().nice(psutil.BELOW_NORMAL_PRIORITY_CLASS)
+        else:
+            os.nice(NICENESS)
+    except (OSError, psutil.Error) as exc:
+        log.warning("analytics writer: could not lower its priority (%s)", exc)
+
+
 def main(argv: list[str]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     settings, level, secret, port = _read_settings()
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _yield_the_cpu()
     if argv[1] == "tcp":
         listening = _listen_tcp(port)
         sys.stdout.write(f"{listening.getsockname()[1]}\n")

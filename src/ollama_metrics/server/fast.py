@@ -70,7 +70,7 @@ _FIELD = re.compile(rb"(" + _TOKEN + rb"):[\t ]*([^\r\n]*?)[\t ]*\r\n")
 MAX_HEAD = 1 << 16  # a head not ended within this many bytes goes to aiohttp (and its limits)
 MAX_FIELDS = 100  # aiohttp's server takes 128
 READ_AHEAD = 1 << 16  # bytes read beyond the request being served before reading pauses
-KEEPALIVE = 75.0  # aiohttp's keep-alive timeout for idle client connections
+KEEPALIVE = 3630.0  # as aiohttp's server: idle client connections close after an hour
 UPSTREAM_KEEPALIVE = 30.0  # as the aiohttp client's pool (ollama/upstream.py)
 SWEEP_EVERY = 5.0
 # RFC 9110 §7.6.1 connection-specific fields, plus those this hop recomputes (proxy.py).

@@ -242,3 +242,30 @@ def test_plane_off_where_it_cannot_serve() -> None:
                      {"upstream": "http://127.0.0.1:11435", "idle_timeout": 30}):
         config = Config.build(listen="127.0.0.1:0", **settings)
         assert PLANE not in create_app(config, new_registry())
+
+
+@pytest.mark.slow(reason="8 MB read slowly")
+async def test_a_connection_pooled_after_a_slow_reader_still_reads(fake: FakeOllama,
+                                                                  start: Start) -> None:
+    """A reply that ends while its client lags leaves Ollama's connection paused for reading;
+    back in the pool it must read again, or the next request on it would wait for ever."""
+    fake.scenarios["big:latest"] = Scenario(tokens=["x" * 4_000_000, "y" * 4_000_000])
+    proxy = await start(fake.url)
+    body = b'{"model":"big","prompt":"hi","stream":false}'
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the kernel holds little
+    sock.connect(("127.0.0.1", proxy.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n"
+                 b"Connection: close\r\n\r\n%s" % (len(body), body))
+    await asyncio.sleep(0.3)  # the proxy's buffer to this client fills: Ollama is paused
+    got = b""
+    while chunk := await reader.read(65536):  # slowly: each read Ollama resumes for pauses it
+        got += chunk
+        await asyncio.sleep(0.001)
+    writer.close()
+    assert parse_replies(got)[0].complete and len(_plane(proxy).pool) == 1
+    reply = await asyncio.wait_for(raw_request(
+        proxy.port, b"GET /api/version HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"),
+        5)
+    assert parse_replies(reply)[0].status == 200

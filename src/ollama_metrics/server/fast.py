@@ -671,6 +671,10 @@ class Upstream(asyncio.Protocol):
     def release(self, reusable: bool) -> None:
         self._exchange = None
         if reusable and self.usable:
+            assert self.transport is not None
+            # A reply that ended while its client lagged left reading paused; pooled, the
+            # connection must read (its next reply, or Ollama closing it).
+            self.transport.resume_reading()
             self.idle_since = time.monotonic()
             self._plane.pool.append(self)
         else:

@@ -371,15 +371,16 @@ class Client(asyncio.Protocol):
         if body:
             lines.append(b"Content-Length: %d\r\n" % len(body))
             i.request_bytes = len(body)
-            if kind.reads_request:
-                read_request(body, i)
         elif method not in _NO_LENGTH_WHEN_EMPTY:
             lines.append(b"Content-Length: 0\r\n")
         request = b"%s %s%s HTTP/1.1\r\n%s\r\n%s" % (method, plane.prefix, target,
                                                      b"".join(lines), body)
         plane.served += 1
-        self.exchange = Exchange(self, i, kind, held, plane.proxy.begin(i))
-        self.exchange.send(request)
+        exchange = self.exchange = Exchange(self, i, kind, held)
+        exchange.send(request)  # first: what follows is done while Ollama works
+        if body and kind.reads_request:
+            read_request(body, i)
+        exchange.begin()
 
     def _hand_off(self) -> None:
         """The rest of this connection is aiohttp's, from the start of the request in hand."""
@@ -424,14 +425,13 @@ class Exchange:
                  "_kind", "_out", "_proxy", "_reader", "_started", "_status", "_tokens",
                  "_until_eof", "_upstream_paused", "upstream")
 
-    def __init__(self, client: Client, i: Interaction, kind: Kind, held: list[int],
-                 tokens: list[object]) -> None:
+    def __init__(self, client: Client, i: Interaction, kind: Kind, held: list[int]) -> None:
         self._client = client
         self._proxy = client.plane.proxy
         self._i = i
         self._kind = kind
         self._held = held
-        self._tokens = tokens
+        self._tokens: list[object] | None = None  # the observers', from begin()
         self.upstream: Upstream | None = None
         self._connecting: asyncio.Task[None] | None = None
         self._out: list[bytes] = []
@@ -444,6 +444,11 @@ class Exchange:
         self._upstream_paused = False
         self._ended = False
         client.plane.active.add(self)
+
+    def begin(self) -> None:
+        """Show the observers the exchange (its request read, sent, and parsed)."""
+        if self._tokens is None:
+            self._tokens = self._proxy.begin(self._i)
 
     def send(self, request: bytes) -> None:
         pool = self._client.plane.pool
@@ -638,6 +643,8 @@ class Exchange:
         if self._ended:
             return
         self._ended = True
+        self.begin()  # never skipped: each end has its start
+        assert self._tokens is not None
         self._proxy.end(self._i, self._kind, self._tokens)
         self._proxy.release(self._held)
         self._client.plane.ended(self)

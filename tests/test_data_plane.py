@@ -70,8 +70,9 @@ async def _both(fake: FakeOllama, start: Start, request: bytes,
                 methods: list[str] | None = None) -> tuple[list[Reply], list[Reply], Plane]:
     with_plane = await start(fake.url)
     without = await start(fake.url, plane=False)
-    line_end = request.index(b"\r\n") + 2  # marked, to tell it from the proxies' own polls
-    request = request[:line_end] + b"X-Test: 1\r\n" + request[line_end:]
+    line_end = request.index(b"\n") + 1  # marked, to tell it from the proxies' own polls
+    eol = request[line_end - 2:line_end] if request[line_end - 2:line_end] == b"\r\n" else b"\n"
+    request = request[:line_end] + b"X-Test: 1" + eol + request[line_end:]
 
     def seen() -> list[tuple[str, str, dict[str, str], str]]:
         return [(r.method, r.path_qs, r.headers, r.body_sha256) for r in fake.requests
@@ -151,6 +152,8 @@ HANDED = {
     "absolute form": b"GET http://localhost/api/tags HTTP/1.1\r\nHost: localhost\r\n"
                      b"Connection: close\r\n\r\n",
     "head": b"HEAD /api/tags HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    "bare LF": b"GET /api/tags HTTP/1.1\nHost: localhost\nConnection: close\n\n",
+    "lower-case method": b"get /api/tags HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
 }
 
 

@@ -291,8 +291,11 @@ class Client(asyncio.Protocol):
         buf = self._buf
         end = buf.find(b"\r\n\r\n", 0, MAX_HEAD)
         if end < 0:
-            if len(buf) >= MAX_HEAD or not _START.match(buf):
-                self._hand_off()  # too long, or not the start of a request served here
+            if (len(buf) >= MAX_HEAD or not _START.match(buf)
+                    or buf.count(b"\n") != buf.count(b"\r\n")):
+                # Too long, not the start of a request served here, or lines ended by a bare
+                # LF (whose head would never end in CRLF CRLF): aiohttp's to answer.
+                self._hand_off()
             return
         plane = self.plane
         match = _HEAD.fullmatch(buf, 0, end + 4)

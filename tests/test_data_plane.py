@@ -151,6 +151,16 @@ HANDED = {
     "absolute form": b"GET http://localhost/api/tags HTTP/1.1\r\nHost: localhost\r\n"
                      b"Connection: close\r\n\r\n",
     "head": b"HEAD /api/tags HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    # What aiohttp answers 400 must not reach Ollama through the plane.
+    "unknown method": b"FOO /api/tags HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    "user-agent twice": b"GET /api/tags HTTP/1.1\r\nHost: localhost\r\nUser-Agent: a\r\n"
+                        b"User-Agent: b\r\nConnection: close\r\n\r\n",
+    "content-type twice": b'POST /api/show HTTP/1.1\r\nHost: localhost\r\nContent-Type: a\r\n'
+                          b'Content-Type: b\r\nContent-Length: 20\r\nConnection: close\r\n\r\n'
+                          b'{"model":"llama3.2"}',
+    # aiohttp's path reads these bytes as surrogates and sends Ollama something else.
+    "non-ascii value": b"GET /api/tags HTTP/1.1\r\nHost: localhost\r\nX-A: \xff\xfe\r\n"
+                       b"Connection: close\r\n\r\n",
 }
 
 

@@ -9,10 +9,11 @@ protocol's own callback, with no task, future or stream reader per request or pe
 
 What it serves, and what it leaves to aiohttp:
 - It serves the common request: HTTP/1.1, an origin-form target without `%`, `#` or dot
-  segments, a method of capital letters, a head whose every line is well formed (token names,
-  no obs-fold, no control characters) with at most MAX_FIELDS fields, one Host that the Host
-  check allows, no Transfer-Encoding, Expect or Upgrade, at most one Content-Length and at most
-  PARSE_INLINE bytes of body, not HEAD, and a path that is not one of the proxy's own routes.
+  segments, one of the methods in _METHODS (not HEAD), a head whose every line is well formed
+  (token names, no obs-fold, ASCII values without control characters) with at most MAX_FIELDS
+  fields and none of _SINGLETON twice, one Host that the Host check allows, no
+  Transfer-Encoding, Expect or Upgrade, at most PARSE_INLINE bytes of body, and a path that is
+  not one of the proxy's own routes.
 - Anything else, on a connection's first request or a later one, goes to aiohttp with every
   byte read since that request began: the connection becomes an aiohttp connection for the rest
   of its life, served by the same app as before (the proxy's handler, the proxy's own routes,
@@ -61,8 +62,10 @@ from .proxy import PARSE_INLINE, Proxy, new_interaction
 
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 # A request head, whole: request line and fields, each strictly formed, ending in a blank line.
+# Field values are ASCII: aiohttp's path reads other bytes as surrogates and does not send them
+# on as they came.
 _HEAD = re.compile(rb"([A-Z]{1,20}) (/[!-~]*) HTTP/1\.1\r\n((?:" + _TOKEN
-                   + rb":[\t\x20-\x7e\x80-\xff]*\r\n)*)\r\n")
+                   + rb":[\t\x20-\x7e]*\r\n)*)\r\n")
 # What a head served here can begin with (the whole of a short read): TLS, a stray CRLF or a
 # lower-case method go to aiohttp at once, as they are read.
 _START = re.compile(rb"[A-Z]{1,20}(?: (?:/|$)|$)")
@@ -79,6 +82,12 @@ _HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"proxy-aut
                   b"host", b"content-length", b"expect"))
 _REFUSED = frozenset((b"transfer-encoding", b"expect", b"upgrade"))  # aiohttp's to handle
 _SEEN = frozenset((b"user-agent", b"traceparent", b"tracestate"))  # read into the Interaction
+# llhttp answers 400 to a method it does not know: only these are served here.
+_METHODS = frozenset((b"GET", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS"))
+# Fields aiohttp's parser refuses to see twice (http_parser.SINGLETON_HEADERS): a 400 there.
+_SINGLETON = frozenset((b"content-length", b"content-location", b"content-range",
+                        b"content-type", b"etag", b"host", b"max-forwards", b"server",
+                        b"transfer-encoding", b"user-agent"))
 _NO_LENGTH_WHEN_EMPTY = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE"))
 _PHRASES = {s.value: s.phrase.encode() for s in http.HTTPStatus}
 
@@ -301,7 +310,7 @@ class Client(asyncio.Protocol):
             return
         method, target, block = match.groups()
         path_b = target.partition(b"?")[0]
-        if b"%" in path_b or b"#" in target or b"/." in path_b or method == b"HEAD":
+        if b"%" in path_b or b"#" in target or b"/." in path_b or method not in _METHODS:
             self._hand_off()
             return
         path = path_b.decode("ascii")
@@ -317,18 +326,21 @@ class Client(asyncio.Protocol):
         named: set[bytes] | None = None  # fields Connection names as hop-by-hop
         close = False
         seen: dict[str, str] = {}
+        once: set[bytes] = set()
         for name, value in fields:
             lname = name.lower()
+            if lname in _SINGLETON:
+                if lname in once:
+                    self._hand_off()
+                    return
+                once.add(lname)
             if lname in _HOP:
                 if lname == b"content-length":
-                    if length >= 0 or not value.isdigit():
+                    if not value.isdigit():
                         self._hand_off()
                         return
                     length = int(value)
                 elif lname == b"host":
-                    if host is not None:
-                        self._hand_off()
-                        return
                     host = value
                 elif lname in _REFUSED:
                     self._hand_off()

@@ -414,8 +414,8 @@ class Client(asyncio.Protocol):
         self.exchange = None
         self._since = time.monotonic()
         transport = self.transport
-        if transport is None:
-            return
+        if transport is None or transport.is_closing():
+            return  # cut (a reply broken off): nothing after it may reach Ollama
         if self._close_after or self.plane.closing:
             transport.close()
             return
@@ -663,6 +663,10 @@ class Upstream(asyncio.Protocol):
         self._plane = plane
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
+        # As lax as aiohttp's client (its C parser, outside dev mode): what it relays, so does this.
+        self._parser.set_dangerous_leniencies(lenient_headers=True,
+                                              lenient_optional_cr_before_lf=True,
+                                              lenient_spaces_after_chunk_size=True)
         self._exchange: Exchange | None = None
         self._reason = b""
         self._fields: list[tuple[bytes, bytes]] = []

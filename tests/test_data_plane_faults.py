@@ -14,12 +14,17 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+from aiohttp import web
 
 from conftest import StartProxy
 from fake_ollama import FakeOllama, Scenario
 from helpers import RunningProxy, raw_request, settle
+from ollama_metrics.config import Config
+from ollama_metrics.observe.metrics import new_registry
 from ollama_metrics.server import fast
+from ollama_metrics.server.app import create_app
 from ollama_metrics.server.fast import PLANE, Plane
+from ollama_metrics.server.lifecycle import make_runner, shut_down
 from test_data_plane import _comparable, start  # noqa: F401  (the fixture)
 from test_fm_upstream import _blackhole
 from wire import parse_replies
@@ -132,3 +137,124 @@ async def test_odd_replies_relayed_as_aiohttp_relays_them(
             plane = _plane(with_plane)
             assert plane.served == 1, name
             assert not plane.active and not plane.pool, name  # nothing kept after any of these
+
+
+async def test_a_pooled_connection_ollama_closed_is_not_used(start_proxy: StartProxy) -> None:
+    """Ollama closes keep-alive connections it holds idle: the next request opens a new one
+    and succeeds, rather than failing on the dead one."""
+    served: list[int] = []  # for each probe request, the connection that carried it
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            head = await _read_head(reader)  # one request a connection, kept open a moment
+            if b"probe" in head.partition(b"\r\n")[0]:
+                served.append(id(writer))
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+            await asyncio.sleep(0.05)  # Ollama's idle timeout, shortened
+        writer.close()
+
+    async with _raw_ollama(serve) as url:
+        proxy = await start_proxy(url)
+        request = (b"GET /api/version?probe HTTP/1.1\r\nHost: localhost\r\n"
+                   b"Connection: close\r\n\r\n")
+        for _ in range(2):
+            (reply,) = parse_replies(await raw_request(proxy.port, request))
+            assert (reply.status, reply.body) == (200, b"ok")
+            await asyncio.sleep(0.2)
+        assert len(served) == 2 and served[0] != served[1] and _plane(proxy).served == 2
+
+
+@pytest.mark.slow(reason="a reply streamed past the shortened keep-alive, then the sweep")
+async def test_idle_connections_close_after_the_keepalive(
+        fake: FakeOllama, start_proxy: StartProxy, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Idle client connections close after KEEPALIVE, idle upstream ones after
+    UPSTREAM_KEEPALIVE (the plane's own sweep, its periods shortened); a reply that streams for
+    longer than KEEPALIVE is not idle."""
+    monkeypatch.setattr(fast, "KEEPALIVE", 0.3)
+    monkeypatch.setattr(fast, "UPSTREAM_KEEPALIVE", 0.3)
+    monkeypatch.setattr(fast, "SWEEP_EVERY", 0.1)
+    fake.scenarios["slow:latest"] = Scenario(tokens=["a"] * 8, token_delay=0.1)
+    proxy = await start_proxy(fake.url)
+    plane = _plane(proxy)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(_post(b"/api/generate", b'{"model":"slow","prompt":"hi"}'))
+    data = b""
+    while not ((replies := parse_replies(data)) and replies[0].complete):
+        chunk = await asyncio.wait_for(reader.read(65536), 3)
+        assert chunk, data  # not closed while the reply streams (0.8 s)
+        data += chunk
+    assert plane.pool
+    assert await asyncio.wait_for(reader.read(), 2) == b""  # then idle, and closed
+    await settle(lambda: not plane.pool and not plane.clients)
+    writer.close()
+
+
+
+async def test_read_ahead_pauses_while_a_reply_streams(fake: FakeOllama,
+                                                       start_proxy: StartProxy) -> None:
+    """Requests pipelined behind a streaming reply are read up to READ_AHEAD, then reading
+    pauses until the reply ends; every request is then answered in order."""
+    fake.scenarios["slow:latest"] = Scenario(tokens=["a"] * 6, token_delay=0.1)
+    proxy = await start_proxy(fake.url)
+    plane = _plane(proxy)
+    body = b'{"model":"llama3.2","x":"' + b"y" * 60_000 + b'"}'
+    request = (_post(b"/api/generate", b'{"model":"slow","prompt":"hi"}')
+               + _post(b"/api/show", body) * 4
+               + b"GET /api/version HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(request)
+    await settle(lambda: any(c._reading_paused for c in plane.clients))
+    (client,) = plane.clients
+    assert len(client._buf) <= fast.READ_AHEAD + (1 << 18)  # at most one read past the cap
+    data = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    replies = parse_replies(data)
+    assert [r.status for r in replies] == [200] * 6 and all(r.complete for r in replies)
+    assert plane.served == 6
+
+
+@pytest.mark.slow(reason="a stream finished within the shutdown grace")
+async def test_shutdown_closes_idle_connections_and_lets_streams_finish(
+        fake: FakeOllama) -> None:
+    """At shutdown an idle keep-alive connection closes at once, a head still arriving is not
+    served, a stream in flight finishes within the grace; the second signal cuts what is left."""
+    fake.scenarios["slow:latest"] = Scenario(tokens=["a"] * 20, token_delay=0.05)
+    fake.scenarios["long:latest"] = Scenario(tokens=["a"] * 400, token_delay=0.05)  # > grace
+    config = Config.build(upstream=fake.url, listen="127.0.0.1:0", shutdown_grace=10)
+    app = create_app(config, new_registry())
+    runner = make_runner(app, config)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    plane = app[PLANE]
+    idle_r, idle_w = await asyncio.open_connection("127.0.0.1", port)
+    idle_w.write(b"GET /api/version HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    await asyncio.wait_for(idle_r.readuntil(b'"}'), 2)
+    partial_r, partial_w = await asyncio.open_connection("127.0.0.1", port)
+    partial_w.write(b"GET /api/version?late HTTP/1.1\r\nHost: loc")
+    streams = []
+    for model in (b"slow", b"long"):
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(_post(b"/api/generate", b'{"model":"%s","prompt":"hi"}' % model))
+        await asyncio.wait_for(r.readuntil(b"\n"), 2)  # streaming
+        streams.append((r, w))
+    now = asyncio.Event()
+    stopping = asyncio.ensure_future(shut_down(runner, now))
+    assert await asyncio.wait_for(idle_r.read(), 0.5) == b""  # closed at once
+    fake.requests.clear()
+    partial_w.write(b"alhost\r\n\r\n")
+    assert await asyncio.wait_for(partial_r.read(), 1) == b""
+    assert not [r for r in fake.requests if "late" in r.path_qs]
+    (first_r, _), (second_r, _) = streams
+    rest = await asyncio.wait_for(first_r.read(), 5)
+    assert rest.endswith(b"0\r\n\r\n")  # finished within the grace
+    assert not stopping.done()  # the long stream is still in its grace
+    now.set()  # the second signal: what is left is closed now
+    await asyncio.wait_for(stopping, 2)
+    cut = await asyncio.wait_for(second_r.read(), 1)
+    assert not cut.endswith(b"0\r\n\r\n")
+    for _, w in [*streams, (idle_r, idle_w), (partial_r, partial_w)]:
+        w.close()
+    assert not plane.clients

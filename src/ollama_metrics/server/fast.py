@@ -297,6 +297,10 @@ class Client(asyncio.Protocol):
     def _next(self) -> None:
         """Serve the request at the start of the buffer once it is all here, or hand the
         connection to aiohttp if it is not one this plane serves."""
+        if self.plane.closing:  # shutting down: a head still arriving is not served (as aiohttp)
+            assert self.transport is not None
+            self.transport.close()
+            return
         buf = self._buf
         end = buf.find(b"\r\n\r\n", 0, MAX_HEAD)
         if end < 0:

@@ -311,6 +311,7 @@ async def pair(fake: FakeOllama, start: Start) -> tuple[RunningProxy, RunningPro
     return await start(fake.url), await start(fake.url, plane=False)
 
 
+@pytest.mark.slow(reason="300 Hypothesis examples, each sent to two proxies")
 # Hypothesis imports a deprecated module while reporting a failure: not an internal error.
 @pytest.mark.filterwarnings("ignore:mypy_extensions.TypedDict is deprecated:DeprecationWarning")
 @settings(max_examples=300, deadline=None, derandomize=True, database=None,

@@ -121,6 +121,8 @@ async def test_odd_replies_relayed_as_aiohttp_relays_them(
         "cut body": b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc",
         "bare lf": b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok",
         "space in field name": b"HTTP/1.1 200 OK\r\nX A: 1\r\nContent-Length: 2\r\n\r\nok",
+        "two replies": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                       b"HTTP/1.1 201 Created\r\nContent-Length: 3\r\n\r\nbad",
     }
     request = _post(b"/api/show", b'{"model":"llama3.2"}', b"Connection: close\r\n")
 
@@ -137,6 +139,16 @@ async def test_odd_replies_relayed_as_aiohttp_relays_them(
             plane = _plane(with_plane)
             assert plane.served == 1, name
             assert not plane.active and not plane.pool, name  # nothing kept after any of these
+    # Junk after a whole reply in the same read: aiohttp's client drops the reply for a 502 (its
+    # parser fails the read whole); the plane relays the reply and drops the connection.
+    async with _raw_ollama(_replying(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokjunk")
+                           ) as url:
+        proxy = await start(url)
+        (answer,) = parse_replies(await raw_request(proxy.port, request, timeout=2.0))
+        assert (answer.status, answer.body, answer.complete) == (200, b"ok", True)
+        await settle(lambda: not _plane(proxy).active)
+        assert proxy.sample("ollama_errors_total", error_type="reset") == 0  # recorded as served
+        assert not _plane(proxy).pool
 
 
 async def test_a_pooled_connection_ollama_closed_is_not_used(start_proxy: StartProxy) -> None:

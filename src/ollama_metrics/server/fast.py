@@ -730,8 +730,10 @@ class Upstream(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            exchange.upstream_lost(f"invalid HTTP reply: {describe(exc)}")
-            return
+            if not self._complete:
+                exchange.upstream_lost(f"invalid HTTP reply: {describe(exc)}")
+                return
+            self._keep_alive = False  # junk after a whole reply: the reply stands, not the link
         if self._complete:
             self._complete = False
             exchange.complete(self._keep_alive)
@@ -750,6 +752,8 @@ class Upstream(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._reason, self._fields = b"", []
+        if self._complete:  # more after the reply, in the same read: never the client's, and
+            self._keep_alive = False  # the connection is not one to use again
 
     def on_status(self, status: bytes) -> None:
         self._reason += status
@@ -758,13 +762,14 @@ class Upstream(asyncio.Protocol):
         self._fields.append((name, value))
 
     def on_headers_complete(self) -> None:
-        if self._exchange is not None:
+        if self._exchange is not None and not self._complete:
             self._exchange.head(self._parser.get_status_code(), self._reason, self._fields)
 
     def on_body(self, body: bytes) -> None:
-        if self._exchange is not None:
+        if self._exchange is not None and not self._complete:
             self._exchange.body(body)
 
     def on_message_complete(self) -> None:
-        self._complete = True
-        self._keep_alive = self._parser.should_keep_alive()
+        if not self._complete:
+            self._complete = True
+            self._keep_alive = self._parser.should_keep_alive()

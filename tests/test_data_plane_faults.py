@@ -270,3 +270,38 @@ async def test_shutdown_closes_idle_connections_and_lets_streams_finish(
     for _, w in [*streams, (idle_r, idle_w), (partial_r, partial_w)]:
         w.close()
     assert not plane.clients
+
+
+async def test_a_request_on_a_connection_ollama_just_closed(start_proxy: StartProxy) -> None:
+    """Ollama closes a pooled connection as a request sets out on it: an idempotent request is
+    sent again on a new connection (as aiohttp's client does); a POST is not (502)."""
+    seen: list[tuple[int, bytes]] = []  # (connection, request line) of each request read
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            head = await _read_head(reader)
+            seen.append((id(writer), head.partition(b"\r\n")[0]))
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+            head = await _read_head(reader)  # the second on this connection: closed unanswered
+            seen.append((id(writer), head.partition(b"\r\n")[0]))
+        writer.close()
+
+    async with _raw_ollama(serve) as url:
+        proxy = await start_proxy(url)
+        mine = [b"GET /api/version?first", b"GET /api/version?again", b"POST /api/version?post"]
+
+        def lines() -> list[bytes]:
+            return [line.rpartition(b" ")[0] for _, line in seen if b"?" in line]
+
+        replies = []
+        for line in mine:
+            request = line + b" HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+            request += b"Content-Length: 0\r\n\r\n" if line.startswith(b"POST") else b"\r\n"
+            (reply,) = parse_replies(await raw_request(proxy.port, request))
+            replies.append(reply.status)
+            if line.endswith(b"again"):  # now pooled again: the next request meets it closing
+                await settle(lambda: len(_plane(proxy).pool) == 1)
+        assert replies == [200, 200, 502]
+        # the second went out twice (the first time on the first connection), the POST once
+        assert lines() == [mine[0], mine[1], mine[1], mine[2]]

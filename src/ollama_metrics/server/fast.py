@@ -34,7 +34,10 @@ that goes away closes the upstream connection (how Ollama learns to stop) and is
 cancelled. Shutdown (Proxy.on_shutdown) closes idle connections, lets exchanges in flight finish
 within the grace and then cuts them. A head that takes longer than the header timeout closes
 its connection (the same clock as aiohttp's connections, connection.py); an idle connection
-closes after KEEPALIVE seconds, an idle upstream connection after UPSTREAM_KEEPALIVE.
+closes after KEEPALIVE seconds, an idle upstream connection after UPSTREAM_KEEPALIVE. A request
+on a pooled connection that Ollama closes before replying is sent again on a new one if its
+method is idempotent (as aiohttp's client does); what Ollama sends after a whole reply is not
+the client's and ends the connection.
 """
 
 from __future__ import annotations
@@ -89,6 +92,9 @@ _SINGLETON = frozenset((b"content-length", b"content-location", b"content-range"
                         b"content-type", b"etag", b"host", b"max-forwards", b"server",
                         b"transfer-encoding", b"user-agent"))
 _NO_LENGTH_WHEN_EMPTY = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE"))
+# Sent again, once, when a pooled connection turns out closed before any reply (as aiohttp's
+# client does: RFC 9112 §9.3.1): Ollama may close an idle connection as a request sets out.
+_IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"))
 _PHRASES = {s.value: s.phrase.encode() for s in http.HTTPStatus}
 
 
@@ -447,8 +453,8 @@ class Exchange:
     """One request through the data plane, from its send to Ollama to its reply's end."""
 
     __slots__ = ("_chunked", "_client", "_connecting", "_content_type", "_ended", "_held", "_i",
-                 "_kind", "_out", "_proxy", "_reader", "_started", "_status", "_tokens",
-                 "_until_eof", "_upstream_paused", "upstream")
+                 "_kind", "_out", "_proxy", "_reader", "_request", "_resend", "_started",
+                 "_status", "_tokens", "_until_eof", "_upstream_paused", "upstream")
 
     def __init__(self, client: Client, i: Interaction, kind: Kind, held: list[int],
                  tokens: list[object]) -> None:
@@ -469,6 +475,8 @@ class Exchange:
         self._content_type = ""
         self._upstream_paused = False
         self._ended = False
+        self._request = b""
+        self._resend = False  # on a pooled connection closed before any reply: send it again
         client.plane.active.add(self)
 
     def send(self, request: bytes) -> None:
@@ -476,6 +484,7 @@ class Exchange:
         while pool:
             upstream = pool.pop()
             if upstream.usable:
+                self._request, self._resend = request, self._i.method in _IDEMPOTENT
                 upstream.take(self, request)
                 return
         self._connecting = asyncio.ensure_future(self._connect(request))
@@ -586,11 +595,16 @@ class Exchange:
             upstream.release(reusable and not self._client.plane.closing)
         self._end()
 
-    def upstream_lost(self, why: str) -> None:
-        """Ollama's connection closed or sent what is not HTTP before the reply's end."""
+    def upstream_lost(self, why: str, closed: bool = True) -> None:
+        """Ollama's connection closed (or, not `closed`, sent what is not HTTP) before the
+        reply's end."""
         upstream, self.upstream = self.upstream, None
         if upstream is not None:
             upstream.close()
+        if self._resend and closed and not self._started and not self._ended:
+            self._resend = False
+            self._connecting = asyncio.ensure_future(self._connect(self._request))
+            return
         if self._until_eof and why == "":  # a reply that runs to the connection's close
             self.complete(False)
             return
@@ -731,7 +745,7 @@ class Upstream(asyncio.Protocol):
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
             if not self._complete:
-                exchange.upstream_lost(f"invalid HTTP reply: {describe(exc)}")
+                exchange.upstream_lost(f"invalid HTTP reply: {describe(exc)}", closed=False)
                 return
             self._keep_alive = False  # junk after a whole reply: the reply stands, not the link
         if self._complete:

@@ -114,6 +114,9 @@ SERVED = {
                        b'"hi"}]}',
     "tags": b"GET /api/tags HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n"
             b"Connection: close\r\n\r\n",
+    "empty query": b"GET /api/tags? HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    "odd query": b"GET /api/tags?a=%20b%zz&&c=[1]{2}|^`'<>??x;y HTTP/1.1\r\nHost: localhost\r\n"
+                 b"Connection: close\r\n\r\n",
     "unknown path": b"GET /nope HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
     "wrong method": b"GET /api/generate HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
     "post without body": b"POST /api/pull HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",

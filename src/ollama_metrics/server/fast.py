@@ -327,7 +327,9 @@ class Client(asyncio.Protocol):
             self._hand_off()
             return
         method, target, block = match.groups()
-        path_b = target.partition(b"?")[0]
+        path_b, ask, query = target.partition(b"?")
+        if ask and not query:
+            target = path_b  # an empty query is none, as aiohttp (yarl) sends it on
         if b"%" in path_b or b"#" in target or b"/." in path_b or method not in _METHODS:
             self._hand_off()
             return

@@ -230,7 +230,8 @@ async def test_read_ahead_pauses_while_a_reply_streams(fake: FakeOllama,
 async def test_shutdown_closes_idle_connections_and_lets_streams_finish(
         fake: FakeOllama) -> None:
     """At shutdown an idle keep-alive connection closes at once, a head still arriving is not
-    served, a stream in flight finishes within the grace; the second signal cuts what is left."""
+    served but a request whose body is still arriving is, a stream in flight finishes within the
+    grace; the second signal cuts what is left."""
     fake.scenarios["slow:latest"] = Scenario(tokens=["a"] * 20, token_delay=0.05)
     fake.scenarios["long:latest"] = Scenario(tokens=["a"] * 400, token_delay=0.05)  # > grace
     config = Config.build(upstream=fake.url, listen="127.0.0.1:0", shutdown_grace=10)
@@ -246,6 +247,8 @@ async def test_shutdown_closes_idle_connections_and_lets_streams_finish(
     await asyncio.wait_for(idle_r.readuntil(b'"}'), 2)
     partial_r, partial_w = await asyncio.open_connection("127.0.0.1", port)
     partial_w.write(b"GET /api/version?late HTTP/1.1\r\nHost: loc")
+    body_r, body_w = await asyncio.open_connection("127.0.0.1", port)
+    body_w.write(_post(b"/api/show?begun", b'{"model":"llama3.2"}')[:-5])
     streams = []
     for model in (b"slow", b"long"):
         r, w = await asyncio.open_connection("127.0.0.1", port)
@@ -259,6 +262,9 @@ async def test_shutdown_closes_idle_connections_and_lets_streams_finish(
     partial_w.write(b"alhost\r\n\r\n")
     assert await asyncio.wait_for(partial_r.read(), 1) == b""
     assert not [r for r in fake.requests if "late" in r.path_qs]
+    body_w.write(b'3.2"}')  # its head came before the shutdown: it is served
+    (begun,) = parse_replies(await asyncio.wait_for(body_r.read(), 2))
+    assert begun.status == 200 and begun.header("Connection") == "close"
     (first_r, _), (second_r, _) = streams
     rest = await asyncio.wait_for(first_r.read(), 5)
     assert rest.endswith(b"0\r\n\r\n")  # finished within the grace
@@ -267,7 +273,7 @@ async def test_shutdown_closes_idle_connections_and_lets_streams_finish(
     await asyncio.wait_for(stopping, 2)
     cut = await asyncio.wait_for(second_r.read(), 1)
     assert not cut.endswith(b"0\r\n\r\n")
-    for _, w in [*streams, (idle_r, idle_w), (partial_r, partial_w)]:
+    for _, w in [*streams, (idle_r, idle_w), (partial_r, partial_w), (body_r, body_w)]:
         w.close()
     assert not plane.clients
 
@@ -305,3 +311,27 @@ async def test_a_request_on_a_connection_ollama_just_closed(start_proxy: StartPr
         assert replies == [200, 200, 502]
         # the second went out twice (the first time on the first connection), the POST once
         assert lines() == [mine[0], mine[1], mine[1], mine[2]]
+
+
+async def test_shutdown_cuts_what_the_grace_did_not_see_end(fake: FakeOllama) -> None:
+    """Past the grace, a stream still going is cut (no final chunk) and a connection whose
+    request body is still arriving is closed: shutdown ends without the second signal."""
+    fake.scenarios["long:latest"] = Scenario(tokens=["a"] * 400, token_delay=0.05)
+    config = Config.build(upstream=fake.url, listen="127.0.0.1:0", shutdown_grace=0.3)
+    app = create_app(config, new_registry())
+    runner = make_runner(app, config)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    stream_r, stream_w = await asyncio.open_connection("127.0.0.1", port)
+    stream_w.write(_post(b"/api/generate", b'{"model":"long","prompt":"hi"}'))
+    await asyncio.wait_for(stream_r.readuntil(b"\n"), 2)
+    body_r, body_w = await asyncio.open_connection("127.0.0.1", port)
+    body_w.write(_post(b"/api/show", b'{"model":"llama3.2"}')[:-5])
+    await settle(lambda: len(app[PLANE].clients) == 2)
+    await asyncio.wait_for(shut_down(runner, asyncio.Event()), 3)
+    assert not (await asyncio.wait_for(stream_r.read(), 1)).endswith(b"0\r\n\r\n")
+    assert await asyncio.wait_for(body_r.read(), 1) == b""
+    stream_w.close()
+    body_w.close()

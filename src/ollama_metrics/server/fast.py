@@ -208,6 +208,9 @@ class Plane:
         """End every exchange still in flight, as cut short by the shutdown."""
         for exchange in list(self.active):
             exchange.cut(why)
+        for client in list(self.clients):  # a body still arriving: too late to serve it
+            if client.exchange is None:
+                client.force_close()
         for upstream in self.pool:
             upstream.close()
         if self._sweeper is not None:
@@ -308,7 +311,9 @@ class Client(asyncio.Protocol):
     def _next(self) -> None:
         """Serve the request at the start of the buffer once it is all here, or hand the
         connection to aiohttp if it is not one this plane serves."""
-        if self.plane.closing:  # shutting down: a head still arriving is not served (as aiohttp)
+        if self.plane.closing and not self._want:
+            # Shutting down: a head still arriving is not served (as aiohttp); a request whose
+            # head came before, and its body after, is (until the cut).
             assert self.transport is not None
             self.transport.close()
             return

@@ -121,6 +121,8 @@ async def test_odd_replies_relayed_as_aiohttp_relays_them(
         "cut body": b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc",
         "bare lf": b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok",
         "space in field name": b"HTTP/1.1 200 OK\r\nX A: 1\r\nContent-Length: 2\r\n\r\nok",
+        "interim reply first": b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n"
+                               b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
         "two replies": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
                        b"HTTP/1.1 201 Created\r\nContent-Length: 3\r\n\r\nbad",
     }

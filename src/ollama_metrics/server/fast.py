@@ -36,8 +36,8 @@ within the grace and then cuts them. A head that takes longer than the header ti
 its connection (the same clock as aiohttp's connections, connection.py); an idle connection
 closes after KEEPALIVE seconds, an idle upstream connection after UPSTREAM_KEEPALIVE. A request
 on a pooled connection that Ollama closes before replying is sent again on a new one if its
-method is idempotent (as aiohttp's client does); what Ollama sends after a whole reply is not
-the client's and ends the connection.
+method is idempotent (as aiohttp's client does); an interim (1xx) reply is skipped, as there;
+what Ollama sends after a whole reply is not the client's and ends the connection.
 """
 
 from __future__ import annotations
@@ -706,6 +706,7 @@ class Upstream(asyncio.Protocol):
         self._reason = b""
         self._fields: list[tuple[bytes, bytes]] = []
         self._complete = False
+        self._interim = False  # a 1xx reply before the real one: skipped, as aiohttp's client does
         self._keep_alive = False  # as the reply just ended says (asked before the parser resets)
         self.idle_since = 0.0
 
@@ -783,14 +784,19 @@ class Upstream(asyncio.Protocol):
         self._fields.append((name, value))
 
     def on_headers_complete(self) -> None:
-        if self._exchange is not None and not self._complete:
-            self._exchange.head(self._parser.get_status_code(), self._reason, self._fields)
+        status = self._parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            self._interim = True
+        elif self._exchange is not None and not self._complete:
+            self._exchange.head(status, self._reason, self._fields)
 
     def on_body(self, body: bytes) -> None:
         if self._exchange is not None and not self._complete:
             self._exchange.body(body)
 
     def on_message_complete(self) -> None:
-        if not self._complete:
+        if self._interim:
+            self._interim = False
+        elif not self._complete:
             self._complete = True
             self._keep_alive = self._parser.should_keep_alive()

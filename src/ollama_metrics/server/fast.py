@@ -521,6 +521,7 @@ class Exchange:
     # From the upstream connection
 
     def head(self, status: int, reason: bytes, fields: list[tuple[bytes, bytes]]) -> None:
+        self._request, self._resend = b"", False  # answered: not kept for a stream's length
         i = self._i
         i.http_status = self._status = status
         named: set[bytes] | None = None

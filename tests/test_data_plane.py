@@ -9,12 +9,15 @@ show which of the two paths served it.
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from aiohttp import web
+from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import strategies as st
 
 from fake_ollama import FakeOllama, Scenario
 from helpers import RunningProxy, raw_request, settle
@@ -73,6 +76,16 @@ async def _both(fake: FakeOllama, start: Start, request: bytes,
     line_end = request.index(b"\n") + 1  # marked, to tell it from the proxies' own polls
     eol = request[line_end - 2:line_end] if request[line_end - 2:line_end] == b"\r\n" else b"\n"
     request = request[:line_end] + b"X-Test: 1" + eol + request[line_end:]
+    fast, slow = await _compare(fake, with_plane, without, request, methods)
+    assert all(r.complete for r in fast), fast
+    return fast, slow, _plane(with_plane)
+
+
+async def _compare(fake: FakeOllama, with_plane: RunningProxy, without: RunningProxy,
+                   request: bytes, methods: list[str] | None = None
+                   ) -> tuple[list[Reply], list[Reply]]:
+    """`request` (with an X-Test field) sent to both proxies: the same replies, and the same
+    requests at Ollama."""
 
     def seen() -> list[tuple[str, str, dict[str, str], str]]:
         return [(r.method, r.path_qs, r.headers, r.body_sha256) for r in fake.requests
@@ -86,8 +99,7 @@ async def _both(fake: FakeOllama, start: Start, request: bytes,
     seen_slow = seen()
     assert seen_fast == seen_slow  # Ollama cannot tell the two paths apart
     assert [_comparable(r) for r in fast] == [_comparable(r) for r in slow]
-    assert all(r.complete for r in fast), fast
-    return fast, slow, _plane(with_plane)
+    return fast, slow
 
 
 SERVED = {
@@ -103,6 +115,9 @@ SERVED = {
                        b'"hi"}]}',
     "tags": b"GET /api/tags HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n"
             b"Connection: close\r\n\r\n",
+    "empty query": b"GET /api/tags? HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    "odd query": b"GET /api/tags?a=%20b%zz&&c=[1]{2}|^`'<>??x;y HTTP/1.1\r\nHost: localhost\r\n"
+                 b"Connection: close\r\n\r\n",
     "unknown path": b"GET /nope HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
     "wrong method": b"GET /api/generate HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
     "post without body": b"POST /api/pull HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
@@ -154,6 +169,16 @@ HANDED = {
     "head": b"HEAD /api/tags HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
     "bare LF": b"GET /api/tags HTTP/1.1\nHost: localhost\nConnection: close\n\n",
     "lower-case method": b"get /api/tags HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    # What aiohttp answers 400 must not reach Ollama through the plane.
+    "unknown method": b"FOO /api/tags HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    "user-agent twice": b"GET /api/tags HTTP/1.1\r\nHost: localhost\r\nUser-Agent: a\r\n"
+                        b"User-Agent: b\r\nConnection: close\r\n\r\n",
+    "content-type twice": b'POST /api/show HTTP/1.1\r\nHost: localhost\r\nContent-Type: a\r\n'
+                          b'Content-Type: b\r\nContent-Length: 20\r\nConnection: close\r\n\r\n'
+                          b'{"model":"llama3.2"}',
+    # aiohttp's path reads these bytes as surrogates and sends Ollama something else.
+    "non-ascii value": b"GET /api/tags HTTP/1.1\r\nHost: localhost\r\nX-A: \xff\xfe\r\n"
+                       b"Connection: close\r\n\r\n",
 }
 
 
@@ -241,9 +266,9 @@ async def test_unreachable_ollama_answered_alike(start: Start) -> None:
 
 
 def test_plane_off_where_it_cannot_serve() -> None:
-    for settings in ({"upstream": "https://ollama.example"},
-                     {"upstream": "http://127.0.0.1:11435", "idle_timeout": 30}):
-        config = Config.build(listen="127.0.0.1:0", **settings)
+    for given_ in ({"upstream": "https://ollama.example"},
+                   {"upstream": "http://127.0.0.1:11435", "idle_timeout": 30}):
+        config = Config.build(listen="127.0.0.1:0", **given_)
         assert PLANE not in create_app(config, new_registry())
 
 
@@ -272,3 +297,67 @@ async def test_a_connection_pooled_after_a_slow_reader_still_reads(fake: FakeOll
         proxy.port, b"GET /api/version HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"),
         5)
     assert parse_replies(reply)[0].status == 200
+
+
+# Heads built from the pieces where parsers disagree: odd methods, versions, targets, field names,
+# separators, values and lengths. Whatever the plane does with one (serve or hand off), the
+# client and Ollama must see what they see through aiohttp alone.
+_LINE_ENDS = st.sampled_from([b"\r\n"] * 20 + [b"\n", b"\r", b"\r\r\n"])
+_ODD = st.binary(max_size=3).map(lambda b: b.translate(None, b"\r\n")) | st.sampled_from(
+    [b"\x00", b"\x7f", b"\xff", b"\t", b" ", b"%", b"#", b"..", b"\\", b"\"", b"\x0b"])
+_RARELY_ODD = st.one_of(*[st.just(b"")] * 6, _ODD)
+_NAMES = st.sampled_from([b"X-A", b"Accept", b"X-B"] * 4 + [
+    b"Host", b"host", b"User-Agent", b"Content-Type", b"Content-Length", b"Connection",
+    b"Transfer-Encoding", b"Expect", b"Authorization", b"X A", b"X\x00", b"", b"X-\xff", b"TE"])
+_VALUES = st.sampled_from([b"x", b"a b", b"*/*"] * 4 + [
+    b"localhost", b"", b"0", b"2", b"02", b"+2", b"-2", b"2 ", b" 2", b"2,2", b"0x2", b"close",
+    b"keep-alive", b"gzip", b"evil.example", b"100-continue"])
+_FIELDS = st.lists(st.tuples(_NAMES, st.sampled_from([b": "] * 8 + [b":", b" :", b":\t", b"::"]),
+                             _VALUES, _RARELY_ODD, _LINE_ENDS), max_size=4)
+
+
+@st.composite
+def _heads(draw: st.DrawFn) -> bytes:
+    method: bytes = draw(st.sampled_from([b"GET"] * 4 + [b"POST"] * 4 + [
+        b"DELETE", b"PUT", b"FOO", b"get", b"PROPFIND", b"HEAD", b"G\x00T"]))
+    target = draw(st.sampled_from([b"/api/tags", b"/api/version", b"/api/show", b"/v1/models"] * 3
+                                  + [b"api/tags", b"*"])) + draw(_RARELY_ODD)
+    version = draw(st.sampled_from([b"HTTP/1.1"] * 16 + [b"HTTP/1.0", b"http/1.1", b"HTTP/1.10",
+                                                        b"HTTP/2", b"HTTP/1.1 "]))
+    space = draw(st.sampled_from([b" "] * 16 + [b"  ", b"\t"]))
+    head: bytes = method + space + target + b" " + version + draw(_LINE_ENDS) + b"X-Test: 1\r\n"
+    body = b""
+    for name, colon, value, odd, end in draw(_FIELDS):
+        head += name + colon + value + odd + end
+        if name.lower() == b"content-length" and (value + odd).strip(b" \t") in (b"2", b"02"):
+            body = b"{}"  # what the head declares, if it declares anything: no example waits
+    if draw(st.sampled_from([True] * 4 + [False])):
+        head += b"Host: localhost\r\n"
+    # Connection: close, so the answer comes at once. Never bytes the head does not declare: a
+    # read holding a request and junk after it is a 400 for both through aiohttp (its parser
+    # drops the request it read before the junk), where the plane answers the request first.
+    return head + b"Connection: close\r\n\r\n" + body
+
+
+@pytest.fixture
+async def pair(fake: FakeOllama, start: Start) -> tuple[RunningProxy, RunningProxy]:
+    return await start(fake.url), await start(fake.url, plane=False)
+
+
+@pytest.mark.slow(reason="300 Hypothesis examples, each sent to two proxies")
+# Hypothesis imports a deprecated module while reporting a failure: not an internal error.
+@pytest.mark.filterwarnings("ignore:mypy_extensions.TypedDict is deprecated:DeprecationWarning")
+@settings(max_examples=300, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(_heads())
+@example(b"POST /api/show HTTP/1.1\r\nX-Test: 1\r\nHost: localhost\r\nContent-Length: 02\r\n"
+         b"Connection: close\r\n\r\n{}")
+@example(b"FOO /api/tags HTTP/1.1\r\nX-Test: 1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+@example(b"GET /api/tags HTTP/1.1\r\nX-Test: 1\r\nHost: localhost\r\nUser-Agent: a\r\n"
+         b"User-Agent: a\r\nConnection: close\r\n\r\n")
+async def test_any_head_answered_as_aiohttp_answers_it(
+        fake: FakeOllama, pair: tuple[RunningProxy, RunningProxy], head: bytes) -> None:
+    # Known, aiohttp's own (both paths, not the plane's): an Expect value with bytes past ASCII
+    # fails aiohttp's expect handler while it builds its 417 (a 500 and a logged traceback).
+    assume(re.search(rb"(?i)(^|\n)expect[^\n]*[\x80-\xff]", head) is None)
+    await _compare(fake, *pair, head, ["HEAD"] if head.startswith(b"HEAD") else None)

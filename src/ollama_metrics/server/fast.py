@@ -9,10 +9,11 @@ protocol's own callback, with no task, future or stream reader per request or pe
 
 What it serves, and what it leaves to aiohttp:
 - It serves the common request: HTTP/1.1, an origin-form target without `%`, `#` or dot
-  segments, a method of capital letters, a head whose every line is well formed (token names,
-  no obs-fold, no control characters) with at most MAX_FIELDS fields, one Host that the Host
-  check allows, no Transfer-Encoding, Expect or Upgrade, at most one Content-Length and at most
-  PARSE_INLINE bytes of body, not HEAD, and a path that is not one of the proxy's own routes.
+  segments, one of the methods in _METHODS (not HEAD), a head whose every line is well formed
+  (token names, no obs-fold, ASCII values without control characters) with at most MAX_FIELDS
+  fields and none of _SINGLETON twice, one Host that the Host check allows, no
+  Transfer-Encoding, Expect or Upgrade, at most PARSE_INLINE bytes of body, and a path that is
+  not one of the proxy's own routes.
 - Anything else, on a connection's first request or a later one, goes to aiohttp with every
   byte read since that request began: the connection becomes an aiohttp connection for the rest
   of its life, served by the same app as before (the proxy's handler, the proxy's own routes,
@@ -33,7 +34,10 @@ that goes away closes the upstream connection (how Ollama learns to stop) and is
 cancelled. Shutdown (Proxy.on_shutdown) closes idle connections, lets exchanges in flight finish
 within the grace and then cuts them. A head that takes longer than the header timeout closes
 its connection (the same clock as aiohttp's connections, connection.py); an idle connection
-closes after KEEPALIVE seconds, an idle upstream connection after UPSTREAM_KEEPALIVE.
+closes after KEEPALIVE seconds, an idle upstream connection after UPSTREAM_KEEPALIVE. A request
+on a pooled connection that Ollama closes before replying is sent again on a new one if its
+method is idempotent (as aiohttp's client does); an interim (1xx) reply is skipped, as there;
+what Ollama sends after a whole reply is not the client's and ends the connection.
 """
 
 from __future__ import annotations
@@ -61,8 +65,10 @@ from .proxy import PARSE_INLINE, Proxy, new_interaction
 
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 # A request head, whole: request line and fields, each strictly formed, ending in a blank line.
+# Field values are ASCII: aiohttp's path reads other bytes as surrogates and does not send them
+# on as they came.
 _HEAD = re.compile(rb"([A-Z]{1,20}) (/[!-~]*) HTTP/1\.1\r\n((?:" + _TOKEN
-                   + rb":[\t\x20-\x7e\x80-\xff]*\r\n)*)\r\n")
+                   + rb":[\t\x20-\x7e]*\r\n)*)\r\n")
 # What a head served here can begin with (the whole of a short read): TLS, a stray CRLF or a
 # lower-case method go to aiohttp at once, as they are read.
 _START = re.compile(rb"[A-Z]{1,20}(?: (?:/|$)|$)")
@@ -79,7 +85,16 @@ _HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"proxy-aut
                   b"host", b"content-length", b"expect"))
 _REFUSED = frozenset((b"transfer-encoding", b"expect", b"upgrade"))  # aiohttp's to handle
 _SEEN = frozenset((b"user-agent", b"traceparent", b"tracestate"))  # read into the Interaction
+# llhttp answers 400 to a method it does not know: only these are served here.
+_METHODS = frozenset((b"GET", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS"))
+# Fields aiohttp's parser refuses to see twice (http_parser.SINGLETON_HEADERS): a 400 there.
+_SINGLETON = frozenset((b"content-length", b"content-location", b"content-range",
+                        b"content-type", b"etag", b"host", b"max-forwards", b"server",
+                        b"transfer-encoding", b"user-agent"))
 _NO_LENGTH_WHEN_EMPTY = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE"))
+# Sent again, once, when a pooled connection turns out closed before any reply (as aiohttp's
+# client does: RFC 9112 §9.3.1): Ollama may close an idle connection as a request sets out.
+_IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"))
 _PHRASES = {s.value: s.phrase.encode() for s in http.HTTPStatus}
 
 
@@ -193,6 +208,9 @@ class Plane:
         """End every exchange still in flight, as cut short by the shutdown."""
         for exchange in list(self.active):
             exchange.cut(why)
+        for client in list(self.clients):  # a body still arriving: too late to serve it
+            if client.exchange is None:
+                client.force_close()
         for upstream in self.pool:
             upstream.close()
         if self._sweeper is not None:
@@ -216,6 +234,11 @@ class Client(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.remote: str | None = None
         self._buf = b""  # read and not yet served: the request in progress and any after it
+        # Of _buf: how much was searched for a head's end, and the size its request needs once
+        # the head is in, so that a head or body arriving a byte a read is not re-read whole
+        # at each read (quadratic: seconds of the loop's CPU for one 64 KiB head).
+        self._scanned = 0
+        self._want = 0
         self.exchange: Exchange | None = None
         self._close_after = False
         self._reading_paused = False
@@ -288,11 +311,21 @@ class Client(asyncio.Protocol):
     def _next(self) -> None:
         """Serve the request at the start of the buffer once it is all here, or hand the
         connection to aiohttp if it is not one this plane serves."""
+        if self.plane.closing and not self._want:
+            # Shutting down: a head still arriving is not served (as aiohttp); a request whose
+            # head came before, and its body after, is (until the cut).
+            assert self.transport is not None
+            self.transport.close()
+            return
         buf = self._buf
-        end = buf.find(b"\r\n\r\n", 0, MAX_HEAD)
+        if len(buf) < self._want:
+            return
+        end = buf.find(b"\r\n\r\n", max(self._scanned - 3, 0), MAX_HEAD)
         if end < 0:
+            new = buf[max(self._scanned - 1, 0):]  # the bytes not looked at yet (and one before)
+            self._scanned = len(buf)
             if (len(buf) >= MAX_HEAD or not _START.match(buf)
-                    or buf.count(b"\n") != buf.count(b"\r\n")):
+                    or new.count(b"\n") != new.count(b"\r\n")):
                 # Too long, not the start of a request served here, or lines ended by a bare
                 # LF (whose head would never end in CRLF CRLF): aiohttp's to answer.
                 self._hand_off()
@@ -303,8 +336,10 @@ class Client(asyncio.Protocol):
             self._hand_off()
             return
         method, target, block = match.groups()
-        path_b = target.partition(b"?")[0]
-        if b"%" in path_b or b"#" in target or b"/." in path_b or method == b"HEAD":
+        path_b, ask, query = target.partition(b"?")
+        if ask and not query:
+            target = path_b  # an empty query is none, as aiohttp (yarl) sends it on
+        if b"%" in path_b or b"#" in target or b"/." in path_b or method not in _METHODS:
             self._hand_off()
             return
         path = path_b.decode("ascii")
@@ -320,18 +355,21 @@ class Client(asyncio.Protocol):
         named: set[bytes] | None = None  # fields Connection names as hop-by-hop
         close = False
         seen: dict[str, str] = {}
+        once: set[bytes] = set()
         for name, value in fields:
             lname = name.lower()
+            if lname in _SINGLETON:
+                if lname in once:
+                    self._hand_off()
+                    return
+                once.add(lname)
             if lname in _HOP:
                 if lname == b"content-length":
-                    if length >= 0 or not value.isdigit():
+                    if not value.isdigit():
                         self._hand_off()
                         return
                     length = int(value)
                 elif lname == b"host":
-                    if host is not None:
-                        self._hand_off()
-                        return
                     host = value
                 elif lname in _REFUSED:
                     self._hand_off()
@@ -351,6 +389,7 @@ class Client(asyncio.Protocol):
         total = body_at + max(length, 0)
         if len(buf) < total:
             self._end_head()  # the head is in; the body may take its time, as through aiohttp
+            self._want = total
             return
         i, kind = new_interaction(method.decode(), path, self.remote,
                                   lambda field: seen.get(field.lower()))
@@ -361,6 +400,7 @@ class Client(asyncio.Protocol):
         self._end_head()
         body = buf[body_at:total]
         self._buf = buf[total:]
+        self._scanned = self._want = 0
         self._close_after = close
         lines = [plane.host_line]
         for name, value in fields:
@@ -406,8 +446,8 @@ class Client(asyncio.Protocol):
         self.exchange = None
         self._since = time.monotonic()
         transport = self.transport
-        if transport is None:
-            return
+        if transport is None or transport.is_closing():
+            return  # cut (a reply broken off): nothing after it may reach Ollama
         if self._close_after or self.plane.closing:
             transport.close()
             return
@@ -425,8 +465,8 @@ class Exchange:
     """One request through the data plane, from its send to Ollama to its reply's end."""
 
     __slots__ = ("_chunked", "_client", "_connecting", "_content_type", "_ended", "_held", "_i",
-                 "_kind", "_out", "_proxy", "_reader", "_started", "_status", "_tokens",
-                 "_until_eof", "_upstream_paused", "upstream")
+                 "_kind", "_out", "_proxy", "_reader", "_request", "_resend", "_started",
+                 "_status", "_tokens", "_until_eof", "_upstream_paused", "upstream")
 
     def __init__(self, client: Client, i: Interaction, kind: Kind, held: list[int]) -> None:
         self._client = client
@@ -446,6 +486,8 @@ class Exchange:
         self._content_type = ""
         self._upstream_paused = False
         self._ended = False
+        self._request = b""
+        self._resend = False  # on a pooled connection closed before any reply: send it again
         client.plane.active.add(self)
 
     def begin(self) -> None:
@@ -458,6 +500,7 @@ class Exchange:
         while pool:
             upstream = pool.pop()
             if upstream.usable:
+                self._request, self._resend = request, self._i.method in _IDEMPOTENT
                 upstream.take(self, request)
                 return
         self._connecting = asyncio.ensure_future(self._connect(request))
@@ -487,6 +530,7 @@ class Exchange:
     # From the upstream connection
 
     def head(self, status: int, reason: bytes, fields: list[tuple[bytes, bytes]]) -> None:
+        self._request, self._resend = b"", False  # answered: not kept for a stream's length
         i = self._i
         i.http_status = self._status = status
         named: set[bytes] | None = None
@@ -568,11 +612,16 @@ class Exchange:
             upstream.release(reusable and not self._client.plane.closing)
         self._end()
 
-    def upstream_lost(self, why: str) -> None:
-        """Ollama's connection closed or sent what is not HTTP before the reply's end."""
+    def upstream_lost(self, why: str, closed: bool = True) -> None:
+        """Ollama's connection closed (or, not `closed`, sent what is not HTTP) before the
+        reply's end."""
         upstream, self.upstream = self.upstream, None
         if upstream is not None:
             upstream.close()
+        if self._resend and closed and not self._started and not self._ended:
+            self._resend = False
+            self._connecting = asyncio.ensure_future(self._connect(self._request))
+            return
         if self._until_eof and why == "":  # a reply that runs to the connection's close
             self.complete(False)
             return
@@ -661,10 +710,15 @@ class Upstream(asyncio.Protocol):
         self._plane = plane
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
+        # As lax as aiohttp's client (its C parser, outside dev mode): what it relays, so does this.
+        self._parser.set_dangerous_leniencies(lenient_headers=True,
+                                              lenient_optional_cr_before_lf=True,
+                                              lenient_spaces_after_chunk_size=True)
         self._exchange: Exchange | None = None
         self._reason = b""
         self._fields: list[tuple[bytes, bytes]] = []
         self._complete = False
+        self._interim = False  # a 1xx reply before the real one: skipped, as aiohttp's client does
         self._keep_alive = False  # as the reply just ended says (asked before the parser resets)
         self.idle_since = 0.0
 
@@ -714,8 +768,10 @@ class Upstream(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            exchange.upstream_lost(f"invalid HTTP reply: {describe(exc)}")
-            return
+            if not self._complete:
+                exchange.upstream_lost(f"invalid HTTP reply: {describe(exc)}", closed=False)
+                return
+            self._keep_alive = False  # junk after a whole reply: the reply stands, not the link
         if self._complete:
             self._complete = False
             exchange.complete(self._keep_alive)
@@ -734,6 +790,8 @@ class Upstream(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._reason, self._fields = b"", []
+        if self._complete:  # more after the reply, in the same read: never the client's, and
+            self._keep_alive = False  # the connection is not one to use again
 
     def on_status(self, status: bytes) -> None:
         self._reason += status
@@ -742,13 +800,19 @@ class Upstream(asyncio.Protocol):
         self._fields.append((name, value))
 
     def on_headers_complete(self) -> None:
-        if self._exchange is not None:
-            self._exchange.head(self._parser.get_status_code(), self._reason, self._fields)
+        status = self._parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            self._interim = True
+        elif self._exchange is not None and not self._complete:
+            self._exchange.head(status, self._reason, self._fields)
 
     def on_body(self, body: bytes) -> None:
-        if self._exchange is not None:
+        if self._exchange is not None and not self._complete:
             self._exchange.body(body)
 
     def on_message_complete(self) -> None:
-        self._complete = True
-        self._keep_alive = self._parser.should_keep_alive()
+        if self._interim:
+            self._interim = False
+        elif not self._complete:
+            self._complete = True
+            self._keep_alive = self._parser.should_keep_alive()

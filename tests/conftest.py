@@ -78,10 +78,10 @@ async def start_proxy() -> AsyncIterator[StartProxy]:
     runners: list[web.AppRunner] = []
 
     async def start(upstream: str, analytics: AnalyticsConfig | None = None,
-                    **settings: Any) -> RunningProxy:
+                    data_plane: bool = True, **settings: Any) -> RunningProxy:
         config = Config.build(upstream=upstream, **{"listen": "127.0.0.1:0", **settings})
         registry = new_registry()
-        app = create_app(config, registry, analytics)
+        app = create_app(config, registry, analytics, data_plane=data_plane)
         runner = make_runner(app, config)
         await runner.setup()
         runners.append(runner)

@@ -12,48 +12,32 @@ import asyncio
 import re
 import socket
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
-from aiohttp import web
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
+from conftest import StartProxy
 from fake_ollama import FakeOllama, Scenario
 from helpers import RunningProxy, raw_request, settle
 from ollama_metrics.config import Config
 from ollama_metrics.observe.metrics import new_registry
 from ollama_metrics.server.app import create_app
 from ollama_metrics.server.fast import PLANE, Plane
-from ollama_metrics.server.lifecycle import make_runner
 from wire import Reply, mask_clock, parse_replies
 
 Start = Callable[..., Awaitable[RunningProxy]]
 
 
 @pytest.fixture
-async def start() -> AsyncIterator[Start]:
-    runners: list[web.AppRunner] = []
+def start(start_proxy: StartProxy) -> Start:
+    """A proxy with the data plane, or (plane=False) with every connection aiohttp's."""
 
     async def start(upstream: str, plane: bool = True, **settings: object) -> RunningProxy:
-        config = Config.build(upstream=upstream, listen="127.0.0.1:0", **settings)
-        registry = new_registry()
-        app = create_app(config, registry)
-        if not plane:
-            app[PLANE].proxy.plane = None
-            del app[PLANE]
-        runner = make_runner(app, config)
-        await runner.setup()
-        runners.append(runner)
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        await web.SockSite(runner, sock).start()
-        port = sock.getsockname()[1]
-        return RunningProxy(f"http://127.0.0.1:{port}", port, registry, config, app)
+        return await start_proxy(upstream, data_plane=plane, **settings)
 
-    yield start
-    for runner in runners:
-        await runner.cleanup()
+    return start
 
 
 def _plane(proxy: RunningProxy) -> Plane:

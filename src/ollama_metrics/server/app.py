@@ -58,7 +58,8 @@ LIVE_PUBLISH_EVERY = 0.1  # seconds: how stale another worker's requests may be 
 
 def create_app(config: Config, registry: CollectorRegistry | None = None,
                analytics: AnalyticsConfig | None = None,
-               shared: Shared | None = None, writer: str | None = None) -> web.Application:
+               shared: Shared | None = None, writer: str | None = None,
+               data_plane: bool = True) -> web.Application:
     registry = registry if registry is not None else new_registry()
     analytics = analytics if analytics is not None else AnalyticsConfig(backends=())
     labels = ModelLabels(config.max_extra_models, shared.labels if shared else None)
@@ -125,7 +126,8 @@ def create_app(config: Config, registry: CollectorRegistry | None = None,
     app.router.add_routes(dashboard.routes(analytics.token))
     catch_all = app.router.add_route("*", "/{tail:.*}", proxy.handle).resource
     plane = Plane(config, proxy, host_rule)
-    if plane.usable:  # it serves what it can; the rest goes to aiohttp and the routes above
+    # The plane serves what it can; the rest goes to aiohttp and the routes above.
+    if data_plane and plane.usable:
         plane.own_routes([r.canonical for r in app.router.resources() if r is not catch_all])
         app[PLANE] = proxy.plane = plane
     return app
